@@ -1,0 +1,83 @@
+"""Scoring preprocessed images with the LiteRT interpreter and the calibration of the model card."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from scoring.model_card import MODEL_FILE, ServingSpec, verify_artifact
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The calibrated verdict on one image."""
+
+    label: str
+    confidence: float
+    """Calibrated probability of ``label``."""
+    pneumonia_probability: float
+    threshold: float
+    model_version: str
+
+
+class Classifier:
+    """A verified model artifact loaded into a LiteRT interpreter, scoring batches of preprocessed images."""
+
+    def __init__(self, model_path: Path, spec: ServingSpec, num_threads: int = 1) -> None:
+        self.spec = spec
+        self._interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
+        self._input_index = self._interpreter.get_input_details()[0]["index"]
+        self._output_index = self._interpreter.get_output_details()[0]["index"]
+        self._batch_size = 0
+
+    @classmethod
+    def from_directory(cls, directory: Path, num_threads: int = 1) -> Classifier:
+        """Load an artifact directory after checking its model file against the card's sha256."""
+        spec = verify_artifact(directory)
+        return cls(directory / MODEL_FILE, spec, num_threads=num_threads)
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """Raw PNEUMONIA logits of a ``(n, size, size, 1)`` uint8 batch."""
+        if pixels.ndim != 4 or pixels.shape[1:] != (self.input_size, self.input_size, 1):
+            raise ValueError(f"expected (n, {self.input_size}, {self.input_size}, 1) pixels, got {pixels.shape}")
+        if len(pixels) != self._batch_size:
+            self._interpreter.resize_tensor_input(self._input_index, list(pixels.shape))
+            self._interpreter.allocate_tensors()
+            self._batch_size = len(pixels)
+        self._interpreter.set_tensor(self._input_index, np.ascontiguousarray(pixels, dtype=np.uint8))
+        self._interpreter.invoke()
+        return np.asarray(self._interpreter.get_tensor(self._output_index), dtype=np.float64).reshape(-1)
+
+    def predict(self, pixels: np.ndarray) -> list[Prediction]:
+        """Calibrated predictions for a batch of preprocessed images."""
+        if len(pixels) == 0:
+            return []
+        return [self.calibrate(float(logit)) for logit in self.logits(pixels)]
+
+    def calibrate(self, logit: float) -> Prediction:
+        """Turn one logit into a prediction with the card's temperature and threshold."""
+        probability = _stable_sigmoid(logit / self.spec.temperature)
+        is_pneumonia = probability >= self.spec.threshold
+        return Prediction(
+            label=self.spec.class_names[1] if is_pneumonia else self.spec.class_names[0],
+            confidence=probability if is_pneumonia else 1.0 - probability,
+            pneumonia_probability=probability,
+            threshold=self.spec.threshold,
+            model_version=self.spec.version,
+        )
+
+
+def _stable_sigmoid(value: float) -> float:
+    """The logistic function without overflow for large negative or positive inputs."""
+    if value >= 0:
+        return 1.0 / (1.0 + math.exp(-value))
+    exponential = math.exp(value)
+    return exponential / (1.0 + exponential)

@@ -1,0 +1,159 @@
+"""The model registry in S3: ``models/<version>/`` artifacts and the ``models/current.json`` pointer.
+
+Training publishes and promotes through it; the scoring function only reads the pointer and downloads the
+artifact it names. Boto3 errors become ``RegistryError`` so callers deal in domain terms.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from scoring.model_card import CARD_FILE, MODEL_FILE, ServingSpec, read_card, verify_artifact
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+MODELS_PREFIX = "models/"
+POINTER_KEY = "models/current.json"
+ARTIFACT_FILES = (MODEL_FILE, CARD_FILE)
+
+
+class RegistryError(RuntimeError):
+    """The registry could not be read or written (a transient or permissions fault)."""
+
+
+class NoCurrentModelError(RegistryError):
+    """No model has been promoted yet: ``models/current.json`` does not exist."""
+
+
+class PromotionRefusedError(RuntimeError):
+    """The candidate's test AUC is below the current model's and ``force`` was not given."""
+
+
+@dataclass(frozen=True)
+class ModelPointer:
+    """The content of ``models/current.json``."""
+
+    version: str
+    prefix: str
+    model_sha256: str
+    test_auc: float | None
+    promoted_at: str
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A bucket and key prefix parsed from ``s3://bucket/prefix``."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        if not url.startswith("s3://"):
+            raise ValueError(f"not an s3:// URL: {url!r}")
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        if not bucket:
+            raise ValueError(f"no bucket in {url!r}")
+        return cls(bucket=bucket, prefix=prefix)
+
+
+class ModelRegistry:
+    """Publish, promote and fetch model artifacts in one S3 bucket."""
+
+    def __init__(self, s3_client: S3Client, bucket: str) -> None:
+        self._s3 = s3_client
+        self.bucket = bucket
+
+    def publish(self, artifact_dir: Path) -> str:
+        """Upload a verified artifact (and its ``report/``) to ``models/<version>/``; returns the prefix."""
+        spec = verify_artifact(artifact_dir)
+        prefix = f"{MODELS_PREFIX}{spec.version}/"
+        files = [artifact_dir / name for name in ARTIFACT_FILES]
+        files += sorted(p for p in (artifact_dir / "report").rglob("*") if p.is_file())
+        for path in files:
+            key = prefix + path.relative_to(artifact_dir).as_posix()
+            self._call("upload", lambda p=path, k=key: self._s3.upload_file(str(p), self.bucket, k))
+        return prefix
+
+    def current(self) -> ModelPointer:
+        """Read ``models/current.json``."""
+        try:
+            body = self._s3.get_object(Bucket=self.bucket, Key=POINTER_KEY)["Body"].read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                raise NoCurrentModelError(f"s3://{self.bucket}/{POINTER_KEY} does not exist") from error
+            raise RegistryError(f"cannot read s3://{self.bucket}/{POINTER_KEY}: {error}") from error
+        except BotoCoreError as error:
+            raise RegistryError(f"cannot read s3://{self.bucket}/{POINTER_KEY}: {error}") from error
+        try:
+            return ModelPointer(**json.loads(body))
+        except (TypeError, ValueError) as error:
+            raise RegistryError(f"s3://{self.bucket}/{POINTER_KEY} is malformed: {error}") from error
+
+    def promote(self, version: str, force: bool = False) -> ModelPointer:
+        """Point ``models/current.json`` at a published version, unless its test AUC is below the current one's."""
+        prefix = f"{MODELS_PREFIX}{version}/"
+        spec = ServingSpec.from_card(self._read_json(prefix + CARD_FILE))
+        try:
+            current: ModelPointer | None = self.current()
+        except NoCurrentModelError:
+            current = None
+        if current is not None and not force:
+            if spec.test_auc is None or (current.test_auc is not None and spec.test_auc < current.test_auc):
+                raise PromotionRefusedError(
+                    f"{version} has test AUC {spec.test_auc}, below current {current.version} "
+                    f"({current.test_auc}); use --force to promote anyway"
+                )
+        pointer = ModelPointer(
+            version=version,
+            prefix=prefix,
+            model_sha256=spec.model_sha256,
+            test_auc=spec.test_auc,
+            promoted_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        body = json.dumps(asdict(pointer), indent=2).encode()
+        self._call("write pointer", lambda: self._s3.put_object(Bucket=self.bucket, Key=POINTER_KEY, Body=body))
+        return pointer
+
+    def download(self, prefix: str, destination: Path) -> ServingSpec:
+        """Fetch an artifact's model and card into ``destination`` and verify the model's sha256."""
+        destination.mkdir(parents=True, exist_ok=True)
+        for name in ARTIFACT_FILES:
+            self._call(
+                "download",
+                lambda n=name: self._s3.download_file(self.bucket, prefix + n, str(destination / n)),
+            )
+        return verify_artifact(destination)
+
+    def download_current(self, cache_root: Path | None = None) -> tuple[ModelPointer, Path]:
+        """Download the promoted model into a per-version folder under ``cache_root``."""
+        pointer = self.current()
+        root = cache_root or Path(tempfile.gettempdir()) / "pneumoscan-models"
+        destination = root / pointer.version
+        if (destination / MODEL_FILE).is_file() and read_card(destination).get("model_sha256") == pointer.model_sha256:
+            verify_artifact(destination)
+            return pointer, destination
+        self.download(pointer.prefix, destination)
+        return pointer, destination
+
+    def _read_json(self, key: str) -> dict[str, Any]:
+        try:
+            body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (ClientError, BotoCoreError) as error:
+            raise RegistryError(f"cannot read s3://{self.bucket}/{key}: {error}") from error
+        document: dict[str, Any] = json.loads(body)
+        return document
+
+    def _call(self, action: str, operation: Any) -> Any:
+        try:
+            return operation()
+        except (ClientError, BotoCoreError) as error:
+            raise RegistryError(f"cannot {action} in s3://{self.bucket}: {error}") from error

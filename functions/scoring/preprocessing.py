@@ -1,0 +1,147 @@
+"""The one preprocessing function shared by training and serving.
+
+Training imports this module, so the pixels the model learns from and the pixels it is served can never drift
+apart. It turns the bytes of an uploaded file into the model's input: decode, apply the EXIF orientation,
+reduce to one grayscale channel, and resize to a square of ``INPUT_SIZE`` pixels. Intensity normalisation
+happens inside the model, so the returned array stays plain ``uint8``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+INPUT_SIZE = 224
+"""Side of the square grayscale image the model reads."""
+
+MIN_SIDE = 64
+"""Images whose shorter side is below this many pixels cannot be a chest X-ray and are rejected."""
+
+MAX_PIXELS = 80_000_000
+"""Images above this many pixels are treated as decompression bombs (a 9,000 x 9,000 X-ray still passes)."""
+
+
+class RejectionReason(str, Enum):
+    """Why an input file can never be scored, however often it is retried."""
+
+    EMPTY = "EMPTY_FILE"
+    TOO_LARGE = "FILE_TOO_LARGE"
+    UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
+    CORRUPT = "CORRUPT_IMAGE"
+    TOO_SMALL = "IMAGE_TOO_SMALL"
+    DECOMPRESSION_BOMB = "DECOMPRESSION_BOMB"
+
+
+class InvalidImageError(ValueError):
+    """A permanent fault in an input file: it is rejected with a specific reason, never retried."""
+
+    def __init__(self, reason: RejectionReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ImageFormat(str, Enum):
+    """Formats the scorer accepts, detected from the file's first bytes rather than its name."""
+
+    JPEG = "JPEG"
+    PNG = "PNG"
+    DICOM = "DICOM"
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One decoded image ready for the model, with what was learned about the file on the way."""
+
+    pixels: np.ndarray
+    """``(INPUT_SIZE, INPUT_SIZE, 1)`` uint8 array."""
+    image_format: ImageFormat
+    original_width: int
+    original_height: int
+
+
+def detect_format(data: bytes) -> ImageFormat:
+    """Name the format of ``data`` from its magic bytes, or raise ``InvalidImageError``."""
+    if not data:
+        raise InvalidImageError(RejectionReason.EMPTY, "the file has zero bytes")
+    if data.startswith(b"\xff\xd8\xff"):
+        return ImageFormat.JPEG
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ImageFormat.PNG
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return ImageFormat.DICOM
+    raise InvalidImageError(RejectionReason.UNSUPPORTED_FORMAT, f"unrecognised file signature {data[:8].hex()}")
+
+
+def preprocess(data: bytes, size: int = INPUT_SIZE) -> ModelInput:
+    """Turn the bytes of a JPEG, PNG or DICOM file into the model's ``(size, size, 1)`` uint8 input."""
+    image_format = detect_format(data)
+    if image_format is ImageFormat.DICOM:
+        # Imported here so that training and plain JPEG scoring never pay for pydicom.
+        from scoring.dicom import decode_dicom
+
+        grayscale = decode_dicom(data)
+        width, height = grayscale.size
+    else:
+        grayscale, (width, height) = _decode_with_pillow(data, image_format, size)
+    if min(width, height) < MIN_SIDE:
+        raise InvalidImageError(RejectionReason.TOO_SMALL, f"{width}x{height} pixels is below {MIN_SIDE} px")
+    # The reference copies of the data set were squashed to a square, so the whole film is resized the same way.
+    resized = grayscale.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    pixels = np.asarray(resized, dtype=np.uint8).reshape(size, size, 1)
+    return ModelInput(pixels=pixels, image_format=image_format, original_width=width, original_height=height)
+
+
+def _decode_with_pillow(data: bytes, image_format: ImageFormat, size: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode with Pillow hardened against bombs: an 8-bit grayscale image in display orientation, and the
+    file's full pixel size (draft mode may decode a large JPEG at a reduced scale)."""
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb must be an error, not a warning.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        previous_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        try:
+            image = Image.open(io.BytesIO(data), formats=[image_format.value])
+            if image.width * image.height > MAX_PIXELS:
+                raise InvalidImageError(
+                    RejectionReason.DECOMPRESSION_BOMB, f"{image.width}x{image.height} pixels exceeds {MAX_PIXELS}"
+                )
+            if image_format is ImageFormat.JPEG and image.mode in {"L", "RGB", "YCbCr"}:
+                # Draft mode lets libjpeg decode a large film at 1/2, 1/4 or 1/8 scale, never below the target.
+                image.draft("L", (size, size))
+            full_size = image.size
+            image.load()
+            oriented = ImageOps.exif_transpose(image)
+            grayscale = _to_grayscale(oriented)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise InvalidImageError(RejectionReason.DECOMPRESSION_BOMB, str(error)) from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            if isinstance(error, InvalidImageError):
+                raise
+            raise InvalidImageError(RejectionReason.CORRUPT, f"{image_format.value} could not be decoded: {error}") from error
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous_limit
+    return grayscale, full_size
+
+
+def _to_grayscale(image: Image.Image) -> Image.Image:
+    """Reduce any Pillow mode to 8-bit luminance, stretching high bit depths to the full 0-255 range."""
+    if image.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        return Image.fromarray(np.round((values - low) * scale).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in {"RGBA", "LA", "PA"}:
+        # Transparent areas become black, like the unexposed border of a film.
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode == "CMYK":
+        image = image.convert("RGB")
+    return image.convert("L")

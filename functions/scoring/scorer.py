@@ -1,0 +1,28 @@
+"""Score a batch of uploaded files: preprocess each, run one batched inference, keep per-file rejections."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from scoring.classifier import Classifier, Prediction
+from scoring.preprocessing import InvalidImageError, preprocess
+
+
+def score_files(classifier: Classifier, payloads: Sequence[bytes]) -> list[Prediction | InvalidImageError]:
+    """One result per payload, in order: a prediction, or the reason the file can never be scored."""
+    results: list[Prediction | InvalidImageError | None] = [None] * len(payloads)
+    batch_positions: list[int] = []
+    batch_pixels: list[np.ndarray] = []
+    for position, payload in enumerate(payloads):
+        try:
+            batch_pixels.append(preprocess(payload, size=classifier.input_size).pixels)
+        except InvalidImageError as error:
+            results[position] = error
+        else:
+            batch_positions.append(position)
+    if batch_pixels:
+        for position, prediction in zip(batch_positions, classifier.predict(np.stack(batch_pixels)), strict=True):
+            results[position] = prediction
+    return [result for result in results if result is not None]

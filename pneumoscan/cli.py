@@ -1,0 +1,213 @@
+"""The ``pneumoscan`` command: one front door to training, scoring and the model registry.
+
+Each subcommand imports what it needs when it runs, so scoring and the demo never load TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+RELEASE_MODEL = REPOSITORY_ROOT / "models" / "release"
+SAMPLES = REPOSITORY_ROOT / "samples"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run one subcommand; returns the process exit code."""
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    try:
+        exit_code: int = arguments.run(arguments)
+    except KeyboardInterrupt:
+        return 130
+    return exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumoscan", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train, calibrate, export and evaluate a model (SageMaker contract)")
+    train.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA"), help="DIR or s3://bucket/prefix with train/ and test/ (default: $PNEUMOSCAN_DATA, else SageMaker channels)")
+    train.add_argument("--output", help="DIR or s3://bucket/prefix for the artifact (default: $SM_MODEL_DIR)")
+    for name, kind in (
+        ("architecture", str), ("image-size", int), ("epochs", int), ("batch-size", int), ("learning-rate", float),
+        ("weight-decay", float), ("dropout", float), ("validation-fraction", float), ("patience", int), ("seed", int),
+        ("weights", str), ("quantization", str), ("limit-per-class", int), ("bootstrap-resamples", int),
+    ):  # fmt: skip
+        train.add_argument(f"--{name}", type=kind, dest=f"hp_{name.replace('-', '_')}", help="hyper-parameter")
+    train.add_argument("--arch", type=str, dest="hp_architecture", help="alias of --architecture")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a LiteRT artifact on a labelled split")
+    evaluate.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
+    evaluate.add_argument("--data", type=Path, default=_default_test_split(), help="split folder with NORMAL/ and PNEUMONIA/")
+    evaluate.add_argument("--report", type=Path, help="write ROC, confusion matrix and reliability plots here")
+    evaluate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    evaluate.set_defaults(run=_evaluate)
+
+    score = commands.add_parser("score", help="score image files; one JSON line per file")
+    score.add_argument("--model", default=os.environ.get("PNEUMOSCAN_MODEL", str(RELEASE_MODEL)), help="artifact DIR or s3://bucket (promoted model) or s3://bucket/models/VERSION/")
+    score.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3 endpoint, e.g. a local moto server")
+    score.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    score.set_defaults(run=_score)
+
+    publish = commands.add_parser("publish", help="upload an artifact to s3://BUCKET/models/<version>/")
+    publish.add_argument("--bucket", required=True)
+    publish.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
+    publish.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
+    publish.set_defaults(run=_publish)
+
+    promote = commands.add_parser("promote", help="point models/current.json at a published version")
+    promote.add_argument("--bucket", required=True)
+    promote.add_argument("--version", required=True)
+    promote.add_argument("--force", action="store_true", help="promote even when its test AUC is lower")
+    promote.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
+    promote.set_defaults(run=_promote)
+
+    demo = commands.add_parser("demo", help="score the repository's sample X-rays with the release model")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _default_test_split() -> Path:
+    data = os.environ.get("PNEUMOSCAN_DATA", str(REPOSITORY_ROOT.parent / "shared" / "data" / "chest_xray"))
+    return Path(data) / "test"
+
+
+def _train(arguments: argparse.Namespace) -> int:
+    from training.job import run_job  # noqa: PLC0415  # TensorFlow loads only for this subcommand.
+
+    overrides = {
+        key.removeprefix("hp_"): value for key, value in vars(arguments).items() if key.startswith("hp_") and value is not None
+    }
+    card = run_job(arguments.data, arguments.output, overrides)
+    print(json.dumps({"version": card["version"], "test": _headline(card["metrics"]["test"]), "training_seconds": card["training_seconds"]}))
+    return 0
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, float]:
+    names = ("accuracy", "auc", "sensitivity", "specificity", "expected_calibration_error")
+    return {name: round(metrics[name]["value"], 4) for name in names}
+
+
+def _evaluate(arguments: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_artifact, write_split_plots  # noqa: PLC0415  # Needs scikit-learn.
+
+    evaluation, scores = evaluate_artifact(arguments.model, arguments.data, resamples=arguments.resamples)
+    if arguments.report:
+        write_split_plots(arguments.report, arguments.data.name, scores, evaluation.threshold)
+    print(json.dumps(evaluation.to_dict(), indent=2))
+    return 0
+
+
+def _score(arguments: argparse.Namespace) -> int:
+    from scoring.classifier import Classifier  # noqa: PLC0415  # Keeps `pneumoscan --help` instant.
+    from scoring.preprocessing import InvalidImageError  # noqa: PLC0415
+    from scoring.scorer import score_files  # noqa: PLC0415
+
+    classifier = Classifier.from_directory(_local_model(arguments.model, arguments.endpoint_url))
+    payloads: list[bytes] = []
+    readable: list[Path] = []
+    failed = 0
+    for path in arguments.paths:
+        try:
+            payloads.append(path.read_bytes())
+            readable.append(path)
+        except OSError as error:
+            failed += 1
+            print(json.dumps({"path": str(path), "error": f"cannot read file: {error.strerror or error}"}))
+    for path, result in zip(readable, score_files(classifier, payloads), strict=True):
+        if isinstance(result, InvalidImageError):
+            failed += 1
+            print(json.dumps({"path": str(path), "error": str(result), "reason": result.reason.value}))
+        else:
+            print(json.dumps({
+                "path": str(path),
+                "label": result.label,
+                "confidence": round(result.confidence, 6),
+                "pneumonia_probability": round(result.pneumonia_probability, 6),
+                "model_version": result.model_version,
+            }))  # fmt: skip
+    return 1 if failed else 0
+
+
+def _local_model(model: str, endpoint_url: str | None) -> Path:
+    """A local artifact folder for ``model``, downloading from S3 when it is an s3:// URL."""
+    if not model.startswith("s3://"):
+        return Path(model)
+    from scoring.model_registry import ModelRegistry, S3Location  # noqa: PLC0415
+
+    location = S3Location.parse(model)
+    registry = ModelRegistry(_s3_client(endpoint_url), location.bucket)
+    cache = Path(tempfile.gettempdir()) / "pneumoscan-models"
+    if location.prefix.strip("/") in {"", "models", "models/current.json"}:
+        return registry.download_current(cache)[1]
+    prefix = location.prefix.rstrip("/") + "/"
+    destination = cache / prefix.strip("/").replace("/", "_")
+    registry.download(prefix, destination)
+    return destination
+
+
+def _s3_client(endpoint_url: str | None) -> Any:
+    import boto3  # noqa: PLC0415
+
+    return boto3.client("s3", endpoint_url=endpoint_url)
+
+
+def _publish(arguments: argparse.Namespace) -> int:
+    from scoring.model_registry import ModelRegistry  # noqa: PLC0415
+
+    prefix = ModelRegistry(_s3_client(arguments.endpoint_url), arguments.bucket).publish(arguments.model)
+    print(json.dumps({"published": f"s3://{arguments.bucket}/{prefix}"}))
+    return 0
+
+
+def _promote(arguments: argparse.Namespace) -> int:
+    from scoring.model_registry import ModelRegistry, PromotionRefusedError  # noqa: PLC0415
+
+    registry = ModelRegistry(_s3_client(arguments.endpoint_url), arguments.bucket)
+    try:
+        pointer = registry.promote(arguments.version, force=arguments.force)
+    except PromotionRefusedError as refusal:
+        print(f"promotion refused: {refusal}", file=sys.stderr)
+        return 3
+    print(json.dumps({"current": pointer.version, "test_auc": pointer.test_auc}))
+    return 0
+
+
+def _demo(arguments: argparse.Namespace) -> int:
+    del arguments  # The demo takes no options.
+    from scoring.classifier import Classifier  # noqa: PLC0415
+    from scoring.preprocessing import InvalidImageError  # noqa: PLC0415
+    from scoring.scorer import score_files  # noqa: PLC0415
+
+    classifier = Classifier.from_directory(RELEASE_MODEL)
+    paths = sorted(p for p in SAMPLES.rglob("*") if p.suffix.lower() in {".jpeg", ".jpg", ".png", ".dcm"})
+    results = score_files(classifier, [p.read_bytes() for p in paths])
+    print(f"model {classifier.spec.version}, threshold {classifier.spec.threshold:.3f}\n")
+    print(f"{'sample':<48} {'expected':<10} {'label':<10} {'confidence':>10}")
+    correct = 0
+    for path, result in zip(paths, results, strict=True):
+        expected = path.parent.name
+        if isinstance(result, InvalidImageError):
+            print(f"{path.name:<48} {expected:<10} {'REJECTED':<10} {result.reason.value:>10}")
+            continue
+        correct += result.label == expected
+        print(f"{path.name:<48} {expected:<10} {result.label:<10} {result.confidence:>10.3f}")
+    print(f"\n{correct} of {len(paths)} samples match their folder's label")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Shared fixtures: the real data set, the sample X-rays and generated image files of every kind."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = REPOSITORY_ROOT / "samples"
+RELEASE_MODEL = REPOSITORY_ROOT / "models" / "release"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The chest_xray folder: $PNEUMOSCAN_DATA, else ../shared/data/chest_xray beside the repository."""
+    root = Path(os.environ.get("PNEUMOSCAN_DATA", REPOSITORY_ROOT.parent / "shared" / "data" / "chest_xray"))
+    if not (root / "train" / "NORMAL").is_dir():
+        pytest.fail(f"the chest X-ray data set is not at {root}; set PNEUMOSCAN_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_paths() -> list[Path]:
+    """The repository's sample X-rays, NORMAL ones first."""
+    return sorted(SAMPLES.glob("*/*.jpeg"))
+
+
+@pytest.fixture(scope="session")
+def sample_xray() -> Image.Image:
+    """One real X-ray as a grayscale Pillow image."""
+    return Image.open(SAMPLES / "PNEUMONIA" / "person100_bacteria_475.jpeg").convert("L")
+
+
+@pytest.fixture
+def encode() -> Callable[..., bytes]:
+    """Encode a Pillow image to bytes in a given format."""
+
+    def _encode(image: Image.Image, image_format: str, **options: object) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=image_format, **options)
+        return buffer.getvalue()
+
+    return _encode
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A grayscale image of random pixels, for tests that need no real X-ray."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+    return Image.fromarray(pixels, mode="L")
+
+
+SMOKE_HYPERPARAMETERS = {
+    "architecture": "compact",
+    "image_size": 64,
+    "epochs": 2,
+    "batch_size": 16,
+    "limit_per_class": 40,
+    "bootstrap_resamples": 50,
+    "patience": 2,
+}
+"""A tiny but real training run: real X-rays, real TensorFlow, real export; about a minute on two cores."""
+
+
+@pytest.fixture(scope="session")
+def smoke_artifact(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifact folder produced by the real training job on a few real X-rays."""
+    from training.job import run_job
+
+    output = tmp_path_factory.mktemp("smoke-artifact")
+    run_job(str(data_root), str(output), dict(SMOKE_HYPERPARAMETERS))
+    return output

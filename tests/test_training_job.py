@@ -1,0 +1,93 @@
+"""The training job end to end on real X-rays: train -> export -> load -> score, and its container contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scoring.classifier import Classifier
+from scoring.model_card import MODEL_FILE, ModelArtifactError, read_card, sha256_of, verify_artifact
+from scoring.preprocessing import preprocess
+from training.config import TrainingConfig
+from training.job import run_job
+
+pytestmark = pytest.mark.slow
+
+
+def test_artifact_holds_model_card_and_report(smoke_artifact: Path) -> None:
+    """The job writes the LiteRT model, a complete card and every report plot."""
+    card = read_card(smoke_artifact)
+    for field in (
+        "version", "created_at", "git_commit", "data_manifest_sha256", "model_sha256", "input", "class_names",
+        "calibration", "metrics", "hyperparameters", "training_seconds", "export",
+    ):  # fmt: skip
+        assert field in card, field
+    assert card["model_sha256"] == sha256_of(smoke_artifact / MODEL_FILE)
+    assert card["input"]["size"] == 64
+    assert card["calibration"]["temperature"] > 0
+    assert 0.0 <= card["calibration"]["threshold"] <= 1.0
+    test_metrics = card["metrics"]["test"]
+    for metric in ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "expected_calibration_error", "brier_score"):
+        interval = test_metrics[metric]
+        assert interval["low"] <= interval["value"] <= interval["high"], metric
+    assert sum(test_metrics["confusion_matrix"].values()) == 80
+    for plot in ("learning_curves.png", "roc_test.png", "confusion_matrix_test.png", "reliability.png"):
+        assert (smoke_artifact / "report" / plot).stat().st_size > 1000, plot
+
+
+def test_export_passed_the_parity_gate(smoke_artifact: Path) -> None:
+    """The served LiteRT model agrees with the Keras model within the stated tolerance."""
+    export = read_card(smoke_artifact)["export"]
+    chosen = next(c for c in export["candidates"] if c["quantization"] == export["chosen"])
+    assert chosen["max_probability_difference"] <= export["tolerance"]
+
+
+def test_exported_model_scores_real_xrays(smoke_artifact: Path, sample_paths: list[Path]) -> None:
+    """The exported model loads in the LiteRT runtime and gives calibrated verdicts on real images."""
+    classifier = Classifier.from_directory(smoke_artifact)
+    pixels = np.stack([preprocess(p.read_bytes(), size=classifier.input_size).pixels for p in sample_paths])
+    predictions = classifier.predict(pixels)
+    assert len(predictions) == len(sample_paths)
+    for prediction in predictions:
+        assert prediction.label in {"NORMAL", "PNEUMONIA"}
+        is_pneumonia = prediction.pneumonia_probability >= prediction.threshold
+        assert prediction.label == ("PNEUMONIA" if is_pneumonia else "NORMAL")
+        expected = prediction.pneumonia_probability if is_pneumonia else 1.0 - prediction.pneumonia_probability
+        assert prediction.confidence == pytest.approx(expected)
+
+
+def test_tampered_model_is_refused(smoke_artifact: Path, tmp_path: Path) -> None:
+    """A model file that does not match its card's sha256 is never served."""
+    for path in (MODEL_FILE, "model_card.json"):
+        (tmp_path / path).write_bytes((smoke_artifact / path).read_bytes())
+    with (tmp_path / MODEL_FILE).open("ab") as model:
+        model.write(b"\0")
+    with pytest.raises(ModelArtifactError, match="sha256"):
+        verify_artifact(tmp_path)
+
+
+def test_sagemaker_contract_reads_channels_and_writes_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the SageMaker layout, a broken channel fails the job and leaves the reason in output/failure."""
+    root = tmp_path / "opt-ml"
+    (root / "input" / "config").mkdir(parents=True)
+    (root / "input" / "data" / "train" / "NORMAL").mkdir(parents=True)
+    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"epochs": "1", "image_size": "64"}))
+    monkeypatch.setenv("PNEUMOSCAN_SAGEMAKER_ROOT", str(root))
+    with pytest.raises(ValueError, match="NORMAL holds no"):
+        run_job(None, None, {})
+    failure = (root / "output" / "failure").read_text()
+    assert "DataLayoutError" in failure
+    assert "NORMAL holds no .jpeg" in failure
+
+
+def test_hyperparameters_arrive_as_strings() -> None:
+    """SageMaker's string hyper-parameters convert to each field's type; unknown names are refused."""
+    config = TrainingConfig().with_overrides({"epochs": "3", "learning_rate": "0.01", "weights": "None"})
+    assert (config.epochs, config.learning_rate, config.weights) == (3, 0.01, None)
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        TrainingConfig().with_overrides({"epoch": "3"})

@@ -1,0 +1,137 @@
+"""Export to LiteRT with a parity gate: float32 or int8, chosen by measured parity and speed."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from scoring.classifier import Classifier
+from scoring.model_card import ServingSpec
+from training.calibration import sigmoid
+
+logger = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 0.02
+"""Largest allowed absolute difference between the Keras and LiteRT calibrated probabilities."""
+
+INT8_MIN_SPEEDUP = 1.2
+"""int8 is served only when it is at least this much faster than float32 (and within tolerance)."""
+
+
+class ParityError(RuntimeError):
+    """The exported model disagrees with the Keras model beyond ``PARITY_TOLERANCE``."""
+
+
+@dataclass(frozen=True)
+class ExportCandidate:
+    """One converted model with its measured parity and speed."""
+
+    quantization: str
+    size_bytes: int
+    max_probability_difference: float
+    label_agreement: float
+    milliseconds_per_image: float
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The chosen model bytes and the measurements behind the choice."""
+
+    model_bytes: bytes
+    chosen: ExportCandidate
+    candidates: tuple[ExportCandidate, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "chosen": self.chosen.quantization,
+            "tolerance": PARITY_TOLERANCE,
+            "candidates": [asdict(c) for c in self.candidates],
+        }
+
+
+def convert(classifier: keras.Model, quantization: str, representative_images: np.ndarray) -> bytes:
+    """Convert the classifier to a LiteRT flatbuffer (float32, or int8 weights and activations)."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(classifier)
+    if quantization == "int8":
+
+        def representative_dataset() -> Iterator[list[np.ndarray]]:
+            for image in representative_images:
+                yield [image[np.newaxis].astype(np.uint8)]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset
+    model_bytes: bytes = converter.convert()
+    return model_bytes
+
+
+def measure(
+    model_bytes: bytes,
+    quantization: str,
+    images: np.ndarray,
+    keras_probabilities: np.ndarray,
+    temperature: float,
+    threshold: float,
+) -> ExportCandidate:
+    """Score ``images`` with the LiteRT runtime that serves, and compare with the Keras probabilities."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.tflite"
+        path.write_bytes(model_bytes)
+        spec = ServingSpec("candidate", images.shape[1], ("NORMAL", "PNEUMONIA"), temperature, threshold, "", None)
+        classifier = Classifier(path, spec)
+        logits = np.concatenate([classifier.logits(images[i : i + 32]) for i in range(0, len(images), 32)])
+        single = images[:1]
+        classifier.logits(single)
+        started = time.perf_counter()
+        repeats = 20
+        for _ in range(repeats):
+            classifier.logits(single)
+        milliseconds = (time.perf_counter() - started) * 1000 / repeats
+    probabilities = sigmoid(logits, temperature)
+    return ExportCandidate(
+        quantization=quantization,
+        size_bytes=len(model_bytes),
+        max_probability_difference=float(np.max(np.abs(probabilities - keras_probabilities))),
+        label_agreement=float(np.mean((probabilities >= threshold) == (keras_probabilities >= threshold))),
+        milliseconds_per_image=milliseconds,
+    )
+
+
+def export(
+    classifier: keras.Model,
+    validation_images: np.ndarray,
+    keras_probabilities: np.ndarray,
+    temperature: float,
+    threshold: float,
+    quantization: str = "auto",
+    seed: int = 0,
+) -> ExportResult:
+    """Convert, measure every requested quantization on validation images, gate on parity, pick one."""
+    rng = np.random.default_rng(seed)
+    representative = validation_images[rng.permutation(len(validation_images))[:200]]
+    requested = ("float32", "int8") if quantization == "auto" else (quantization,)
+    candidates: list[tuple[ExportCandidate, bytes]] = []
+    for name in requested:
+        model_bytes = convert(classifier, name, representative)
+        candidate = measure(model_bytes, name, validation_images, keras_probabilities, temperature, threshold)
+        logger.info("LiteRT %s candidate: %s", name, candidate)
+        candidates.append((candidate, model_bytes))
+    passing = [(c, b) for c, b in candidates if c.max_probability_difference <= PARITY_TOLERANCE]
+    if not passing:
+        worst = min(c.max_probability_difference for c, _ in candidates)
+        raise ParityError(
+            f"exported model differs from Keras by up to {worst:.4f} in probability on validation images, "
+            f"above the tolerance {PARITY_TOLERANCE}"
+        )
+    chosen, chosen_bytes = passing[0]
+    for candidate, model_bytes in passing[1:]:
+        if candidate.milliseconds_per_image * INT8_MIN_SPEEDUP <= chosen.milliseconds_per_image:
+            chosen, chosen_bytes = candidate, model_bytes
+    return ExportResult(model_bytes=chosen_bytes, chosen=chosen, candidates=tuple(c for c, _ in candidates))

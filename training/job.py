@@ -1,0 +1,122 @@
+"""The training job's entry point, honouring SageMaker's training-container contract.
+
+Inside SageMaker the data channels arrive under ``/opt/ml/input/data/{train,test}`` (``SM_CHANNEL_*``), the
+hyper-parameters in ``/opt/ml/input/config/hyperparameters.json`` and the artifact goes to ``SM_MODEL_DIR``; a
+failure's reason is written to ``/opt/ml/output/failure``. Run by hand, ``--data`` and ``--output`` take local
+folders or ``s3://`` prefixes instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from scoring.model_registry import S3Location
+from training.config import TrainingConfig, read_hyperparameters
+from training.train import DataSplits, train_and_export
+
+logger = logging.getLogger(__name__)
+
+SAGEMAKER_ROOT = Path("/opt/ml")
+
+
+@dataclass(frozen=True)
+class JobEnvironment:
+    """Paths of the SageMaker contract, read once from the environment."""
+
+    train_channel: Path
+    test_channel: Path
+    model_dir: Path
+    hyperparameters_file: Path
+    failure_file: Path
+
+    @classmethod
+    def from_environment(cls) -> JobEnvironment:
+        root = Path(os.environ.get("PNEUMOSCAN_SAGEMAKER_ROOT", str(SAGEMAKER_ROOT)))
+        return cls(
+            train_channel=Path(os.environ.get("SM_CHANNEL_TRAIN", str(root / "input/data/train"))),
+            test_channel=Path(os.environ.get("SM_CHANNEL_TEST", str(root / "input/data/test"))),
+            model_dir=Path(os.environ.get("SM_MODEL_DIR", str(root / "model"))),
+            hyperparameters_file=root / "input/config/hyperparameters.json",
+            failure_file=root / "output/failure",
+        )
+
+
+def run_job(data: str | None, output: str | None, flag_overrides: dict[str, Any]) -> dict[str, Any]:
+    """Resolve inputs, outputs and hyper-parameters, train, and write the failure file if anything breaks."""
+    environment = JobEnvironment.from_environment()
+    try:
+        overrides = {**read_hyperparameters(environment.hyperparameters_file), **flag_overrides}
+        config = TrainingConfig().with_overrides(overrides)
+        with tempfile.TemporaryDirectory(prefix="pneumoscan-") as scratch:
+            splits = resolve_data(data, environment, Path(scratch) / "data")
+            output_target = output or str(environment.model_dir)
+            if output_target.startswith("s3://"):
+                local_output = Path(scratch) / "artifact"
+                card = train_and_export(splits, local_output, config)
+                upload_folder(local_output, S3Location.parse(output_target))
+            else:
+                card = train_and_export(splits, Path(output_target), config)
+    except Exception as error:
+        # Any failure, whatever its type, must reach SageMaker's failure file before the job exits non-zero.
+        write_failure(environment.failure_file, error)
+        raise
+    return card
+
+
+def resolve_data(data: str | None, environment: JobEnvironment, scratch: Path) -> DataSplits:
+    """The train and test folders: from ``--data`` (a folder or s3:// prefix) or from SageMaker's channels."""
+    if data is None:
+        return DataSplits(train_dir=environment.train_channel, test_dir=environment.test_channel)
+    if data.startswith("s3://"):
+        download_prefix(S3Location.parse(data), scratch)
+        root = scratch
+    else:
+        root = Path(data)
+    return DataSplits(train_dir=root / "train", test_dir=root / "test")
+
+
+def download_prefix(location: S3Location, destination: Path, s3_client: Any = None) -> int:
+    """Copy every object under an S3 prefix into ``destination``, keeping relative paths."""
+    s3 = s3_client or boto3.client("s3")
+    prefix = location.prefix.rstrip("/") + "/" if location.prefix else ""
+    count = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(prefix) :]
+            if not relative or relative.endswith("/"):
+                continue
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(location.bucket, item["Key"], str(target))
+            count += 1
+    logger.info("downloaded %d objects from s3://%s/%s", count, location.bucket, prefix)
+    return count
+
+
+def upload_folder(folder: Path, location: S3Location, s3_client: Any = None) -> int:
+    """Copy every file under ``folder`` to the S3 prefix, keeping relative paths."""
+    s3 = s3_client or boto3.client("s3")
+    prefix = location.prefix.rstrip("/") + "/" if location.prefix else ""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
+        s3.upload_file(str(path), location.bucket, prefix + path.relative_to(folder).as_posix())
+    return len(files)
+
+
+def write_failure(failure_file: Path, error: BaseException) -> None:
+    """Leave the reason where SageMaker shows it; outside a SageMaker container (no /opt/ml) there is none."""
+    if not failure_file.parent.parent.is_dir():
+        return
+    try:
+        failure_file.parent.mkdir(parents=True, exist_ok=True)
+        failure_file.write_text(f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
+    except OSError:
+        logger.warning("could not write the failure reason to %s", failure_file)

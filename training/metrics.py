@@ -1,0 +1,123 @@
+"""Quality metrics of a binary screening model, with bootstrap 95% confidence intervals.
+
+Every metric comes from scikit-learn where it has one; expected calibration error is the usual equal-width
+binned estimate (Guo et al., 2017).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its bootstrap 95% interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything the model card reports about one split."""
+
+    count: int
+    threshold: float
+    accuracy: Interval
+    auc: Interval
+    sensitivity: Interval
+    specificity: Interval
+    precision: Interval
+    f1: Interval
+    expected_calibration_error: Interval
+    brier_score: Interval
+    confusion_matrix: dict[str, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Weighted mean gap between PNEUMONIA frequency and mean predicted probability over equal-width bins."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    bin_index = np.clip(np.digitize(probabilities, edges[1:-1], right=True), 0, bins - 1)
+    error = 0.0
+    for index in range(bins):
+        in_bin = bin_index == index
+        if in_bin.any():
+            error += in_bin.mean() * abs(labels[in_bin].mean() - probabilities[in_bin].mean())
+    return float(error)
+
+
+def _point_metrics(threshold: float) -> dict[str, Callable[[np.ndarray, np.ndarray], float]]:
+    def predicted(probabilities: np.ndarray) -> np.ndarray:
+        return (probabilities >= threshold).astype(int)
+
+    return {
+        "accuracy": lambda y, p: float(accuracy_score(y, predicted(p))),
+        "auc": lambda y, p: float(roc_auc_score(y, p)),
+        "sensitivity": lambda y, p: float(recall_score(y, predicted(p), pos_label=1, zero_division=0.0)),
+        "specificity": lambda y, p: float(recall_score(y, predicted(p), pos_label=0, zero_division=0.0)),
+        "precision": lambda y, p: float(precision_score(y, predicted(p), zero_division=0.0)),
+        "f1": lambda y, p: float(f1_score(y, predicted(p), zero_division=0.0)),
+        "expected_calibration_error": expected_calibration_error,
+        "brier_score": lambda y, p: float(brier_score_loss(y, p)),
+    }
+
+
+def evaluate(
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float, resamples: int = 1000, seed: int = 0
+) -> Evaluation:
+    """Metrics of calibrated PNEUMONIA probabilities at ``threshold``, with percentile bootstrap intervals."""
+    labels = np.asarray(labels, dtype=int)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if labels.shape != probabilities.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and probabilities {probabilities.shape} must be equal-length 1-D")
+    if set(np.unique(labels)) != {0, 1}:
+        raise ValueError("evaluation needs both NORMAL and PNEUMONIA cases")
+    metrics = _point_metrics(threshold)
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {name: [] for name in metrics}
+    for _ in range(resamples):
+        index = rng.integers(0, len(labels), len(labels))
+        if labels[index].min() == labels[index].max():
+            continue  # A resample with one class has no AUC; it is skipped.
+        for name, metric in metrics.items():
+            samples[name].append(metric(labels[index], probabilities[index]))
+    intervals = {
+        name: Interval(
+            value=metric(labels, probabilities),
+            low=float(np.percentile(samples[name], 2.5)),
+            high=float(np.percentile(samples[name], 97.5)),
+        )
+        for name, metric in metrics.items()
+    }
+    true_negative, false_positive, false_negative, true_positive = confusion_matrix(
+        labels, (probabilities >= threshold).astype(int), labels=[0, 1]
+    ).ravel()
+    return Evaluation(
+        count=len(labels),
+        threshold=threshold,
+        confusion_matrix={
+            "true_negative": int(true_negative),
+            "false_positive": int(false_positive),
+            "false_negative": int(false_negative),
+            "true_positive": int(true_positive),
+        },
+        **intervals,
+    )

@@ -1,0 +1,128 @@
+"""Model architectures: two classic baselines, a compact CNN for fast CPU inference, and an optional backbone.
+
+Every classifier maps a ``(size, size, 1)`` uint8 image to one logit for PNEUMONIA. Intensity normalisation is a
+layer inside the classifier, so the exported model takes the shared preprocessing's output as it is. Augmentation
+lives in a separate wrapper used only while training, so the exported graph holds no random layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+from keras import layers
+
+ARCHITECTURES = ("mlp", "cnn", "compact", "efficientnet")
+
+
+@keras.saving.register_keras_serializable(package="pneumoscan")
+class PerImageStandardization(layers.Layer):
+    """Scale each image to zero mean and unit variance, so exposure and contrast differences between X-ray
+    machines do not reach the classifier."""
+
+    def call(self, inputs):  # type: ignore[no-untyped-def]  # Keras layers take and return backend tensors.
+        mean = keras.ops.mean(inputs, axis=(1, 2, 3), keepdims=True)
+        variance = keras.ops.var(inputs, axis=(1, 2, 3), keepdims=True)
+        return (inputs - mean) / keras.ops.sqrt(variance + 1e-3)
+
+
+def build_augmentation(seed: int) -> keras.Sequential:
+    """Augmentations that keep an X-ray plausible: small rotations, shifts, zooms and contrast changes.
+
+    There are no flips: the heart sits on the patient's left, and a mirrored film is not a real input."""
+    return keras.Sequential(
+        [
+            layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
+            layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 1),
+            layers.RandomZoom((-0.15, 0.1), fill_mode="constant", seed=seed + 2),
+            layers.RandomContrast(0.3, seed=seed + 3),
+        ],
+        name="augmentation",
+    )
+
+
+def build_classifier(architecture: str, size: int, dropout: float = 0.3, weights: str | None = None) -> keras.Model:
+    """The served model: uint8 image in, PNEUMONIA logit out."""
+    builders: dict[str, Callable[[keras.KerasTensor, float], keras.KerasTensor]] = {
+        "mlp": _mlp,
+        "cnn": _plain_cnn,
+        "compact": _compact_cnn,
+    }
+    inputs = keras.Input(shape=(size, size, 1), dtype="uint8", name="image")
+    pixels = layers.Rescaling(1.0 / 255.0, name="to_float")(inputs)
+    if architecture == "efficientnet":
+        features = _efficientnet(pixels, size, weights)
+    elif architecture in builders:
+        if weights is not None:
+            raise ValueError(f"--weights applies to the efficientnet backbone only, not to {architecture!r}")
+        features = builders[architecture](PerImageStandardization(name="standardize")(pixels), dropout)
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+    logit = layers.Dense(1, name="pneumonia_logit")(layers.Dropout(dropout)(features))
+    return keras.Model(inputs, logit, name=architecture)
+
+
+def build_training_model(classifier: keras.Model, seed: int) -> keras.Model:
+    """The classifier behind the augmentation layers, which are active only in training."""
+    inputs = keras.Input(shape=classifier.input_shape[1:], dtype="uint8", name="image")
+    augmented = build_augmentation(seed)(keras.ops.cast(inputs, "float32"))
+    # Augmentation interpolates, so the result is rounded back to the uint8 range the classifier expects.
+    clipped = keras.ops.clip(keras.ops.round(augmented), 0.0, 255.0)
+    return keras.Model(inputs, classifier(clipped), name="training_model")
+
+
+def _mlp(x: keras.KerasTensor, dropout: float) -> keras.KerasTensor:
+    """Baseline one: a multilayer perceptron on a 64 x 64 thumbnail."""
+    x = layers.Resizing(64, 64, name="thumbnail")(x)
+    x = layers.Flatten()(x)
+    for units in (512, 128):
+        x = layers.Dense(units, activation="relu")(x)
+        x = layers.Dropout(dropout)(x)
+    return x
+
+
+def _plain_cnn(x: keras.KerasTensor, dropout: float) -> keras.KerasTensor:
+    """Baseline two: the classic stack of 3 x 3 convolutions and max pooling."""
+    for filters in (32, 64, 128, 128):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return layers.Dense(128, activation="relu")(x)
+
+
+def _compact_cnn(x: keras.KerasTensor, dropout: float) -> keras.KerasTensor:
+    """The production model: a strided stem, then residual depthwise-separable stages, built for CPU speed."""
+    del dropout  # The head's dropout is enough for this model.
+    x = _conv_bn(x, 24, kernel=5, strides=2, name="stem")
+    for stage, filters in enumerate((32, 64, 128, 192, 256)):
+        x = _separable_bn(x, filters, strides=2, name=f"stage{stage}_down")
+        shortcut = x
+        x = _separable_bn(x, filters, strides=1, name=f"stage{stage}_conv")
+        x = layers.Add(name=f"stage{stage}_residual")([shortcut, x])
+    return layers.GlobalAveragePooling2D(name="pool")(x)
+
+
+def _conv_bn(x: keras.KerasTensor, filters: int, kernel: int, strides: int, name: str) -> keras.KerasTensor:
+    x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _separable_bn(x: keras.KerasTensor, filters: int, strides: int, name: str) -> keras.KerasTensor:
+    x = layers.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False, name=f"{name}_depthwise")(x)
+    x = layers.BatchNormalization(name=f"{name}_depthwise_bn")(x)
+    x = layers.ReLU(name=f"{name}_depthwise_relu")(x)
+    x = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_pointwise")(x)
+    x = layers.BatchNormalization(name=f"{name}_pointwise_bn")(x)
+    return layers.ReLU(name=f"{name}_pointwise_relu")(x)
+
+
+def _efficientnet(pixels: keras.KerasTensor, size: int, weights: str | None) -> keras.KerasTensor:
+    """Optional transfer-learning backbone; ``weights="imagenet"`` needs internet access to download them."""
+    rgb = layers.Concatenate(name="gray_to_rgb")([pixels, pixels, pixels])
+    backbone = keras.applications.EfficientNetV2B0(
+        include_top=False, weights=weights, input_shape=(size, size, 3), include_preprocessing=False, pooling="avg"
+    )
+    # EfficientNetV2 without its own preprocessing expects inputs in [-1, 1].
+    return backbone(rgb * 2.0 - 1.0)
