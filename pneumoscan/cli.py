@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train, calibrate, export and evaluate a model (SageMaker contract)")
-    train.add_argument("--data", default=os.environ.get("PNEUMOSCAN_DATA"), help="DIR or s3://bucket/prefix with train/ and test/ (default: $PNEUMOSCAN_DATA, else SageMaker channels)")
+    train.add_argument(
+        "--data",
+        default=os.environ.get("PNEUMOSCAN_DATA"),
+        help="DIR or s3://bucket/prefix with train/ and test/ (default: $PNEUMOSCAN_DATA, else SageMaker channels)",
+    )
     train.add_argument("--output", help="DIR or s3://bucket/prefix for the artifact (default: $SM_MODEL_DIR)")
     for name, kind in (
         ("architecture", str), ("image-size", int), ("epochs", int), ("batch-size", int), ("learning-rate", float),
@@ -51,14 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="evaluate a LiteRT artifact on a labelled split")
     evaluate.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
-    evaluate.add_argument("--data", type=Path, default=_default_test_split(), help="split folder with NORMAL/ and PNEUMONIA/")
+    evaluate.add_argument(
+        "--data", type=Path, default=_default_test_split(), help="split folder with NORMAL/ and PNEUMONIA/"
+    )
     evaluate.add_argument("--report", type=Path, help="write ROC, confusion matrix and reliability plots here")
     evaluate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     evaluate.set_defaults(run=_evaluate)
 
     score = commands.add_parser("score", help="score image files; one JSON line per file")
-    score.add_argument("--model", default=os.environ.get("PNEUMOSCAN_MODEL", str(RELEASE_MODEL)), help="artifact DIR or s3://bucket (promoted model) or s3://bucket/models/VERSION/")
-    score.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3 endpoint, e.g. a local moto server")
+    score.add_argument(
+        "--model",
+        default=os.environ.get("PNEUMOSCAN_MODEL", str(RELEASE_MODEL)),
+        help="artifact DIR or s3://bucket (promoted model) or s3://bucket/models/VERSION/",
+    )
+    score.add_argument(
+        "--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3 endpoint, e.g. a local moto server"
+    )
     score.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     score.set_defaults(run=_score)
 
@@ -89,10 +101,20 @@ def _train(arguments: argparse.Namespace) -> int:
     from training.job import run_job  # noqa: PLC0415  # TensorFlow loads only for this subcommand.
 
     overrides = {
-        key.removeprefix("hp_"): value for key, value in vars(arguments).items() if key.startswith("hp_") and value is not None
+        key.removeprefix("hp_"): value
+        for key, value in vars(arguments).items()
+        if key.startswith("hp_") and value is not None
     }
     card = run_job(arguments.data, arguments.output, overrides)
-    print(json.dumps({"version": card["version"], "test": _headline(card["metrics"]["test"]), "training_seconds": card["training_seconds"]}))
+    print(
+        json.dumps(
+            {
+                "version": card["version"],
+                "test": _headline(card["metrics"]["test"]),
+                "training_seconds": card["training_seconds"],
+            }
+        )
+    )
     return 0
 
 

@@ -70,7 +70,7 @@ SMOKE_HYPERPARAMETERS = {
 @pytest.fixture(scope="session")
 def smoke_artifact(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An artifact folder produced by the real training job on a few real X-rays."""
-    from training.job import run_job
+    from training.job import run_job  # noqa: PLC0415  # TensorFlow loads only for the tests that train.
 
     output = tmp_path_factory.mktemp("smoke-artifact")
     run_job(str(data_root), str(output), dict(SMOKE_HYPERPARAMETERS))

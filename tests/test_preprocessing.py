@@ -8,7 +8,6 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from PIL import Image
-
 from scoring.preprocessing import (
     INPUT_SIZE,
     MAX_PIXELS,
@@ -18,7 +17,9 @@ from scoring.preprocessing import (
     detect_format,
     preprocess,
 )
+
 from tests.conftest import noise_image
+from tests.dicom_files import dicom_bytes
 
 Encoder = Callable[..., bytes]
 
@@ -151,3 +152,24 @@ def test_format_comes_from_magic_bytes_not_name(sample_xray: Image.Image, encode
     """A PNG is recognised as PNG whatever it is called; the name never enters the decision."""
     assert detect_format(encode(sample_xray, "PNG")) is ImageFormat.PNG
     assert detect_format(encode(sample_xray, "JPEG")) is ImageFormat.JPEG
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"bits": 16}, {"bits": 8}, {"jpeg": True}, {"bits": 16, "monochrome1": True}],
+    ids=["uncompressed-16bit", "uncompressed-8bit", "baseline-jpeg", "monochrome1"],
+)
+def test_dicom_decodes_like_the_jpeg(sample_xray: Image.Image, encode: Encoder, options: dict) -> None:
+    """DICOM files (uncompressed, baseline JPEG, inverted MONOCHROME1) give the pixels of the same film."""
+    reference = preprocess(encode(sample_xray, "PNG")).pixels.astype(np.float64)
+    result = preprocess(dicom_bytes(sample_xray, **options))
+    assert result.image_format is ImageFormat.DICOM
+    assert np.corrcoef(result.pixels.ravel(), reference.ravel())[0, 1] > 0.98
+
+
+def test_dicom_without_pixels_is_corrupt(sample_xray: Image.Image) -> None:
+    """A DICOM file cut off inside its pixel data is rejected as corrupt."""
+    data = dicom_bytes(sample_xray)
+    with pytest.raises(InvalidImageError) as raised:
+        preprocess(data[: len(data) // 2])
+    assert raised.value.reason is RejectionReason.CORRUPT

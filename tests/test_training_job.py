@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from scoring.classifier import Classifier
 from scoring.model_card import MODEL_FILE, ModelArtifactError, read_card, sha256_of, verify_artifact
 from scoring.preprocessing import preprocess
+
 from training.config import TrainingConfig
 from training.job import run_job
 
@@ -30,7 +30,16 @@ def test_artifact_holds_model_card_and_report(smoke_artifact: Path) -> None:
     assert card["calibration"]["temperature"] > 0
     assert 0.0 <= card["calibration"]["threshold"] <= 1.0
     test_metrics = card["metrics"]["test"]
-    for metric in ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "expected_calibration_error", "brier_score"):
+    for metric in (
+        "accuracy",
+        "auc",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "expected_calibration_error",
+        "brier_score",
+    ):
         interval = test_metrics[metric]
         assert interval["low"] <= interval["value"] <= interval["high"], metric
     assert sum(test_metrics["confusion_matrix"].values()) == 80
@@ -69,9 +78,7 @@ def test_tampered_model_is_refused(smoke_artifact: Path, tmp_path: Path) -> None
         verify_artifact(tmp_path)
 
 
-def test_sagemaker_contract_reads_channels_and_writes_failure(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sagemaker_contract_reads_channels_and_writes_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under the SageMaker layout, a broken channel fails the job and leaves the reason in output/failure."""
     root = tmp_path / "opt-ml"
     (root / "input" / "config").mkdir(parents=True)

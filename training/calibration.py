@@ -33,7 +33,9 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, target_sensitivity: float = TARGET_SENSITIVITY) -> float:
+def choose_threshold(
+    labels: np.ndarray, probabilities: np.ndarray, target_sensitivity: float = TARGET_SENSITIVITY
+) -> float:
     """The highest threshold whose sensitivity on these (validation) cases is at least ``target_sensitivity``.
 
     This is the usual screening operating point: missing pneumonia is the costlier error, so sensitivity is

@@ -12,9 +12,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-
 from scoring.classifier import Classifier
 from scoring.model_card import ServingSpec
+
 from training.calibration import sigmoid
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def convert(classifier: keras.Model, quantization: str, representative_images: n
 
 def measure(
     model_bytes: bytes,
+    *,
     quantization: str,
     images: np.ndarray,
     keras_probabilities: np.ndarray,
@@ -106,6 +107,7 @@ def measure(
 
 def export(
     classifier: keras.Model,
+    *,
     validation_images: np.ndarray,
     keras_probabilities: np.ndarray,
     temperature: float,
@@ -120,7 +122,14 @@ def export(
     candidates: list[tuple[ExportCandidate, bytes]] = []
     for name in requested:
         model_bytes = convert(classifier, name, representative)
-        candidate = measure(model_bytes, name, validation_images, keras_probabilities, temperature, threshold)
+        candidate = measure(
+            model_bytes,
+            quantization=name,
+            images=validation_images,
+            keras_probabilities=keras_probabilities,
+            temperature=temperature,
+            threshold=threshold,
+        )
         logger.info("LiteRT %s candidate: %s", name, candidate)
         candidates.append((candidate, model_bytes))
     passing = [(c, b) for c, b in candidates if c.max_probability_difference <= PARITY_TOLERANCE]

@@ -16,7 +16,7 @@ ARCHITECTURES = ("mlp", "cnn", "compact", "efficientnet")
 
 
 @keras.saving.register_keras_serializable(package="pneumoscan")
-class PerImageStandardization(layers.Layer):
+class PerImageStandardization(layers.Layer):  # type: ignore[misc]  # Keras ships no type information.
     """Scale each image to zero mean and unit variance, so exposure and contrast differences between X-ray
     machines do not reach the classifier."""
 

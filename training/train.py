@@ -19,8 +19,8 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-
 from scoring.model_card import CARD_FILE, MODEL_FILE, sha256_of
+
 from training.calibration import TARGET_SENSITIVITY, choose_threshold, fit_temperature, sigmoid
 from training.config import TrainingConfig
 from training.data import (
@@ -74,7 +74,13 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
     logger.info("temperature %.4f, threshold %.4f", temperature, threshold)
 
     exported = export(
-        classifier, validation_set.images, keras_probabilities, temperature, threshold, config.quantization, config.seed
+        classifier,
+        validation_images=validation_set.images,
+        keras_probabilities=keras_probabilities,
+        temperature=temperature,
+        threshold=threshold,
+        quantization=config.quantization,
+        seed=config.seed,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / MODEL_FILE).write_bytes(exported.model_bytes)
@@ -103,7 +109,9 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
             "fit": fit_set.class_counts(),
             "validation": validation_set.class_counts(),
             "validation_patients": len({f.patient_id for f in validation_files}),
-            "validation_rule": f"patient-level stratified {config.validation_fraction:.0%} of train, seed {config.seed}",
+            "validation_rule": (
+                f"patient-level stratified {config.validation_fraction:.0%} of train, seed {config.seed}"
+            ),
         },
         "hyperparameters": config.to_dict(),
         "epochs_run": len(history["loss"]),
@@ -128,7 +136,9 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
     return card
 
 
-def fit(classifier: keras.Model, fit_set: ImageSet, validation_set: ImageSet, config: TrainingConfig) -> dict[str, list[float]]:
+def fit(
+    classifier: keras.Model, fit_set: ImageSet, validation_set: ImageSet, config: TrainingConfig
+) -> dict[str, list[float]]:
     """Train with AdamW and a warm-up + cosine schedule; keep the weights of the best validation AUC."""
     steps_per_epoch = int(np.ceil(len(fit_set) / config.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -189,7 +199,7 @@ def git_commit() -> str:
         return commit
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],  # noqa: S607  # git is looked up on PATH on purpose.
+            ["git", "rev-parse", "HEAD"],  # git is looked up on PATH on purpose.
             cwd=Path(__file__).parent,
             capture_output=True,
             text=True,
@@ -199,4 +209,3 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return result.stdout.strip()
-

@@ -106,12 +106,14 @@ class ModelRegistry:
             current: ModelPointer | None = self.current()
         except NoCurrentModelError:
             current = None
-        if current is not None and not force:
-            if spec.test_auc is None or (current.test_auc is not None and spec.test_auc < current.test_auc):
-                raise PromotionRefusedError(
-                    f"{version} has test AUC {spec.test_auc}, below current {current.version} "
-                    f"({current.test_auc}); use --force to promote anyway"
-                )
+        worse = spec.test_auc is None or (
+            current is not None and current.test_auc is not None and spec.test_auc < current.test_auc
+        )
+        if current is not None and worse and not force:
+            raise PromotionRefusedError(
+                f"{version} has test AUC {spec.test_auc}, below current {current.version} "
+                f"({current.test_auc}); use --force to promote anyway"
+            )
         pointer = ModelPointer(
             version=version,
             prefix=prefix,

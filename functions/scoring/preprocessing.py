@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,7 +26,7 @@ MAX_PIXELS = 80_000_000
 """Images above this many pixels are treated as decompression bombs (a 9,000 x 9,000 X-ray still passes)."""
 
 
-class RejectionReason(str, Enum):
+class RejectionReason(StrEnum):
     """Why an input file can never be scored, however often it is retried."""
 
     EMPTY = "EMPTY_FILE"
@@ -46,7 +46,7 @@ class InvalidImageError(ValueError):
         self.detail = detail
 
 
-class ImageFormat(str, Enum):
+class ImageFormat(StrEnum):
     """Formats the scorer accepts, detected from the file's first bytes rather than its name."""
 
     JPEG = "JPEG"
@@ -82,8 +82,8 @@ def preprocess(data: bytes, size: int = INPUT_SIZE) -> ModelInput:
     """Turn the bytes of a JPEG, PNG or DICOM file into the model's ``(size, size, 1)`` uint8 input."""
     image_format = detect_format(data)
     if image_format is ImageFormat.DICOM:
-        # Imported here so that training and plain JPEG scoring never pay for pydicom.
-        from scoring.dicom import decode_dicom
+        # pydicom is imported only when a DICOM file arrives, so JPEG and PNG scoring never pay for it.
+        from scoring.dicom import decode_dicom  # noqa: PLC0415
 
         grayscale = decode_dicom(data)
         width, height = grayscale.size
@@ -123,7 +123,9 @@ def _decode_with_pillow(data: bytes, image_format: ImageFormat, size: int) -> tu
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             if isinstance(error, InvalidImageError):
                 raise
-            raise InvalidImageError(RejectionReason.CORRUPT, f"{image_format.value} could not be decoded: {error}") from error
+            raise InvalidImageError(
+                RejectionReason.CORRUPT, f"{image_format.value} could not be decoded: {error}"
+            ) from error
         finally:
             Image.MAX_IMAGE_PIXELS = previous_limit
     return grayscale, full_size

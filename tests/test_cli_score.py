@@ -1,0 +1,43 @@
+"""`pneumoscan score`: one JSON line per file; a bad file gets an error line and the rest are still scored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pneumoscan.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_score_prints_one_line_per_image(
+    smoke_artifact: Path, sample_paths: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each image gets path, label, confidence, pneumonia_probability and model_version."""
+    assert main(["score", "--model", str(smoke_artifact), *map(str, sample_paths)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == [str(p) for p in sample_paths]
+    for line in lines:
+        assert set(line) == {"path", "label", "confidence", "pneumonia_probability", "model_version"}
+        assert line["label"] in {"NORMAL", "PNEUMONIA"}
+
+
+def test_bad_files_get_error_lines_and_the_rest_are_scored(
+    smoke_artifact: Path, sample_paths: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Corrupt, empty and missing files each get an error line; good files around them are scored."""
+    corrupt = tmp_path / "corrupt.jpeg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.jpeg"
+    paths = [sample_paths[0], corrupt, empty, missing, sample_paths[-1]]
+    assert main(["score", "--model", str(smoke_artifact), *map(str, paths)]) == 1
+    lines = {json.loads(line)["path"]: json.loads(line) for line in capsys.readouterr().out.splitlines()}
+    assert lines[str(corrupt)]["reason"] == "CORRUPT_IMAGE"
+    assert lines[str(empty)]["reason"] == "EMPTY_FILE"
+    assert "cannot read file" in lines[str(missing)]["error"]
+    assert lines[str(sample_paths[0])]["label"] in {"NORMAL", "PNEUMONIA"}
+    assert lines[str(sample_paths[-1])]["label"] in {"NORMAL", "PNEUMONIA"}

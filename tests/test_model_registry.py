@@ -1,0 +1,101 @@
+"""Publishing and promoting model artifacts in S3 (moto), and scoring from the registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+from scoring.model_card import CARD_FILE, read_card, sha256_of
+from scoring.model_registry import (
+    POINTER_KEY,
+    ModelRegistry,
+    NoCurrentModelError,
+    PromotionRefusedError,
+    RegistryError,
+)
+
+from pneumoscan.cli import main
+
+BUCKET = "pneumoscan-models-test"
+
+
+@pytest.fixture
+def s3() -> Iterator[Any]:
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+
+
+def _variant(artifact: Path, destination: Path, version: str, test_auc: float) -> Path:
+    """A copy of an artifact under another version with a given test AUC."""
+    shutil.copytree(artifact, destination)
+    card = read_card(destination)
+    card["version"] = version
+    card["metrics"]["test"]["auc"]["value"] = test_auc
+    (destination / CARD_FILE).write_text(json.dumps(card))
+    return destination
+
+
+def test_publish_uploads_model_card_and_report(s3: Any, smoke_artifact: Path) -> None:
+    """Publishing puts the model, card and report plots under models/<version>/."""
+    version = read_card(smoke_artifact)["version"]
+    prefix = ModelRegistry(s3, BUCKET).publish(smoke_artifact)
+    keys = {item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert prefix == f"models/{version}/"
+    assert {f"{prefix}model.tflite", f"{prefix}model_card.json", f"{prefix}report/roc_test.png"} <= keys
+
+
+def test_promote_moves_pointer_only_to_an_equal_or_better_model(s3: Any, smoke_artifact: Path, tmp_path: Path) -> None:
+    """A lower test AUC is refused unless forced; an equal or higher one moves the pointer."""
+    registry = ModelRegistry(s3, BUCKET)
+    for version, auc in (("good", 0.97), ("worse", 0.95), ("better", 0.98)):
+        registry.publish(_variant(smoke_artifact, tmp_path / version, version, auc))
+    with pytest.raises(NoCurrentModelError):
+        registry.current()
+    assert registry.promote("good").version == "good"
+    with pytest.raises(PromotionRefusedError, match="below current good"):
+        registry.promote("worse")
+    assert registry.current().version == "good"
+    assert registry.promote("better").version == "better"
+    assert registry.promote("worse", force=True).version == "worse"
+    pointer = json.loads(s3.get_object(Bucket=BUCKET, Key=POINTER_KEY)["Body"].read())
+    assert pointer["prefix"] == "models/worse/"
+    assert pointer["model_sha256"] == sha256_of(smoke_artifact / "model.tflite")
+
+
+def test_download_current_verifies_and_caches(s3: Any, smoke_artifact: Path, tmp_path: Path) -> None:
+    """The promoted model downloads to a per-version folder and matches its card."""
+    registry = ModelRegistry(s3, BUCKET)
+    version = read_card(smoke_artifact)["version"]
+    registry.publish(smoke_artifact)
+    registry.promote(version)
+    pointer, folder = registry.download_current(tmp_path)
+    assert folder == tmp_path / version
+    assert sha256_of(folder / "model.tflite") == pointer.model_sha256
+
+
+def test_promoting_an_unpublished_version_is_an_error(s3: Any) -> None:
+    """Promoting a version that was never published fails and leaves no pointer."""
+    with pytest.raises(RegistryError, match="missing"):
+        ModelRegistry(s3, BUCKET).promote("missing")
+    assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
+
+
+def test_cli_publish_promote_and_score_from_s3(
+    s3: Any, smoke_artifact: Path, sample_paths: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pneumoscan publish`, `promote` and `score --model s3://bucket` work together."""
+    version = read_card(smoke_artifact)["version"]
+    assert main(["publish", "--bucket", BUCKET, "--model", str(smoke_artifact)]) == 0
+    assert main(["promote", "--bucket", BUCKET, "--version", version]) == 0
+    capsys.readouterr()
+    assert main(["score", "--model", f"s3://{BUCKET}", *map(str, sample_paths[:2])]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["model_version"] for line in lines] == [version, version]
