@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("architecture", str), ("image-size", int), ("epochs", int), ("batch-size", int), ("learning-rate", float),
         ("weight-decay", float), ("dropout", float), ("validation-fraction", float), ("patience", int), ("seed", int),
         ("weights", str), ("quantization", str), ("limit-per-class", int), ("bootstrap-resamples", int),
+        ("ensemble-size", int),
     ):  # fmt: skip
         train.add_argument(f"--{name}", type=kind, dest=f"hp_{name.replace('-', '_')}", help="hyper-parameter")
     train.add_argument("--arch", type=str, dest="hp_architecture", help="alias of --architecture")

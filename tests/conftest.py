@@ -63,6 +63,7 @@ SMOKE_HYPERPARAMETERS = {
     "limit_per_class": 40,
     "bootstrap_resamples": 50,
     "patience": 2,
+    "ensemble_size": 2,
 }
 """A tiny but real training run: real X-rays, real TensorFlow, real export; about a minute on two cores."""
 

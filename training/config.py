@@ -18,7 +18,7 @@ class TrainingConfig:
 
     architecture: str = "compact"
     image_size: int = 160
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
@@ -27,6 +27,7 @@ class TrainingConfig:
     patience: int = 10
     seed: int = 42
     weights: str | None = None
+    ensemble_size: int = 3
     quantization: str = "auto"
     limit_per_class: int | None = None
     """Use at most this many images per class and split: for smoke runs, never for a release."""
@@ -37,8 +38,8 @@ class TrainingConfig:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.image_size < 32 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("image_size must be >= 32, epochs and batch_size >= 1")
+        if self.image_size < 32 or min(self.epochs, self.batch_size, self.ensemble_size) < 1:
+            raise ValueError("image_size must be >= 32; epochs, batch_size and ensemble_size >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

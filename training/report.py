@@ -16,13 +16,16 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 from training.data import CLASS_NAMES
 
 
-def plot_learning_curves(history: dict[str, list[float]], path: Path) -> None:
-    """Training and validation loss and AUC per epoch."""
+def plot_learning_curves(histories: list[dict[str, list[float]]], path: Path) -> None:
+    """Training and validation loss and AUC per epoch, one colour per ensemble member."""
     figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for axis, metric in ((loss_axis, "loss"), (auc_axis, "auc")):
-        for prefix, style in (("", "-"), ("val_", "--")):
-            if prefix + metric in history:
-                axis.plot(history[prefix + metric], style, label=f"{'validation' if prefix else 'training'} {metric}")
+        for member, history in enumerate(histories):
+            colour = f"C{member}"
+            for prefix, style in (("", "-"), ("val_", "--")):
+                if prefix + metric in history:
+                    split = "validation" if prefix else "training"
+                    axis.plot(history[prefix + metric], style, color=colour, label=f"{split} (member {member + 1})")
         axis.set_xlabel("epoch")
         axis.set_title(metric)
         axis.legend()

@@ -36,7 +36,7 @@ from training.data import (
 from training.evaluate import ArtifactScores, score_image_set, write_split_plots
 from training.export import export
 from training.metrics import evaluate
-from training.models import build_classifier, build_training_model
+from training.models import build_classifier, build_ensemble, build_training_model
 from training.report import plot_learning_curves
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,15 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
     validation_set = load_images(validation_files, size=config.image_size)
     logger.info("fit %s, validation %s", fit_set.class_counts(), validation_set.class_counts())
 
-    classifier = build_classifier(config.architecture, config.image_size, config.dropout, config.weights)
-    history = fit(classifier, fit_set, validation_set, config)
+    members: list[keras.Model] = []
+    histories: list[dict[str, list[float]]] = []
+    for member in range(config.ensemble_size):
+        logger.info("training ensemble member %d of %d", member + 1, config.ensemble_size)
+        keras.utils.set_random_seed(config.seed + member)
+        member_model = build_classifier(config.architecture, config.image_size, config.dropout, config.weights)
+        histories.append(fit(member_model, fit_set, validation_set, config, seed=config.seed + member))
+        members.append(member_model)
+    classifier = build_ensemble(members)
 
     validation_logits = classifier.predict(validation_set.images, batch_size=64, verbose=0).reshape(-1)
     temperature = fit_temperature(validation_set.labels, validation_logits)
@@ -114,7 +121,8 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
             ),
         },
         "hyperparameters": config.to_dict(),
-        "epochs_run": len(history["loss"]),
+        "ensemble_size": config.ensemble_size,
+        "epochs_run": [len(history["loss"]) for history in histories],
     }
     write_card(output_dir, card)
 
@@ -130,14 +138,14 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
         for split, scores in (("validation", validation_scores), ("test", test_scores))
     }
     card["data"]["test"] = test_set.class_counts()
-    write_report(output_dir / "report", history, validation_scores, test_scores, threshold)
+    write_report(output_dir / "report", histories, validation_scores, test_scores, threshold)
     card["training_seconds"] = round(time.monotonic() - started, 1)
     write_card(output_dir, card)
     return card
 
 
 def fit(
-    classifier: keras.Model, fit_set: ImageSet, validation_set: ImageSet, config: TrainingConfig
+    classifier: keras.Model, fit_set: ImageSet, validation_set: ImageSet, config: TrainingConfig, seed: int
 ) -> dict[str, list[float]]:
     """Train with AdamW and a warm-up + cosine schedule; keep the weights of the best validation AUC."""
     steps_per_epoch = int(np.ceil(len(fit_set) / config.batch_size))
@@ -147,7 +155,7 @@ def fit(
         warmup_target=config.learning_rate,
         warmup_steps=steps_per_epoch,
     )
-    model = build_training_model(classifier, config.seed)
+    model = build_training_model(classifier, seed)
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
@@ -155,7 +163,7 @@ def fit(
     )
     training_data = (
         tf.data.Dataset.from_tensor_slices((fit_set.images, fit_set.labels.astype("float32")))
-        .shuffle(len(fit_set), seed=config.seed, reshuffle_each_iteration=True)
+        .shuffle(len(fit_set), seed=seed, reshuffle_each_iteration=True)
         .batch(config.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
@@ -177,16 +185,16 @@ def fit(
 
 def write_report(
     report_dir: Path,
-    history: dict[str, list[float]],
+    histories: list[dict[str, list[float]]],
     validation_scores: ArtifactScores,
     test_scores: ArtifactScores,
     threshold: float,
 ) -> None:
     """Every plot of the report folder."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    plot_learning_curves(history, report_dir / "learning_curves.png")
+    plot_learning_curves(histories, report_dir / "learning_curves.png")
     write_split_plots(report_dir, "test", test_scores, threshold, reference=validation_scores)
-    (report_dir / "history.json").write_text(json.dumps(history, indent=1))
+    (report_dir / "history.json").write_text(json.dumps(histories, indent=1))
 
 
 def write_card(output_dir: Path, card: dict[str, Any]) -> None:
