@@ -78,8 +78,23 @@ def detect_format(data: bytes) -> ImageFormat:
     raise InvalidImageError(RejectionReason.UNSUPPORTED_FORMAT, f"unrecognised file signature {data[:8].hex()}")
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """A validated upload as 8-bit grayscale in display orientation, possibly draft-reduced, not yet resized."""
+
+    grayscale: Image.Image
+    image_format: ImageFormat
+    original_width: int
+    original_height: int
+
+
 def preprocess(data: bytes, size: int = INPUT_SIZE) -> ModelInput:
     """Turn the bytes of a JPEG, PNG or DICOM file into the model's ``(size, size, 1)`` uint8 input."""
+    return resize_for_model(decode(data, size), size)
+
+
+def decode(data: bytes, size: int = INPUT_SIZE) -> DecodedImage:
+    """Detect, validate and decode a file to grayscale; ``size`` lets large JPEGs decode at a reduced scale."""
     image_format = detect_format(data)
     if image_format is ImageFormat.DICOM:
         # pydicom is imported only when a DICOM file arrives, so JPEG and PNG scoring never pay for it.
@@ -91,10 +106,21 @@ def preprocess(data: bytes, size: int = INPUT_SIZE) -> ModelInput:
         grayscale, (width, height) = _decode_with_pillow(data, image_format, size)
     if min(width, height) < MIN_SIDE:
         raise InvalidImageError(RejectionReason.TOO_SMALL, f"{width}x{height} pixels is below {MIN_SIDE} px")
-    # The reference copies of the data set were squashed to a square, so the whole film is resized the same way.
-    resized = grayscale.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return DecodedImage(grayscale, image_format, width, height)
+
+
+def resize_for_model(decoded: DecodedImage, size: int = INPUT_SIZE) -> ModelInput:
+    """Resize the whole film to the model's square input.
+
+    The reference copies of the data set were squashed to a square, so every film is resized the same way."""
+    resized = decoded.grayscale.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     pixels = np.asarray(resized, dtype=np.uint8).reshape(size, size, 1)
-    return ModelInput(pixels=pixels, image_format=image_format, original_width=width, original_height=height)
+    return ModelInput(
+        pixels=pixels,
+        image_format=decoded.image_format,
+        original_width=decoded.original_width,
+        original_height=decoded.original_height,
+    )
 
 
 def _decode_with_pillow(data: bytes, image_format: ImageFormat, size: int) -> tuple[Image.Image, tuple[int, int]]:
