@@ -138,13 +138,17 @@ class ModelRegistry:
     def download_current(self, cache_root: Path | None = None) -> tuple[ModelPointer, Path]:
         """Download the promoted model into a per-version folder under ``cache_root``."""
         pointer = self.current()
+        return pointer, self.fetch(pointer, cache_root)
+
+    def fetch(self, pointer: ModelPointer, cache_root: Path | None = None) -> Path:
+        """The pointed-to artifact in ``cache_root/<version>``, downloaded unless a verified copy is there."""
         root = cache_root or Path(tempfile.gettempdir()) / "pneumoscan-models"
         destination = root / pointer.version
         if (destination / MODEL_FILE).is_file() and read_card(destination).get("model_sha256") == pointer.model_sha256:
             verify_artifact(destination)
-            return pointer, destination
+            return destination
         self.download(pointer.prefix, destination)
-        return pointer, destination
+        return destination
 
     def _read_json(self, key: str) -> dict[str, Any]:
         try:

@@ -1,0 +1,72 @@
+"""S3 ObjectCreated notifications carried in SQS message bodies, parsed into object references."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
+SEQUENCER_WIDTH = 32
+"""S3 sequencers are hex strings of varying length; left-padded to one width they sort in event order."""
+
+
+class MalformedMessageError(ValueError):
+    """An SQS message body that is neither an S3 notification nor S3's test event."""
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """One uploaded object version named by an S3 notification."""
+
+    bucket: str
+    key: str
+    """URL-decoded object key."""
+    size: int
+    etag: str
+    version_id: str | None
+    sequencer: str
+    """Orders the events of one key and is the same in duplicate notifications: S3's sequencer, left-padded and
+    upper-cased. Emulators that send none (moto) get ``~<eventTime>#<eTag>`` instead, which has both properties
+    as well, to the millisecond."""
+
+    @property
+    def image_key(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def parse_message_body(body: str) -> list[ObjectRef]:
+    """Objects named by one SQS message; S3's ``s3:TestEvent`` gives none."""
+    try:
+        document: dict[str, Any] = json.loads(body)
+    except json.JSONDecodeError as error:
+        raise MalformedMessageError(f"message body is not JSON: {error}") from error
+    if not isinstance(document, dict):
+        raise MalformedMessageError("message body is not a JSON object")
+    if document.get("Event") == "s3:TestEvent":
+        return []
+    records = document.get("Records")
+    if not isinstance(records, list):
+        raise MalformedMessageError("message body has no Records list")
+    return [_object_ref(record) for record in records if str(record.get("eventName", "")).startswith("ObjectCreated:")]
+
+
+def _object_ref(record: dict[str, Any]) -> ObjectRef:
+    try:
+        s3 = record["s3"]
+        item = s3["object"]
+        etag = str(item.get("eTag", "")).strip('"')
+        if "sequencer" in item:
+            sequencer = str(item["sequencer"]).upper().rjust(SEQUENCER_WIDTH, "0")
+        else:
+            sequencer = f"~{record['eventTime']}#{etag}"
+        return ObjectRef(
+            bucket=s3["bucket"]["name"],
+            key=unquote_plus(item["key"]),
+            size=int(item.get("size", 0)),
+            etag=etag,
+            version_id=item.get("versionId") or None,
+            sequencer=sequencer,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise MalformedMessageError(f"S3 record is missing {error}") from error

@@ -1,0 +1,118 @@
+"""The scoring Lambda: SQS batches of S3 ObjectCreated notifications -> results table.
+
+Clients, Logger, Metrics, Tracer and the pipeline are built once per execution environment; the handler is a few
+lines around Powertools' batch processor, which turns each record's raised fault into a ``batchItemFailures``
+entry so SQS retries only that record (and moves it to the DLQ after ``maxReceiveCount``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from scoring.events import ObjectRef
+from scoring.image_store import ImageStore
+from scoring.model_provider import ModelProvider
+from scoring.model_registry import ModelRegistry
+from scoring.pipeline import ScoringPipeline
+from scoring.results import ResultsTable, ScoringResult
+from scoring.settings import Settings
+
+NAMESPACE = "pneumoscan"
+
+logger = Logger(service="pneumoscan-scoring")
+tracer = Tracer(service="pneumoscan-scoring")
+metrics = Metrics(namespace=NAMESPACE, service="pneumoscan-scoring")
+processor = BatchProcessor(event_type=EventType.SQS)
+
+
+class PowertoolsObserver:
+    """Reports results as metrics and structured logs: keys, sizes and verdicts, never image content."""
+
+    def scored(self, result: ScoringResult) -> None:
+        metrics.add_metric(name="ImagesScored", unit=MetricUnit.Count, value=1)
+        metrics.add_metric(name="ScoringLatency", unit=MetricUnit.Milliseconds, value=result.latency_ms)
+        with single_metric(
+            name="PneumoniaProbability",
+            unit=MetricUnit.NoUnit,
+            value=result.pneumonia_probability or 0.0,
+            namespace=NAMESPACE,
+        ) as metric:
+            metric.add_dimension(name="model_version", value=result.model_version or "unknown")
+        logger.info(
+            "image scored",
+            extra={
+                "image_key": result.image_key,
+                "label": result.label,
+                "pneumonia_probability": result.pneumonia_probability,
+                "model_version": result.model_version,
+                "latency_ms": result.latency_ms,
+            },
+        )
+
+    def rejected(self, result: ScoringResult) -> None:
+        metrics.add_metric(name="ImagesRejected", unit=MetricUnit.Count, value=1)
+        with single_metric(
+            name="ImagesRejectedByReason", unit=MetricUnit.Count, value=1, namespace=NAMESPACE
+        ) as metric:
+            metric.add_dimension(name="reason", value=result.reason or "unknown")
+        logger.warning(
+            "image rejected",
+            extra={"image_key": result.image_key, "reason": result.reason, "detail": result.reason_detail},
+        )
+
+    def skipped(self, ref: ObjectRef, why: str) -> None:
+        metrics.add_metric(name="NotificationsSkipped", unit=MetricUnit.Count, value=1)
+        logger.info("notification skipped", extra={"image_key": ref.image_key, "sequencer": ref.sequencer, "why": why})
+
+
+def build_pipeline(settings: Settings, s3_client: Any = None, dynamodb_client: Any = None) -> ScoringPipeline:
+    """Wire the adapters; clients can be injected (tests, local stack)."""
+    s3 = s3_client or boto3.client("s3")
+    dynamodb = dynamodb_client or boto3.client("dynamodb")
+    registry = ModelRegistry(s3, settings.model_bucket) if settings.model_bucket else None
+    models = ModelProvider(
+        registry,
+        cache_dir=settings.model_cache_dir,
+        refresh_seconds=settings.model_refresh_seconds,
+        local_model=settings.model_path,
+    )
+    return ScoringPipeline(
+        images=ImageStore(s3),
+        results=ResultsTable(dynamodb, settings.results_table),
+        models=models,
+        observer=PowertoolsObserver(),
+        max_image_bytes=settings.max_image_bytes,
+    )
+
+
+_pipeline: ScoringPipeline | None = None
+
+
+def get_pipeline() -> ScoringPipeline:
+    """The pipeline of this execution environment, built on first use from the environment."""
+    global _pipeline  # noqa: PLW0603  # One pipeline per Lambda execution environment, reused across invocations.
+    if _pipeline is None:
+        _pipeline = build_pipeline(Settings.from_environment())
+    return _pipeline
+
+
+@logger.inject_lambda_context(correlation_id_path="Records[0].messageId")
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    pipeline = get_pipeline()
+    plans = pipeline.prepare([SQSRecord(record) for record in event.get("Records", [])])
+    return process_partial_response(
+        event=event,
+        record_handler=lambda record: pipeline.commit(plans[record.message_id]),
+        processor=processor,
+        context=context,
+    )

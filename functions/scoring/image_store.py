@@ -1,0 +1,82 @@
+"""Reading uploaded images from the input bucket; boto3 errors become domain exceptions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from scoring.events import ObjectRef
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+_GONE = {"NoSuchKey", "404", "NotFound", "NoSuchVersion"}
+_CHANGED = {"PreconditionFailed", "412"}
+
+
+class TransientStorageError(RuntimeError):
+    """S3 could not answer now (throttling, network, 5xx, permissions): the message is retried."""
+
+
+class ObjectGoneError(RuntimeError):
+    """The object version no longer exists: there is nothing left to score."""
+
+
+class ObjectReplacedError(RuntimeError):
+    """The key now holds newer content than the notification named; that content has its own notification."""
+
+
+@dataclass(frozen=True)
+class ObjectHead:
+    """What a HEAD request says about the object, before any byte is downloaded."""
+
+    size: int
+    etag: str
+    version_id: str | None
+
+
+class ImageStore:
+    """HEAD and GET for the notified object version, never writing to the bucket."""
+
+    def __init__(self, s3_client: S3Client) -> None:
+        self._s3 = s3_client
+
+    def head(self, ref: ObjectRef) -> ObjectHead:
+        """Size and identity of the notified version."""
+        try:
+            response = self._s3.head_object(**self._address(ref))
+        except (ClientError, BotoCoreError) as error:
+            raise self._domain_error(ref, error) from error
+        return ObjectHead(
+            size=int(response["ContentLength"]),
+            etag=str(response.get("ETag", "")).strip('"'),
+            version_id=response.get("VersionId"),
+        )
+
+    def read(self, ref: ObjectRef) -> bytes:
+        """The bytes of the notified version."""
+        try:
+            body: bytes = self._s3.get_object(**self._address(ref))["Body"].read()
+        except (ClientError, BotoCoreError) as error:
+            raise self._domain_error(ref, error) from error
+        return body
+
+    @staticmethod
+    def _address(ref: ObjectRef) -> dict[str, Any]:
+        address: dict[str, Any] = {"Bucket": ref.bucket, "Key": ref.key}
+        if ref.version_id:
+            address["VersionId"] = ref.version_id
+        elif ref.etag:
+            address["IfMatch"] = ref.etag
+        return address
+
+    @staticmethod
+    def _domain_error(ref: ObjectRef, error: Exception) -> Exception:
+        code = error.response.get("Error", {}).get("Code", "") if isinstance(error, ClientError) else ""
+        if code in _GONE:
+            return ObjectGoneError(f"{ref.image_key} no longer exists")
+        if code in _CHANGED:
+            return ObjectReplacedError(f"{ref.image_key} was replaced after this notification")
+        return TransientStorageError(f"cannot read {ref.image_key}: {error}")

@@ -1,0 +1,193 @@
+"""The scoring pipeline of one invocation: fetch and preprocess every image, score them in one batch, then commit
+each SQS record's results.
+
+It runs in two phases so that inference is batched across the whole invocation while the per-record outcome still
+goes through Powertools' batch processor: ``prepare`` does the reading and scoring and remembers, per message,
+the results to write or the transient fault to report; ``commit`` then writes one record's results, or raises its
+fault so that the record comes back in ``batchItemFailures`` and SQS retries it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+import numpy as np
+
+from scoring.classifier import Prediction
+from scoring.events import ObjectRef, parse_message_body
+from scoring.image_store import ImageStore, ObjectGoneError, ObjectReplacedError
+from scoring.model_provider import ModelProvider
+from scoring.preprocessing import InvalidImageError, RejectionReason, preprocess
+from scoring.results import REJECTED, SCORED, ResultsTable, ScoringResult
+
+OBJECT_GONE = "OBJECT_NOT_FOUND"
+
+
+class Message(Protocol):
+    """The parts of an SQS record the pipeline reads (Powertools' ``SQSRecord`` has them)."""
+
+    @property
+    def message_id(self) -> str: ...
+
+    @property
+    def body(self) -> str: ...
+
+
+class Observer(Protocol):
+    """Where the pipeline reports what happened (metrics and logs), never with image content."""
+
+    def scored(self, result: ScoringResult) -> None: ...
+
+    def rejected(self, result: ScoringResult) -> None: ...
+
+    def skipped(self, ref: ObjectRef, why: str) -> None: ...
+
+
+@dataclass
+class RecordPlan:
+    """What committing one SQS record will do."""
+
+    results: list[ScoringResult] = field(default_factory=list)
+    fault: Exception | None = None
+
+
+@dataclass(frozen=True)
+class _PendingImage:
+    message_id: str
+    ref: ObjectRef
+    pixels: np.ndarray
+    started: float
+
+
+class ScoringPipeline:
+    """Turns SQS records of S3 notifications into rows of the results table."""
+
+    def __init__(
+        self,
+        images: ImageStore,
+        *,
+        results: ResultsTable,
+        models: ModelProvider,
+        observer: Observer,
+        max_image_bytes: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._images = images
+        self._results = results
+        self._models = models
+        self._observer = observer
+        self._max_image_bytes = max_image_bytes
+        self._clock = clock
+
+    def prepare(self, messages: Sequence[Message]) -> dict[str, RecordPlan]:
+        """Read, validate and score every image of every message; nothing is written yet."""
+        plans = {message.message_id: RecordPlan() for message in messages}
+        pending: list[_PendingImage] = []
+        for message in messages:
+            plan = plans[message.message_id]
+            try:
+                refs = parse_message_body(message.body)
+                for ref in refs:
+                    image = self._read(message.message_id, ref, plan)
+                    if image is not None:
+                        pending.append(image)
+            except Exception as fault:  # noqa: BLE001  # Any fault of one record must fail that record only.
+                plan.fault = fault
+        self._score(pending, plans)
+        return plans
+
+    def commit(self, plan: RecordPlan) -> None:
+        """Write one record's results, or raise its fault so the record is retried."""
+        if plan.fault is not None:
+            raise plan.fault
+        for result in plan.results:
+            if not self._results.put_once(result):
+                self._observer.skipped(_ref_of(result), "duplicate notification: a result already exists")
+                continue
+            if result.status == SCORED:
+                self._observer.scored(result)
+            else:
+                self._observer.rejected(result)
+
+    def _read(self, message_id: str, ref: ObjectRef, plan: RecordPlan) -> _PendingImage | None:
+        started = self._clock()
+        try:
+            head = self._images.head(ref)
+            if head.size == 0:
+                raise InvalidImageError(RejectionReason.EMPTY, "the object has zero bytes")
+            if head.size > self._max_image_bytes:
+                raise InvalidImageError(
+                    RejectionReason.TOO_LARGE, f"{head.size} bytes exceeds the limit of {self._max_image_bytes}"
+                )
+            pixels = preprocess(self._images.read(ref), size=self._models.get().input_size).pixels
+        except InvalidImageError as rejection:
+            plan.results.append(self._rejection(ref, rejection.reason.value, rejection.detail, started))
+            return None
+        except ObjectGoneError as gone:
+            plan.results.append(self._rejection(ref, OBJECT_GONE, str(gone), started))
+            return None
+        except ObjectReplacedError as replaced:
+            self._observer.skipped(ref, str(replaced))
+            return None
+        return _PendingImage(message_id, ref, pixels, started)
+
+    def _score(self, pending: list[_PendingImage], plans: dict[str, RecordPlan]) -> None:
+        """One batched inference over every image that survived preprocessing."""
+        live = [image for image in pending if plans[image.message_id].fault is None]
+        if not live:
+            return
+        try:
+            predictions = self._models.get().predict(np.stack([image.pixels for image in live]))
+        except Exception as fault:  # noqa: BLE001  # A model fault fails the records with images, so they retry.
+            for image in live:
+                plans[image.message_id].fault = fault
+            return
+        for image, prediction in zip(live, predictions, strict=True):
+            plans[image.message_id].results.append(self._scored(image, prediction))
+
+    def _scored(self, image: _PendingImage, prediction: Prediction) -> ScoringResult:
+        ref = image.ref
+        return ScoringResult(
+            image_key=ref.image_key,
+            object_sequence=ref.sequencer,
+            status=SCORED,
+            object_etag=ref.etag,
+            object_size=ref.size,
+            object_version_id=ref.version_id,
+            scored_at=_now(),
+            latency_ms=round((self._clock() - image.started) * 1000, 2),
+            model_version=prediction.model_version,
+            label=prediction.label,
+            confidence=round(prediction.confidence, 6),
+            pneumonia_probability=round(prediction.pneumonia_probability, 6),
+            threshold=round(prediction.threshold, 6),
+        )
+
+    def _rejection(self, ref: ObjectRef, reason: str, detail: str, started: float) -> ScoringResult:
+        return ScoringResult(
+            image_key=ref.image_key,
+            object_sequence=ref.sequencer,
+            status=REJECTED,
+            object_etag=ref.etag,
+            object_size=ref.size,
+            object_version_id=ref.version_id,
+            scored_at=_now(),
+            latency_ms=round((self._clock() - started) * 1000, 2),
+            reason=reason,
+            reason_detail=detail[:500],
+        )
+
+
+def _ref_of(result: ScoringResult) -> ObjectRef:
+    bucket, _, key = result.image_key.removeprefix("s3://").partition("/")
+    return ObjectRef(
+        bucket, key, result.object_size, result.object_etag, result.object_version_id, result.object_sequence
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,50 @@
+"""The scoring function's configuration, read once from the environment into a frozen value."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+
+class ConfigurationError(RuntimeError):
+    """A required setting is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where results go, where the model comes from, and the limits on input."""
+
+    results_table: str
+    model_bucket: str | None
+    model_pointer_key: str
+    model_path: Path | None
+    """A local artifact folder that overrides the registry (tests, or a model bundled with the function)."""
+    model_refresh_seconds: float
+    model_cache_dir: Path
+    max_image_bytes: int
+
+    @classmethod
+    def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Settings:
+        try:
+            settings = cls(
+                results_table=environment["RESULTS_TABLE"],
+                model_bucket=environment.get("MODEL_BUCKET") or None,
+                model_pointer_key=environment.get("MODEL_POINTER_KEY", "models/current.json"),
+                model_path=Path(environment["MODEL_PATH"]) if environment.get("MODEL_PATH") else None,
+                model_refresh_seconds=float(environment.get("MODEL_REFRESH_SECONDS", "60")),
+                model_cache_dir=Path(
+                    environment.get("MODEL_CACHE_DIR", "/tmp/pneumoscan-models")
+                ),  # Lambda: only /tmp is writable.
+                max_image_bytes=int(environment.get("MAX_IMAGE_BYTES", str(DEFAULT_MAX_IMAGE_BYTES))),
+            )
+        except KeyError as missing:
+            raise ConfigurationError(f"environment variable {missing} is required") from missing
+        except ValueError as error:
+            raise ConfigurationError(f"malformed setting: {error}") from error
+        if settings.model_bucket is None and settings.model_path is None:
+            raise ConfigurationError("set MODEL_BUCKET (the model registry) or MODEL_PATH (a local artifact)")
+        return settings

@@ -1,0 +1,67 @@
+"""Parsing S3 notifications out of SQS message bodies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scoring.events import MalformedMessageError, parse_message_body
+
+EVENTS = Path(__file__).parent / "events"
+
+
+def notification(**object_fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads((EVENTS / "s3_object_created.json").read_text())
+    body["Records"][0]["s3"]["bucket"]["name"] = "uploads"
+    body["Records"][0]["s3"]["object"].update(object_fields)
+    return body
+
+
+def test_key_is_url_decoded_with_plus_as_space() -> None:
+    """S3 encodes keys in notifications; '+' is a space and %2B a literal plus."""
+    [ref] = parse_message_body(json.dumps(notification(key="incoming/a+b%2Bc+%C3%A9.jpeg")))
+    assert ref.key == "incoming/a b+c é.jpeg"
+    assert ref.image_key == "s3://uploads/incoming/a b+c é.jpeg"
+
+
+def test_test_event_yields_nothing() -> None:
+    """S3's s3:TestEvent is recognised and names no object."""
+    assert parse_message_body((EVENTS / "s3_test_event.json").read_text()) == []
+
+
+def test_every_record_of_a_message_is_returned() -> None:
+    """A message with several records yields all their objects; non-create events are ignored."""
+    body = notification(key="incoming/one.jpeg")
+    second = json.loads(json.dumps(body["Records"][0]))
+    second["s3"]["object"]["key"] = "incoming/two.jpeg"
+    removed = json.loads(json.dumps(body["Records"][0]))
+    removed["eventName"] = "ObjectRemoved:Delete"
+    body["Records"] += [second, removed]
+    assert [ref.key for ref in parse_message_body(json.dumps(body))] == ["incoming/one.jpeg", "incoming/two.jpeg"]
+
+
+def test_sequencers_of_different_length_sort_in_event_order() -> None:
+    """Padded sequencers compare in the order S3 produced them, whatever their length."""
+    short = parse_message_body(json.dumps(notification(sequencer="FF")))[0].sequencer
+    longer = parse_message_body(json.dumps(notification(sequencer="0100")))[0].sequencer
+    assert short < longer
+
+
+def test_notification_without_sequencer_gets_a_stable_identity() -> None:
+    """Emulators without a sequencer get event time and ETag, identical across duplicate deliveries."""
+    body = notification()
+    del body["Records"][0]["s3"]["object"]["sequencer"]
+    first = parse_message_body(json.dumps(body))[0].sequencer
+    assert first == parse_message_body(json.dumps(body))[0].sequencer
+    assert "ETAG" in first
+
+
+@pytest.mark.parametrize(
+    "body", ["{not json", "[]", json.dumps({"Records": [{"eventName": "ObjectCreated:Put"}]}), "{}"]
+)
+def test_malformed_bodies_are_errors(body: str) -> None:
+    """Bodies that are not S3 notifications raise, so their record is retried and then dead-lettered."""
+    with pytest.raises(MalformedMessageError):
+        parse_message_body(body)

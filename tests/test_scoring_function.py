@@ -1,0 +1,344 @@
+"""The scoring Lambda on moto: upload -> S3 notification -> SQS -> handler -> results table.
+
+Resources come from template.yaml; the model is the committed release artifact, published and promoted in the
+moto model bucket exactly as in production.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+from PIL import Image
+from scoring import handler
+from scoring.model_card import read_card
+from scoring.model_registry import ModelRegistry
+from scoring.results import ResultsTable
+from scoring.settings import Settings
+
+from infra.resources import StackOutputs, create_data_plane
+from tests.conftest import RELEASE_MODEL, noise_image
+
+EVENTS = Path(__file__).parent / "events"
+REGION = "us-east-1"
+
+
+def load_event(name: str) -> dict[str, Any]:
+    """An event fixture from tests/events."""
+    event: dict[str, Any] = json.loads((EVENTS / name).read_text())
+    return event
+
+
+@dataclass(frozen=True)
+class LambdaContext:
+    """The attributes of Lambda's context object that Powertools reads."""
+
+    function_name: str = "pneumoscan-scoring"
+    memory_limit_in_mb: int = 1024
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:pneumoscan-scoring"
+    aws_request_id: str = "6f1d5a8e-0000-4000-8000-000000000000"
+
+
+class FaultyClient:
+    """A boto3 client whose chosen operations fail, as S3 or DynamoDB do when throttled or unavailable."""
+
+    def __init__(self, client: Any, failing: dict[str, str]) -> None:
+        self._client = client
+        self.failing = failing
+
+    def __getattr__(self, name: str) -> Any:
+        operation = getattr(self._client, name)
+        if name not in self.failing:
+            return operation
+
+        def fail(**_: Any) -> Any:
+            code = self.failing[name]
+            raise ClientError({"Error": {"Code": code, "Message": f"injected {code}"}}, name)
+
+        return fail
+
+
+@dataclass
+class Stack:
+    outputs: StackOutputs
+    s3: Any
+    sqs: Any
+    dynamodb: Any
+
+    def upload(self, key: str, body: bytes) -> None:
+        self.s3.put_object(Bucket=self.outputs.input_bucket, Key=key, Body=body)
+
+    def receive(self) -> list[dict[str, Any]]:
+        """Every message waiting in the scoring queue, as Lambda's SQS event records."""
+        records = []
+        while True:
+            response = self.sqs.receive_message(
+                QueueUrl=self.outputs.queue_url, MaxNumberOfMessages=10, VisibilityTimeout=0
+            )
+            messages = response.get("Messages", [])
+            if not messages:
+                return records
+            for message in messages:
+                self.sqs.delete_message(QueueUrl=self.outputs.queue_url, ReceiptHandle=message["ReceiptHandle"])
+                records.append(sqs_record(message["MessageId"], message["Body"]))
+
+    def results(self) -> list[dict[str, Any]]:
+        items = self.dynamodb.scan(TableName=self.outputs.results_table)["Items"]
+        return [{k: next(iter(v.values())) for k, v in item.items()} for item in items]
+
+    def latest(self, key: str) -> dict[str, Any] | None:
+        table = ResultsTable(self.dynamodb, self.outputs.results_table)
+        return table.latest(f"s3://{self.outputs.input_bucket}/{key}")
+
+
+def sqs_record(message_id: str, body: str) -> dict[str, Any]:
+    record: dict[str, Any] = copy.deepcopy(load_event("sqs_event.json")["Records"][0])
+    record["messageId"] = message_id
+    record["body"] = body
+    return record
+
+
+def invoke(records: list[dict[str, Any]]) -> dict[str, Any]:
+    response: dict[str, Any] = handler.lambda_handler({"Records": records}, LambdaContext())
+    return response
+
+
+@pytest.fixture
+def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Stack]:
+    """The template's resources on moto, the release model promoted, and the handler wired to them."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "1")
+    with mock_aws():
+        s3 = boto3.client("s3", region_name=REGION)
+        sqs = boto3.client("sqs", region_name=REGION)
+        dynamodb = boto3.client("dynamodb", region_name=REGION)
+        outputs = create_data_plane(s3, sqs, dynamodb, region=REGION)
+        registry = ModelRegistry(s3, outputs.model_bucket)
+        registry.publish(RELEASE_MODEL)
+        registry.promote(read_card(RELEASE_MODEL)["version"])
+        settings = Settings.from_environment(
+            {
+                "RESULTS_TABLE": outputs.results_table,
+                "MODEL_BUCKET": outputs.model_bucket,
+                "MODEL_CACHE_DIR": str(tmp_path / "models"),
+                "MAX_IMAGE_BYTES": str(2 * 1024 * 1024),
+            }
+        )
+        monkeypatch.setattr(handler, "_pipeline", handler.build_pipeline(settings, s3, dynamodb))
+        stack = Stack(outputs, s3, sqs, dynamodb)
+        # Configuring the notification made S3 send its s3:TestEvent; each test starts from an empty queue.
+        assert [json.loads(r["body"]).get("Event") for r in stack.receive()] == ["s3:TestEvent"]
+        yield stack
+
+
+def rewire(stack: Stack, monkeypatch: pytest.MonkeyPatch, s3: Any = None, dynamodb: Any = None, **env: str) -> None:
+    """Point the handler at (possibly faulty) clients."""
+    settings = Settings.from_environment(
+        {
+            "RESULTS_TABLE": stack.outputs.results_table,
+            "MODEL_BUCKET": stack.outputs.model_bucket,
+            "MAX_IMAGE_BYTES": str(2 * 1024 * 1024),
+            **env,
+        }
+    )
+    pipeline = handler.build_pipeline(settings, s3 or stack.s3, dynamodb or stack.dynamodb)
+    monkeypatch.setattr(handler, "_pipeline", pipeline)
+
+
+def test_upload_is_scored_into_the_results_table(stack: Stack, sample_paths: list[Path]) -> None:
+    """An upload under incoming/ reaches the table as one SCORED item with every documented attribute."""
+    stack.upload("incoming/patient-1/film.jpeg", sample_paths[-1].read_bytes())
+    records = stack.receive()
+    assert len(records) == 1
+    assert invoke(records) == {"batchItemFailures": []}
+    [item] = stack.results()
+    assert item["status"] == "SCORED"
+    assert item["image_key"] == f"s3://{stack.outputs.input_bucket}/incoming/patient-1/film.jpeg"
+    assert item["label"] in {"NORMAL", "PNEUMONIA"}
+    assert item["model_version"] == read_card(RELEASE_MODEL)["version"]
+    for attribute in (
+        "confidence",
+        "pneumonia_probability",
+        "threshold",
+        "object_etag",
+        "object_size",
+        "scored_at",
+        "latency_ms",
+    ):
+        assert attribute in item, attribute
+    assert item["scored_at"].endswith("Z")
+
+
+def test_uploads_outside_the_prefix_are_not_notified(stack: Stack, sample_paths: list[Path]) -> None:
+    """Only incoming/ is scored: the notification filter comes from the template."""
+    stack.upload("elsewhere/film.jpeg", sample_paths[0].read_bytes())
+    assert stack.receive() == []
+
+
+@pytest.mark.parametrize("key", ["incoming/with space.jpeg", "incoming/a+b.jpeg", "incoming/Ünïcødé 肺.jpeg"])
+def test_awkward_keys_are_decoded(stack: Stack, sample_paths: list[Path], key: str) -> None:
+    """Spaces, plus signs and non-ASCII characters in keys reach the right object."""
+    stack.upload(key, sample_paths[0].read_bytes())
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    latest = stack.latest(key)
+    assert latest is not None
+    assert latest["status"] == "SCORED"
+
+
+def test_encoded_key_in_notification_is_unquoted(stack: Stack, sample_paths: list[Path]) -> None:
+    """S3 sends keys URL-encoded with '+' for spaces; the handler decodes them with unquote_plus."""
+    key = "incoming/chest film+1 é.jpeg"
+    stack.upload(key, sample_paths[0].read_bytes())
+    stack.receive()  # Moto's own notification is replaced by S3's encoded form below.
+    head = stack.s3.head_object(Bucket=stack.outputs.input_bucket, Key=key)
+    body = load_event("s3_object_created.json")
+    item = body["Records"][0]["s3"]
+    item["bucket"]["name"] = stack.outputs.input_bucket
+    item["object"].update(
+        key="incoming/chest+film%2B1+%C3%A9.jpeg",
+        size=head["ContentLength"],
+        eTag=head["ETag"].strip('"'),
+        versionId=head["VersionId"],
+    )
+    assert invoke([sqs_record("encoded", json.dumps(body))]) == {"batchItemFailures": []}
+    assert stack.latest(key) is not None
+
+
+def test_duplicate_notifications_leave_one_result(stack: Stack, sample_paths: list[Path]) -> None:
+    """The same notification delivered as two messages, in one batch and again later, writes one item."""
+    stack.upload("incoming/dup.jpeg", sample_paths[0].read_bytes())
+    [record] = stack.receive()
+    twin = sqs_record("another-message-id", record["body"])
+    assert invoke([record, twin]) == {"batchItemFailures": []}
+    first = stack.results()
+    assert invoke([sqs_record("third-message-id", record["body"])]) == {"batchItemFailures": []}
+    assert stack.results() == first
+    assert len(first) == 1
+
+
+def test_older_version_never_replaces_the_newer_result(stack: Stack, sample_paths: list[Path]) -> None:
+    """Two uploads of one key processed newest first: the latest result stays the newer version's."""
+    stack.upload("incoming/same.jpeg", sample_paths[0].read_bytes())
+    [older] = stack.receive()
+    stack.upload("incoming/same.jpeg", sample_paths[-1].read_bytes())
+    [newer] = stack.receive()
+    assert invoke([newer]) == {"batchItemFailures": []}
+    assert invoke([older]) == {"batchItemFailures": []}
+    newer_etag = json.loads(newer["body"])["Records"][0]["s3"]["object"]["eTag"]
+    latest = stack.latest("incoming/same.jpeg")
+    assert latest is not None
+    assert latest["object_etag"] == newer_etag
+    assert len(stack.results()) == 2
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _encoded(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make_body", "reason"),
+    [
+        (lambda: b"", "EMPTY_FILE"),
+        (lambda: b"<html>not an x-ray</html>", "UNSUPPORTED_FORMAT"),
+        (lambda: b"\xff\xd8\xff\xe0" + b"\0" * 100, "CORRUPT_IMAGE"),
+        (lambda: _encoded(noise_image(1, 1), "PNG"), "IMAGE_TOO_SMALL"),
+        (lambda: _encoded(noise_image(300, 300), "GIF"), "UNSUPPORTED_FORMAT"),
+        (lambda: _encoded(noise_image(300, 300), "TIFF"), "UNSUPPORTED_FORMAT"),
+        (lambda: _encoded(noise_image(300, 300), "BMP"), "UNSUPPORTED_FORMAT"),
+        (_bomb, "DECOMPRESSION_BOMB"),
+        (lambda: b"\xff\xd8\xff" + b"\0" * (3 * 1024 * 1024), "FILE_TOO_LARGE"),
+    ],
+    ids=["empty", "html", "truncated", "1x1", "gif", "tiff", "bmp", "bomb", "too-large"],
+)
+def test_bad_inputs_are_rejected_and_acknowledged(stack: Stack, make_body: Callable[[], bytes], reason: str) -> None:
+    """Each permanent input fault gives a REJECTED item with its reason, and the message is not retried."""
+    stack.upload("incoming/bad.jpeg", make_body())
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    latest = stack.latest("incoming/bad.jpeg")
+    assert latest is not None
+    assert (latest["status"], latest["reason"]) == ("REJECTED", reason)
+
+
+def test_s3_test_event_is_acknowledged(stack: Stack) -> None:
+    """S3's s3:TestEvent message is consumed and writes nothing."""
+    assert invoke([sqs_record("test-event", json.dumps(load_event("s3_test_event.json")))]) == {"batchItemFailures": []}
+    assert stack.results() == []
+
+
+def test_malformed_message_is_retried_not_dropped(stack: Stack) -> None:
+    """A body that is not an S3 notification fails its record, so it ends in the DLQ rather than vanishing."""
+    response = invoke([sqs_record("garbage", "{not json")])
+    assert response == {"batchItemFailures": [{"itemIdentifier": "garbage"}]}
+
+
+@pytest.mark.parametrize("operation", ["get_object", "head_object"])
+def test_s3_faults_fail_only_their_records(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch, operation: str
+) -> None:
+    """A throttled S3 read fails that record for retry; after recovery the retry scores it."""
+    stack.upload("incoming/retry.jpeg", sample_paths[0].read_bytes())
+    records = stack.receive()
+    faulty = FaultyClient(stack.s3, {operation: "SlowDown"})
+    rewire(stack, monkeypatch, s3=faulty)
+    # The model loads through the faulty client's other operations, which still work.
+    assert invoke(records) == {"batchItemFailures": [{"itemIdentifier": records[0]["messageId"]}]}
+    assert stack.results() == []
+    faulty.failing.clear()
+    assert invoke(records) == {"batchItemFailures": []}
+    assert len(stack.results()) == 1
+
+
+def test_throttled_write_is_retried_and_lands_once(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A throttled DynamoDB write fails the record; the retry writes exactly one item."""
+    stack.upload("incoming/throttle.jpeg", sample_paths[0].read_bytes())
+    stack.upload("incoming/fine.jpeg", sample_paths[-1].read_bytes())
+    records = stack.receive()
+    faulty = FaultyClient(stack.dynamodb, {"put_item": "ProvisionedThroughputExceededException"})
+    rewire(stack, monkeypatch, dynamodb=faulty)
+    failures = invoke(records)["batchItemFailures"]
+    assert sorted(f["itemIdentifier"] for f in failures) == sorted(r["messageId"] for r in records)
+    faulty.failing.clear()
+    assert invoke(records) == {"batchItemFailures": []}
+    assert len(stack.results()) == 2
+
+
+def test_missing_model_fails_the_batch_for_retry(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no promoted model, records are reported failed (retried, then DLQ), never dropped."""
+    stack.s3.delete_object(Bucket=stack.outputs.model_bucket, Key="models/current.json")
+    rewire(stack, monkeypatch)
+    stack.upload("incoming/no-model.jpeg", sample_paths[0].read_bytes())
+    records = stack.receive()
+    assert invoke(records) == {"batchItemFailures": [{"itemIdentifier": records[0]["messageId"]}]}
+    assert stack.results() == []
+
+
+def test_handler_never_writes_to_the_input_bucket(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scoring works with every S3 write operation forbidden."""
+    forbidden = {name: "AccessDenied" for name in ("put_object", "delete_object", "copy_object", "upload_file")}
+    rewire(stack, monkeypatch, s3=FaultyClient(stack.s3, forbidden))
+    stack.upload("incoming/readonly.jpeg", sample_paths[0].read_bytes())
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    assert stack.results()[0]["status"] == "SCORED"
