@@ -11,13 +11,13 @@ $(BIN)/python:
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Scoring needs no TensorFlow: the demo installs only the scoring extra.
+# Scoring needs no TensorFlow: the demo installs only the scoring code and the local stack.
 $(VENV)/.scoring: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[scoring]'
+	$(BIN)/python -m pip install --quiet -e '.[scoring,local]'
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[scoring,training,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[scoring,local,training,dev]'
 	touch $@ $(VENV)/.scoring
 
 demo: $(VENV)/.scoring
@@ -42,3 +42,7 @@ release-model: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks print figures and write bench/results.json; they are never timed tests.
+bench: $(VENV)/.dev
+	$(BIN)/python bench/scoring.py

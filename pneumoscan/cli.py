@@ -88,8 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
     promote.set_defaults(run=_promote)
 
-    demo = commands.add_parser("demo", help="score the repository's sample X-rays with the release model")
+    demo = commands.add_parser("demo", help="round trip of the sample X-rays through the local stack")
+    demo.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
+    demo.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for all results")
     demo.set_defaults(run=_demo)
+
+    local = commands.add_parser("local", help="the local stack: template.yaml on a moto server")
+    local_commands = local.add_subparsers(required=True, metavar="ACTION")
+    up = local_commands.add_parser("up", help="run the local stack in the foreground until interrupted")
+    up.add_argument("--port", type=int, default=5000, help="moto server port (0 picks a free one)")
+    up.add_argument("--outputs", type=Path, default=Path("local-stack.json"), help="where to write endpoint and names")
+    up.add_argument(
+        "--retry-delay", type=int, help="seconds before a failed message is retried (default: the visibility timeout)"
+    )
+    up.set_defaults(run=_local_up)
     return parser
 
 
@@ -210,25 +222,22 @@ def _promote(arguments: argparse.Namespace) -> int:
 
 
 def _demo(arguments: argparse.Namespace) -> int:
-    del arguments  # The demo takes no options.
-    from scoring.classifier import Classifier  # noqa: PLC0415
-    from scoring.preprocessing import InvalidImageError  # noqa: PLC0415
-    from scoring.scorer import score_files  # noqa: PLC0415
+    from infra.demo import run_demo  # noqa: PLC0415  # moto loads only for the local stack.
 
-    classifier = Classifier.from_directory(RELEASE_MODEL)
-    paths = sorted(p for p in SAMPLES.rglob("*") if p.suffix.lower() in {".jpeg", ".jpg", ".png", ".dcm"})
-    results = score_files(classifier, [p.read_bytes() for p in paths])
-    print(f"model {classifier.spec.version}, threshold {classifier.spec.threshold:.3f}\n")
-    print(f"{'sample':<48} {'expected':<10} {'label':<10} {'confidence':>10}")
-    correct = 0
-    for path, result in zip(paths, results, strict=True):
-        expected = path.parent.name
-        if isinstance(result, InvalidImageError):
-            print(f"{path.name:<48} {expected:<10} {'REJECTED':<10} {result.reason.value:>10}")
-            continue
-        correct += result.label == expected
-        print(f"{path.name:<48} {expected:<10} {result.label:<10} {result.confidence:>10.3f}")
-    print(f"\n{correct} of {len(paths)} samples match their folder's label")
+    return run_demo(SAMPLES, arguments.model, timeout_seconds=arguments.timeout)
+
+
+def _local_up(arguments: argparse.Namespace) -> int:
+    import threading  # noqa: PLC0415
+
+    from infra.local_stack import LocalStack  # noqa: PLC0415  # moto loads only for the local stack.
+
+    with LocalStack(port=arguments.port, retry_delay_seconds=arguments.retry_delay) as stack:
+        assert stack.outputs is not None
+        arguments.outputs.write_text(stack.outputs.to_json() + "\n")
+        print(stack.outputs.to_json())
+        print(f"outputs written to {arguments.outputs}; scoring uploads until interrupted (Ctrl-C)", flush=True)
+        threading.Event().wait()
     return 0
 
 

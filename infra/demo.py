@@ -1,0 +1,93 @@
+"""The demo: the local stack comes up, the release model is published and promoted, the sample X-rays are uploaded
+to ``incoming/``, and their results are read back from the results table and printed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scoring.model_card import read_card
+from scoring.model_registry import ModelRegistry
+
+from infra.local_stack import LocalStack
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    key: str
+    expected: str
+    item: dict[str, Any] | None
+
+
+def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> int:
+    """Run the whole round trip; returns the exit code (0 when every sample got a result)."""
+    paths = sorted(p for p in samples.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    started = time.perf_counter()
+    with LocalStack() as stack:
+        assert stack.outputs is not None
+        outputs = stack.outputs
+        print(f"local stack up at {outputs.endpoint_url} ({time.perf_counter() - started:.1f} s)")
+        s3, dynamodb = stack.client("s3"), stack.client("dynamodb")
+        registry = ModelRegistry(s3, outputs.model_bucket)
+        registry.publish(model_dir)
+        version = read_card(model_dir)["version"]
+        registry.promote(version)
+        print(f"published and promoted model {version}")
+        keys = {}
+        for path in paths:
+            key = f"{outputs.input_prefix}{path.parent.name.lower()}/{path.name}"
+            s3.put_object(Bucket=outputs.input_bucket, Key=key, Body=path.read_bytes())
+            keys[key] = path.parent.name
+        print(f"uploaded {len(keys)} X-rays to s3://{outputs.input_bucket}/{outputs.input_prefix}")
+        results = _wait_for_results(dynamodb, outputs.results_table, outputs.input_bucket, keys, timeout_seconds)
+    _print_table(results)
+    missing = [r.key for r in results if r.item is None]
+    scored = [r for r in results if r.item is not None and r.item["status"] == "SCORED"]
+    agree = sum(r.item is not None and r.item.get("label") == r.expected for r in scored)
+    latencies = sorted(float(r.item["latency_ms"]) for r in scored if r.item is not None)
+    print(
+        f"\n{len(scored)} scored, {len(results) - len(scored) - len(missing)} rejected, {len(missing)} missing; "
+        f"{agree} of {len(scored)} agree with the data set's label; "
+        f"median latency {latencies[len(latencies) // 2] if latencies else float('nan'):.0f} ms; "
+        f"total {time.perf_counter() - started:.1f} s"
+    )
+    return 1 if missing else 0
+
+
+def _wait_for_results(
+    dynamodb: Any, table: str, bucket: str, keys: dict[str, str], timeout_seconds: float
+) -> list[DemoResult]:
+    deadline = time.monotonic() + timeout_seconds
+    found: dict[str, dict[str, Any]] = {}
+    while len(found) < len(keys) and time.monotonic() < deadline:
+        for key in keys.keys() - found.keys():
+            items = dynamodb.query(
+                TableName=table,
+                KeyConditionExpression="image_key = :k",
+                ExpressionAttributeValues={":k": {"S": f"s3://{bucket}/{key}"}},
+                ScanIndexForward=False,
+                Limit=1,
+            )["Items"]
+            if items:
+                found[key] = {name: next(iter(value.values())) for name, value in items[0].items()}
+        time.sleep(0.2)
+    return [DemoResult(key, expected, found.get(key)) for key, expected in keys.items()]
+
+
+def _print_table(results: list[DemoResult]) -> None:
+    print(f"\n{'key':<46} {'expected':<10} {'label':<10} {'confidence':>10} {'model version':<24} {'latency':>8}")
+    for result in results:
+        item = result.item
+        if item is None:
+            print(f"{result.key:<46} {result.expected:<10} {'(no result)':<10}")
+            continue
+        label = item.get("label", item["status"])
+        confidence = f"{float(item['confidence']):.3f}" if "confidence" in item else item.get("reason", "")
+        print(
+            f"{result.key:<46} {result.expected:<10} {label:<10} {confidence:>10} "
+            f"{item.get('model_version', '-'):<24} {float(item['latency_ms']):>6.0f}ms"
+        )

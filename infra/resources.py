@@ -1,0 +1,159 @@
+"""Create the template's data-plane resources (queues, table, buckets and the S3 -> SQS notification) on any
+endpoint: a moto server for the local stack, or moto's in-process mock in tests.
+
+Everything is read from ``template.yaml``; a resource the template changes changes here too, and a test that
+depends on a property breaks when the template drifts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from infra.template import Resolver, load_template, parameter_defaults, resources_of_type
+
+_DATA_PLANE_OUTPUTS = frozenset(
+    {"InputBucketName", "InputPrefix", "ModelBucketName", "ResultsTableName", "ScoringQueueUrl", "DeadLetterQueueUrl"}
+)
+
+
+@dataclass(frozen=True)
+class StackOutputs:
+    """What a client needs to use a stack: the names the template's Outputs give."""
+
+    endpoint_url: str | None
+    region: str
+    input_bucket: str
+    input_prefix: str
+    model_bucket: str
+    results_table: str
+    queue_url: str
+    dlq_url: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def create_data_plane(
+    s3: Any,
+    sqs: Any,
+    dynamodb: Any,
+    *,
+    region: str = "us-east-1",
+    endpoint_url: str | None = None,
+    template: dict[str, Any] | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> StackOutputs:
+    """Create queues, tables and buckets as the template declares them, and return the stack's outputs."""
+    template = template or load_template()
+    resolver = Resolver(parameters={**parameter_defaults(template), **(parameters or {})}, region=region)
+    _create_queues(template, sqs, resolver)
+    _create_tables(template, dynamodb, resolver)
+    _create_buckets(template, s3, resolver, region)
+    # Outputs of resources that the local stack does not create (the function, alarms, topics) are skipped.
+    outputs = {
+        name: resolver.resolve(spec["Value"])
+        for name, spec in template["Outputs"].items()
+        if name in _DATA_PLANE_OUTPUTS
+    }
+    return StackOutputs(
+        endpoint_url=endpoint_url,
+        region=region,
+        input_bucket=outputs["InputBucketName"],
+        input_prefix=outputs["InputPrefix"],
+        model_bucket=outputs["ModelBucketName"],
+        results_table=outputs["ResultsTableName"],
+        queue_url=outputs["ScoringQueueUrl"],
+        dlq_url=outputs["DeadLetterQueueUrl"],
+    )
+
+
+def _create_queues(template: dict[str, Any], sqs: Any, resolver: Resolver) -> None:
+    queues = resources_of_type(template, "AWS::SQS::Queue")
+    # Dead-letter queues first: the queues that redrive to them need their ARN.
+    ordered = sorted(queues, key=lambda logical_id: "RedrivePolicy" in queues[logical_id])
+    for logical_id in ordered:
+        properties = resolver.resolve(queues[logical_id])
+        name = f"{resolver.parameters['NamePrefix']}-{logical_id}"
+        attributes = {
+            key: str(properties[key]).lower() if isinstance(properties[key], bool) else str(properties[key])
+            for key in ("VisibilityTimeout", "MessageRetentionPeriod", "SqsManagedSseEnabled")
+            if key in properties
+        }
+        if "RedrivePolicy" in properties:
+            attributes["RedrivePolicy"] = json.dumps(properties["RedrivePolicy"])
+        url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        resolver.references[logical_id] = url
+        resolver.attributes[(logical_id, "Arn")] = arn
+        resolver.attributes[(logical_id, "QueueName")] = name
+
+
+def _create_tables(template: dict[str, Any], dynamodb: Any, resolver: Resolver) -> None:
+    for logical_id, raw in resources_of_type(template, "AWS::DynamoDB::Table").items():
+        properties = resolver.resolve(raw)
+        name = f"{resolver.parameters['NamePrefix']}-{logical_id}"
+        arguments: dict[str, Any] = {
+            "TableName": name,
+            "AttributeDefinitions": properties["AttributeDefinitions"],
+            "KeySchema": properties["KeySchema"],
+            "BillingMode": properties.get("BillingMode", "PROVISIONED"),
+        }
+        if "StreamSpecification" in properties:
+            arguments["StreamSpecification"] = {"StreamEnabled": True, **properties["StreamSpecification"]}
+        if properties.get("SSESpecification", {}).get("SSEEnabled"):
+            arguments["SSESpecification"] = {"Enabled": True}
+        description = dynamodb.create_table(**arguments)["TableDescription"]
+        pitr = properties.get("PointInTimeRecoverySpecification", {}).get("PointInTimeRecoveryEnabled", False)
+        if pitr:
+            dynamodb.update_continuous_backups(
+                TableName=name, PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True}
+            )
+        resolver.references[logical_id] = name
+        resolver.attributes[(logical_id, "Arn")] = description["TableArn"]
+        resolver.attributes[(logical_id, "StreamArn")] = description.get("LatestStreamArn", "")
+
+
+def _create_buckets(template: dict[str, Any], s3: Any, resolver: Resolver, region: str) -> None:
+    buckets = resources_of_type(template, "AWS::S3::Bucket")
+    # Buckets without notifications first, so the notification targets of the others already exist.
+    for logical_id in sorted(buckets, key=lambda logical_id: "NotificationConfiguration" in buckets[logical_id]):
+        properties = resolver.resolve(buckets[logical_id])
+        name = properties["BucketName"]
+        location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+        s3.create_bucket(Bucket=name, **location)
+        if properties.get("VersioningConfiguration", {}).get("Status") == "Enabled":
+            s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+        if "BucketEncryption" in properties:
+            # CloudFormation's ServerSideEncryptionByDefault is the API's ApplyServerSideEncryptionByDefault.
+            rules = [
+                {"ApplyServerSideEncryptionByDefault": rule["ServerSideEncryptionByDefault"]}
+                for rule in properties["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+            ]
+            s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={"Rules": rules})
+        if "PublicAccessBlockConfiguration" in properties:
+            s3.put_public_access_block(
+                Bucket=name, PublicAccessBlockConfiguration=properties["PublicAccessBlockConfiguration"]
+            )
+        queue_configurations = properties.get("NotificationConfiguration", {}).get("QueueConfigurations", [])
+        if queue_configurations:
+            s3.put_bucket_notification_configuration(
+                Bucket=name,
+                NotificationConfiguration={
+                    "QueueConfigurations": [
+                        _queue_notification(configuration) for configuration in queue_configurations
+                    ]
+                },
+            )
+        resolver.references[logical_id] = name
+        resolver.attributes[(logical_id, "Arn")] = f"arn:aws:s3:::{name}"
+
+
+def _queue_notification(configuration: dict[str, Any]) -> dict[str, Any]:
+    """CloudFormation's QueueConfiguration in the shape of S3's PutBucketNotificationConfiguration."""
+    notification: dict[str, Any] = {"QueueArn": configuration["Queue"], "Events": [configuration["Event"]]}
+    rules = configuration.get("Filter", {}).get("S3Key", {}).get("Rules", [])
+    if rules:
+        notification["Filter"] = {"Key": {"FilterRules": rules}}
+    return notification

@@ -1,0 +1,115 @@
+"""The local stack: template.yaml on a moto server, and Lambda's SQS semantics around the real handler."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from infra.demo import run_demo
+from infra.local_stack import EventSourceMapping, SqsEventSourceEmulator
+from infra.resources import create_data_plane
+from infra.template import load_template
+from tests.conftest import RELEASE_MODEL, SAMPLES
+
+REGION = "us-east-1"
+
+
+def test_event_source_mapping_comes_from_the_template() -> None:
+    """Batch size, window and partial failures are the template's, not the emulator's own."""
+    template = load_template()
+    mapping = EventSourceMapping.from_template(template)
+    properties = template["Resources"]["ScoringFunction"]["Properties"]["Events"]["Uploads"]["Properties"]
+    assert mapping.batch_size == properties["BatchSize"]
+    assert mapping.batching_window_seconds == properties["MaximumBatchingWindowInSeconds"]
+    assert mapping.report_batch_item_failures
+
+
+@pytest.fixture
+def queues() -> Iterator[tuple[Any, str, str]]:
+    with mock_aws():
+        clients = {name: boto3.client(name, region_name=REGION) for name in ("s3", "sqs", "dynamodb")}
+        outputs = create_data_plane(clients["s3"], clients["sqs"], clients["dynamodb"], region=REGION)
+        yield clients["sqs"], outputs.queue_url, outputs.dlq_url
+
+
+def test_resources_follow_the_template(queues: tuple[Any, str, str]) -> None:
+    """The queue's visibility timeout and redrive policy are those of template.yaml."""
+    sqs, queue_url, dlq_url = queues
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+    declared = load_template()["Resources"]["ScoringQueue"]["Properties"]
+    assert int(attributes["VisibilityTimeout"]) == declared["VisibilityTimeout"]
+    redrive = json.loads(attributes["RedrivePolicy"])
+    assert int(redrive["maxReceiveCount"]) == declared["RedrivePolicy"]["maxReceiveCount"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    assert redrive["deadLetterTargetArn"] == dlq_arn
+
+
+def _count(sqs: Any, url: str) -> int:
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    return int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
+
+
+def test_partial_failures_are_retried_then_dead_lettered(queues: tuple[Any, str, str]) -> None:
+    """Successes are deleted; a record that always fails is redelivered until it lands in the DLQ."""
+    sqs, queue_url, dlq_url = queues
+    for body in ("good-1", "poison", "good-2"):
+        sqs.send_message(QueueUrl=queue_url, MessageBody=body)
+    deliveries: dict[str, int] = {}
+
+    def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
+        failures = []
+        for record in event["Records"]:
+            deliveries[record["body"]] = deliveries.get(record["body"], 0) + 1
+            if record["body"] == "poison":
+                failures.append({"itemIdentifier": record["messageId"]})
+        return {"batchItemFailures": failures}
+
+    mapping = EventSourceMapping(batch_size=10, batching_window_seconds=0, report_batch_item_failures=True)
+    emulator = SqsEventSourceEmulator(sqs, queue_url, handler, mapping, retry_delay_seconds=0, region=REGION)
+    for _ in range(20):
+        emulator.poll_once()
+    assert deliveries["good-1"] == deliveries["good-2"] == 1
+    assert deliveries["poison"] == 5  # maxReceiveCount of the template
+    assert _count(sqs, queue_url) == 0
+    assert _count(sqs, dlq_url) == 1
+
+
+def test_a_crashed_invocation_retries_the_whole_batch(queues: tuple[Any, str, str]) -> None:
+    """When the handler raises, no message of the batch is deleted; the next delivery succeeds."""
+    sqs, queue_url, _ = queues
+    waiting = _count(sqs, queue_url)  # S3 sent its s3:TestEvent when the notification was configured.
+    sqs.send_message(QueueUrl=queue_url, MessageBody="one")
+    crashes = iter([True, False])
+
+    def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
+        if next(crashes):
+            raise RuntimeError("injected crash")
+        return {"batchItemFailures": []}
+
+    mapping = EventSourceMapping(batch_size=10, batching_window_seconds=0, report_batch_item_failures=True)
+    emulator = SqsEventSourceEmulator(sqs, queue_url, handler, mapping, retry_delay_seconds=0, region=REGION)
+    emulator.poll_once()
+    assert emulator.stats.handler_crashes == 1
+    assert _count(sqs, queue_url) == waiting + 1
+    emulator.poll_once()
+    assert _count(sqs, queue_url) == 0
+
+
+@pytest.mark.slow
+def test_demo_round_trip_on_the_local_stack(capsys: pytest.CaptureFixture[str]) -> None:
+    """`pneumoscan demo`: every sample uploaded to the moto server gets a SCORED result from the real handler."""
+    started = time.perf_counter()
+    assert run_demo(SAMPLES, RELEASE_MODEL, timeout_seconds=60) == 0
+    output = capsys.readouterr().out
+    samples = list(Path(SAMPLES).glob("*/*.jpeg"))
+    assert f"{len(samples)} scored, 0 rejected, 0 missing" in output
+    assert time.perf_counter() - started < 120
