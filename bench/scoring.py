@@ -1,17 +1,19 @@
-"""Scoring speed on this machine: warm per-image time (decode, preprocess, inference), cold start and peak RSS.
+"""Scoring speed on this machine, LiteRT (what is served) side by side with full TensorFlow/Keras.
 
-Run with `make bench`; prints a markdown table and merges its figures into bench/results.json.
-One thread throughout, as in a Lambda invocation scoring one image at a time.
+Warm per-image latency split into decode, preprocess and inference (224 px and ~2000 px JPEG); throughput per
+core for batches of 1 and 10; cold start (new process -> first result) with peak RSS. One thread throughout, as
+in a Lambda invocation. Run with `make bench`; merges its figures into bench/results.json.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,11 @@ RELEASE_MODEL = ROOT / "models" / "release"
 SAMPLE = ROOT / "samples" / "PNEUMONIA" / "person100_bacteria_475.jpeg"
 RESULTS = ROOT / "bench" / "results.json"
 WARM_REPEATS = 200
-COLD_REPEATS = 5
+COLD_REPEATS = 3
+THROUGHPUT_IMAGES = 200
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
-COLD_START_PROGRAM = """
+LITERT_COLD_START = """
 import sys, time
 started = time.perf_counter()
 from pathlib import Path
@@ -37,8 +41,24 @@ imported = time.perf_counter()
 classifier = Classifier.from_directory(Path(sys.argv[1]))
 loaded = time.perf_counter()
 [result] = score_files(classifier, [Path(sys.argv[2]).read_bytes()])
-scored = time.perf_counter()
-print(f"{imported - started} {loaded - imported} {scored - loaded} {result.label}")
+print(imported - started, loaded - imported, time.perf_counter() - loaded)
+"""
+
+KERAS_COLD_START = """
+import sys, time
+started = time.perf_counter()
+from pathlib import Path
+import keras, tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+import training.models  # Registers the custom layer of the saved model.
+from scoring.preprocessing import preprocess
+imported = time.perf_counter()
+model = keras.saving.load_model(Path(sys.argv[1]) / "model.keras", compile=False)
+loaded = time.perf_counter()
+pixels = preprocess(Path(sys.argv[2]).read_bytes(), size=model.input_shape[1]).pixels
+model(pixels[None], training=False)
+print(imported - started, loaded - imported, time.perf_counter() - loaded)
 """
 
 
@@ -55,16 +75,16 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(values, 50)), 3), "p95_ms": round(float(np.percentile(values, 95)), 3)}
 
 
-def warm_latency(classifier: Classifier, data: bytes) -> dict[str, Any]:
+def warm_latency(infer: Callable[[np.ndarray], Any], size: int, data: bytes) -> dict[str, Any]:
     """Per-stage and total time of scoring one image, after a warm-up."""
     stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "inference": [], "total": []}
     for repeat in range(WARM_REPEATS + 10):
         start = time.perf_counter()
-        decoded = decode(data, classifier.input_size)
+        decoded = decode(data, size)
         decoded_at = time.perf_counter()
-        model_input = resize_for_model(decoded, classifier.input_size)
+        model_input = resize_for_model(decoded, size)
         preprocessed_at = time.perf_counter()
-        classifier.predict(model_input.pixels[np.newaxis])
+        infer(model_input.pixels[np.newaxis])
         done = time.perf_counter()
         if repeat >= 10:
             stages["decode"].append(decoded_at - start)
@@ -74,60 +94,113 @@ def warm_latency(classifier: Classifier, data: bytes) -> dict[str, Any]:
     return {name: percentiles(values) for name, values in stages.items()}
 
 
-def cold_start(image: Path) -> dict[str, Any]:
-    """New process -> first result, repeated; the median run and the largest peak RSS."""
+def throughput(infer: Callable[[np.ndarray], Any], size: int, data: bytes, batch: int) -> float:
+    """Images per second on one core: decode, preprocess and infer in batches of ``batch``."""
+    infer(np.stack([resize_for_model(decode(data, size), size).pixels] * batch))
+    started = time.perf_counter()
+    for _ in range(THROUGHPUT_IMAGES // batch):
+        infer(np.stack([resize_for_model(decode(data, size), size).pixels for _ in range(batch)]))
+    return round(THROUGHPUT_IMAGES / (time.perf_counter() - started), 1)
+
+
+def cold_start(program: str) -> dict[str, float]:
+    """New process -> first result: the median of a few runs, and the largest peak RSS of one process."""
     runs = []
     for _ in range(COLD_REPEATS):
         started = time.perf_counter()
-        output = subprocess.run(
-            [sys.executable, "-c", COLD_START_PROGRAM, str(RELEASE_MODEL), str(image)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
+        child = subprocess.Popen(
+            [sys.executable, "-c", program, str(RELEASE_MODEL), str(SAMPLE)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **ONE_THREAD, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        assert child.stdout is not None
+        output = child.stdout.read().split()
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            raise RuntimeError(f"cold-start program failed with exit code {child.returncode}")
         runs.append(
             {
                 "total_s": time.perf_counter() - started,
                 "imports_s": float(output[0]),
                 "model_load_s": float(output[1]),
                 "first_score_s": float(output[2]),
+                "peak_rss_mb": usage.ru_maxrss / 1024,
             }
         )
     median = sorted(runs, key=lambda run: run["total_s"])[len(runs) // 2]
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {**{name: round(value, 3) for name, value in median.items()}, "peak_rss_mb": round(peak_rss_mb, 1)}
+    return {name: round(value, 3) for name, value in median.items()}
+
+
+def keras_inference() -> tuple[Callable[[np.ndarray], Any], int]:
+    """The same model through full TensorFlow/Keras, one thread."""
+    import keras  # noqa: PLC0415  # TensorFlow is only for the comparison.
+    import tensorflow as tf  # noqa: PLC0415
+
+    import training.models  # noqa: F401, PLC0415  # Registers the saved model's custom layer.
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    model = keras.saving.load_model(RELEASE_MODEL / "model.keras", compile=False)
+    return (lambda pixels: model(pixels, training=False)), int(model.input_shape[1])
+
+
+def measure(name: str, infer: Callable[[np.ndarray], Any], size: int, large: bytes, program: str) -> dict[str, Any]:
+    small = SAMPLE.read_bytes()
+    return {
+        "runtime": name,
+        "warm_224px_jpeg": warm_latency(infer, size, small),
+        "warm_2048px_jpeg": warm_latency(infer, size, large),
+        "images_per_second_per_core_batch_1": throughput(infer, size, small, 1),
+        "images_per_second_per_core_batch_10": throughput(infer, size, small, 10),
+        "cold_start": cold_start(program),
+    }
 
 
 def main() -> dict[str, Any]:
     classifier = Classifier.from_directory(RELEASE_MODEL, num_threads=1)
     large = full_resolution_jpeg()
-    large_path = ROOT / "bench" / ".full_resolution.jpeg"
-    large_path.write_bytes(large)
+    litert = measure("LiteRT", classifier.logits, classifier.input_size, large, LITERT_COLD_START)
+    keras_infer, keras_size = keras_inference()
+    keras_figures = measure("TensorFlow/Keras", keras_infer, keras_size, large, KERAS_COLD_START)
     figures: dict[str, Any] = {
         "model_version": classifier.spec.version,
-        "warm_224px_jpeg": warm_latency(classifier, SAMPLE.read_bytes()),
-        "warm_2048px_jpeg": warm_latency(classifier, large),
-        "cold_start_224px": cold_start(SAMPLE),
-        "full_resolution_jpeg_bytes": len(large),
+        "litert": litert,
+        "tensorflow": keras_figures,
+        "model_bytes": {
+            "model.tflite": (RELEASE_MODEL / "model.tflite").stat().st_size,
+            "model.keras": (RELEASE_MODEL / "model.keras").stat().st_size,
+        },
     }
-    large_path.unlink()
-    print("| image | decode p50/p95 ms | preprocess p50/p95 ms | inference p50/p95 ms | total p50/p95 ms |")
-    print("|---|---|---|---|---|")
-    for name in ("warm_224px_jpeg", "warm_2048px_jpeg"):
-        row = figures[name]
-        cells = [
-            f"{row[s]['p50_ms']:.2f} / {row[s]['p95_ms']:.2f}" for s in ("decode", "preprocess", "inference", "total")
-        ]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    cold = figures["cold_start_224px"]
-    print(
-        f"\ncold start (new process -> first result): {cold['total_s']:.2f} s "
-        f"(imports {cold['imports_s']:.2f} s, model load {cold['model_load_s']:.3f} s, first score "
-        f"{cold['first_score_s']:.3f} s); peak RSS {cold['peak_rss_mb']:.0f} MB"
-    )
+    print_tables(litert, keras_figures)
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**existing, "scoring": figures}, indent=2) + "\n")
     return figures
+
+
+def print_tables(litert: dict[str, Any], keras_figures: dict[str, Any]) -> None:
+    """Markdown: per-stage latency of each runtime, then the side-by-side with ratios."""
+    print("| runtime | image | decode p50/p95 ms | preprocess p50/p95 ms | inference p50/p95 ms | total p50/p95 ms |")
+    print("|---|---|---|---|---|---|")
+    for figures in (litert, keras_figures):
+        for image in ("warm_224px_jpeg", "warm_2048px_jpeg"):
+            row = figures[image]
+            stages = ("decode", "preprocess", "inference", "total")
+            cells = [f"{row[stage]['p50_ms']:.2f} / {row[stage]['p95_ms']:.2f}" for stage in stages]
+            print(f"| {figures['runtime']} | {image} | " + " | ".join(cells) + " |")
+    rows: list[tuple[str, Callable[[dict[str, Any]], float]]] = [
+        ("warm total p50, 2048 px (ms)", lambda f: f["warm_2048px_jpeg"]["total"]["p50_ms"]),
+        ("warm inference p50 (ms)", lambda f: f["warm_224px_jpeg"]["inference"]["p50_ms"]),
+        ("images/s/core, batch 1", lambda f: f["images_per_second_per_core_batch_1"]),
+        ("images/s/core, batch 10", lambda f: f["images_per_second_per_core_batch_10"]),
+        ("cold start (s)", lambda f: f["cold_start"]["total_s"]),
+        ("cold start peak RSS (MB)", lambda f: f["cold_start"]["peak_rss_mb"]),
+    ]
+    print("\n| figure | LiteRT | TensorFlow/Keras | TensorFlow / LiteRT |\n|---|---|---|---|")
+    for label, pick in rows:
+        served, full = pick(litert), pick(keras_figures)
+        print(f"| {label} | {served} | {full} | {full / served:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -9,20 +9,28 @@ SQS itself (moto) moves a message to the dead-letter queue once it has been rece
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
+import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
+from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
+from scoring import handler
+from scoring.settings import Settings
 
 from infra.resources import StackOutputs, create_data_plane
-from infra.template import load_template
+from infra.template import load_template, parameter_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +75,7 @@ class DeliveryStats:
     messages_deleted: int = 0
     messages_failed: int = 0
     handler_crashes: int = 0
+    duplicates_sent: int = 0
 
 
 class SqsEventSourceEmulator:
@@ -81,11 +90,18 @@ class SqsEventSourceEmulator:
         *,
         visibility_timeout: int | None = None,
         retry_delay_seconds: int | None = None,
+        duplicate_rate: float = 0.0,
+        rng: random.Random | None = None,
         region: str = "us-east-1",
     ) -> None:
         """``retry_delay_seconds`` makes failed messages visible again sooner than the visibility timeout would
-        (soak tests and demos); by default they wait out the visibility timeout, as under Lambda."""
+        (soak tests and demos); by default they wait out the visibility timeout, as under Lambda.
+        ``duplicate_rate`` re-sends that share of first deliveries as a second message with the same body, as S3's
+        at-least-once notifications do."""
         self._sqs = sqs
+        self._failed_deliveries: Counter[str] = Counter()
+        self._duplicate_rate = duplicate_rate
+        self._rng = rng or random.Random(0)
         self._retry_delay_seconds = retry_delay_seconds
         self._queue_url = queue_url
         self._handler = handler
@@ -106,6 +122,7 @@ class SqsEventSourceEmulator:
                 "QueueUrl": self._queue_url,
                 "MaxNumberOfMessages": min(10, self._mapping.batch_size - len(messages)),
                 "AttributeNames": ["All"],
+                "MessageAttributeNames": ["All"],
                 "WaitTimeSeconds": 0,
             }
             if self._visibility_timeout is not None:
@@ -121,6 +138,7 @@ class SqsEventSourceEmulator:
         return len(messages)
 
     def _deliver(self, messages: list[dict[str, Any]]) -> None:
+        self._duplicate_some(messages)
         event = {"Records": [self._record(message) for message in messages]}
         self.stats.invocations += 1
         self.stats.messages_received += len(messages)
@@ -130,6 +148,7 @@ class SqsEventSourceEmulator:
             logger.exception("handler crashed; the whole batch of %d becomes visible again", len(messages))
             self.stats.handler_crashes += 1
             self.stats.messages_failed += len(messages)
+            self._failed_deliveries.update(message["MessageId"] for message in messages)
             self._schedule_retry(messages)
             return
         failed: set[str] = set()
@@ -144,7 +163,24 @@ class SqsEventSourceEmulator:
             self._sqs.delete_message_batch(QueueUrl=self._queue_url, Entries=entries)
         self.stats.messages_deleted += len(done)
         self.stats.messages_failed += len(messages) - len(done)
+        self._failed_deliveries.update(failed)
         self._schedule_retry([message for message in messages if message["MessageId"] in failed])
+
+    def exhausted(self, max_receive_count: int) -> int:
+        """How many messages failed every one of their ``max_receive_count`` deliveries: SQS dead-letters them."""
+        return sum(count >= max_receive_count for count in self._failed_deliveries.values())
+
+    def _duplicate_some(self, messages: list[dict[str, Any]]) -> None:
+        for message in messages:
+            first_delivery = message.get("Attributes", {}).get("ApproximateReceiveCount") == "1"
+            is_duplicate = message.get("MessageAttributes", {}).get("duplicate") is not None
+            if first_delivery and not is_duplicate and self._rng.random() < self._duplicate_rate:
+                self._sqs.send_message(
+                    QueueUrl=self._queue_url,
+                    MessageBody=message["Body"],
+                    MessageAttributes={"duplicate": {"DataType": "String", "StringValue": message["MessageId"]}},
+                )
+                self.stats.duplicates_sent += 1
 
     def _schedule_retry(self, messages: list[dict[str, Any]]) -> None:
         if self._retry_delay_seconds is None:
@@ -177,17 +213,98 @@ class SqsEventSourceEmulator:
                 stop.wait(idle_sleep)
 
 
+@dataclass(frozen=True)
+class FaultPlan:
+    """Faults injected around the real handler: the soak test's schedule. All rates are per call or message."""
+
+    get_object_failure_rate: float = 0.0
+    put_item_throttle_rate: float = 0.0
+    duplicate_rate: float = 0.0
+    """Share of S3 notifications delivered twice, as separate SQS messages."""
+    crash_on_invocation: int | None = None
+    """This invocation handles half of its batch, then the handler crashes."""
+    seed: int = 0
+
+
+class FaultInjectingClient:
+    """A boto3 client whose GetObject fails and whose PutItem is throttled at the plan's rates."""
+
+    def __init__(self, client: Any, failures: dict[str, tuple[float, str]], rng: random.Random) -> None:
+        self._client = client
+        self._failures = failures
+        self._rng = rng
+        self._lock = threading.Lock()
+        self.injected: dict[str, int] = dict.fromkeys(failures, 0)
+
+    def heal(self) -> None:
+        """Stop injecting faults: every later call goes through."""
+        self._failures = {}
+
+    def __getattr__(self, name: str) -> Any:
+        operation = getattr(self._client, name)
+        if name not in self._failures:
+            return operation
+        rate, code = self._failures[name]
+
+        def maybe_fail(**arguments: Any) -> Any:
+            with self._lock:
+                fail = self._rng.random() < rate
+                if fail:
+                    self.injected[name] += 1
+            if fail:
+                raise ClientError({"Error": {"Code": code, "Message": f"injected {code}"}}, name)
+            return operation(**arguments)
+
+        return maybe_fail
+
+
+class CrashingHandler:
+    """Runs the handler normally, except on one invocation: half the batch is handled, then it crashes."""
+
+    def __init__(self, handler: Handler, crash_on_invocation: int) -> None:
+        self._handler = handler
+        self._crash_on = crash_on_invocation
+        self.invocations = 0
+
+    def __call__(self, event: dict[str, Any], context: Any) -> Any:
+        self.invocations += 1
+        if self.invocations != self._crash_on:
+            return self._handler(event, context)
+        half = {"Records": event["Records"][: len(event["Records"]) // 2]}
+        self._handler(half, context)
+        raise RuntimeError(f"injected crash in invocation {self.invocations}, after half of its batch")
+
+
 class LocalStack:
     """A moto server with the template's resources and the scoring handler attached to the queue."""
 
-    def __init__(self, port: int = 0, region: str = "us-east-1", retry_delay_seconds: int | None = None) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        region: str = "us-east-1",
+        retry_delay_seconds: int | None = None,
+        parameters: dict[str, Any] | None = None,
+        faults: FaultPlan | None = None,
+    ) -> None:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self._region = region
         self._retry_delay_seconds = retry_delay_seconds
+        self._parameters = parameters or {}
+        self.faults = faults or FaultPlan()
+        self.fault_clients: list[FaultInjectingClient] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.outputs: StackOutputs | None = None
         self.emulator: SqsEventSourceEmulator | None = None
+
+    def redrive_policy(self) -> dict[str, Any]:
+        """The scoring queue's redrive policy as SQS reports it."""
+        assert self.outputs is not None, "start() the stack first"
+        attributes = self.client("sqs").get_queue_attributes(
+            QueueUrl=self.outputs.queue_url, AttributeNames=["RedrivePolicy"]
+        )
+        policy: dict[str, Any] = json.loads(attributes["Attributes"]["RedrivePolicy"])
+        return policy
 
     def client(self, service: str) -> Any:
         """A boto3 client for the local endpoint."""
@@ -199,16 +316,11 @@ class LocalStack:
         self._server.start()
         host, port = self._server.get_host_and_port()
         endpoint_url = f"http://{host}:{port}"
-        # Credentials and endpoint for every boto3 client of this process, the handler's included.
-        for name, value in (
-            ("AWS_ACCESS_KEY_ID", "local"),
-            ("AWS_SECRET_ACCESS_KEY", "local"),
-            ("AWS_DEFAULT_REGION", self._region),
-            ("AWS_ENDPOINT_URL", endpoint_url),
-            ("POWERTOOLS_TRACE_DISABLED", "1"),
-            ("POWERTOOLS_METRICS_NAMESPACE", "pneumoscan"),
-        ):
-            os.environ[name] = value
+        # Moto accepts any credentials; clients of this process sign with these unless real ones are set.
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+        os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
+        os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "pneumoscan")
         template = load_template()
         clients = {
             name: boto3.client(name, region_name=self._region, endpoint_url=endpoint_url)
@@ -221,18 +333,38 @@ class LocalStack:
             region=self._region,
             endpoint_url=endpoint_url,
             template=template,
+            parameters=self._parameters,
         )
-        os.environ["RESULTS_TABLE"] = self.outputs.results_table
-        os.environ["MODEL_BUCKET"] = self.outputs.model_bucket
-        os.environ.setdefault("MODEL_REFRESH_SECONDS", "5")
-        from scoring import handler  # noqa: PLC0415  # Imported once the environment above is in place.
-
+        # The real handler, wired to this stack's endpoint exactly as the template wires it in AWS.
+        settings = Settings(
+            results_table=self.outputs.results_table,
+            model_bucket=self.outputs.model_bucket,
+            model_pointer_key="models/current.json",
+            model_path=None,
+            model_refresh_seconds=5.0,
+            model_cache_dir=Path(tempfile.mkdtemp(prefix="pneumoscan-local-models-")),
+            max_image_bytes=int({**parameter_defaults(template), **self._parameters}["MaxImageBytes"]),
+        )
+        rng = random.Random(self.faults.seed)
+        s3 = FaultInjectingClient(clients["s3"], {"get_object": (self.faults.get_object_failure_rate, "SlowDown")}, rng)
+        dynamodb = FaultInjectingClient(
+            clients["dynamodb"],
+            {"put_item": (self.faults.put_item_throttle_rate, "ProvisionedThroughputExceededException")},
+            rng,
+        )
+        self.fault_clients = [s3, dynamodb]
+        handler.set_pipeline(handler.build_pipeline(settings, s3, dynamodb))
+        invoke: Handler = handler.lambda_handler
+        if self.faults.crash_on_invocation is not None:
+            invoke = CrashingHandler(invoke, self.faults.crash_on_invocation)
         self.emulator = SqsEventSourceEmulator(
             clients["sqs"],
             self.outputs.queue_url,
-            handler.lambda_handler,
+            invoke,
             EventSourceMapping.from_template(template),
             retry_delay_seconds=self._retry_delay_seconds,
+            duplicate_rate=self.faults.duplicate_rate,
+            rng=rng,
             region=self._region,
         )
         self._thread = threading.Thread(
@@ -246,6 +378,7 @@ class LocalStack:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        handler.set_pipeline(None)
         self._server.stop()
 
     def __enter__(self) -> LocalStack:

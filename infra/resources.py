@@ -120,7 +120,8 @@ def _create_buckets(template: dict[str, Any], s3: Any, resolver: Resolver, regio
     # Buckets without notifications first, so the notification targets of the others already exist.
     for logical_id in sorted(buckets, key=lambda logical_id: "NotificationConfiguration" in buckets[logical_id]):
         properties = resolver.resolve(buckets[logical_id])
-        name = properties["BucketName"]
+        # Buckets the template leaves unnamed get a name from the prefix and logical id, as CloudFormation would.
+        name = properties.get("BucketName") or f"{resolver.parameters['NamePrefix']}-{logical_id.lower()}"
         location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
         s3.create_bucket(Bucket=name, **location)
         if properties.get("VersioningConfiguration", {}).get("Status") == "Enabled":
@@ -157,3 +158,22 @@ def _queue_notification(configuration: dict[str, Any]) -> dict[str, Any]:
     if rules:
         notification["Filter"] = {"Key": {"FilterRules": rules}}
     return notification
+
+
+def outputs_of_deployed_stack(cloudformation: Any, stack_name: str, endpoint_url: str | None = None) -> StackOutputs:
+    """The names of a stack deployed with `sam deploy`, read from its CloudFormation outputs."""
+    stack = cloudformation.describe_stacks(StackName=stack_name)["Stacks"][0]
+    outputs = {item["OutputKey"]: item["OutputValue"] for item in stack.get("Outputs", [])}
+    missing = sorted(_DATA_PLANE_OUTPUTS - outputs.keys())
+    if missing:
+        raise ValueError(f"stack {stack_name} lacks the outputs {', '.join(missing)}; is it a pneumoscan stack?")
+    return StackOutputs(
+        endpoint_url=endpoint_url,
+        region=cloudformation.meta.region_name,
+        input_bucket=outputs["InputBucketName"],
+        input_prefix=outputs["InputPrefix"],
+        model_bucket=outputs["ModelBucketName"],
+        results_table=outputs["ResultsTableName"],
+        queue_url=outputs["ScoringQueueUrl"],
+        dlq_url=outputs["DeadLetterQueueUrl"],
+    )

@@ -76,22 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(run=_score)
 
     publish = commands.add_parser("publish", help="upload an artifact to s3://BUCKET/models/<version>/")
-    publish.add_argument("--bucket", required=True)
+    _add_stack_arguments(publish)
     publish.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
-    publish.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
     publish.set_defaults(run=_publish)
 
     promote = commands.add_parser("promote", help="point models/current.json at a published version")
-    promote.add_argument("--bucket", required=True)
+    _add_stack_arguments(promote)
     promote.add_argument("--version", required=True)
     promote.add_argument("--force", action="store_true", help="promote even when its test AUC is lower")
-    promote.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
     promote.set_defaults(run=_promote)
+
+    result = commands.add_parser("result", help="the latest result of an uploaded image from the results table")
+    _add_stack_arguments(result, bucket=False)
+    result.add_argument("--table", help="results table name (or --stack-name / --outputs)")
+    result.add_argument("image_key", metavar="KEY", help="s3://bucket/key, or a key of the stack's input bucket")
+    result.set_defaults(run=_result)
 
     demo = commands.add_parser("demo", help="round trip of the sample X-rays through the local stack")
     demo.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
     demo.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for all results")
     demo.set_defaults(run=_demo)
+
+    soak = commands.add_parser("soak", help="uploads, hostile files and injected faults through the local stack")
+    soak.add_argument("--uploads", type=int, default=2000, help="real X-rays from the test split to upload")
+    soak.add_argument("--data", type=Path, default=_default_test_split().parent, help="chest_xray folder")
+    soak.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
+    soak.set_defaults(run=_soak)
 
     local = commands.add_parser("local", help="the local stack: template.yaml on a moto server")
     local_commands = local.add_subparsers(required=True, metavar="ACTION")
@@ -103,6 +113,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(run=_local_up)
     return parser
+
+
+def _add_stack_arguments(parser: argparse.ArgumentParser, bucket: bool = True) -> None:
+    """Where the stack is: a deployed stack's name, a local stack's outputs file, or explicit names."""
+    if bucket:
+        parser.add_argument("--bucket", help="model bucket (or --stack-name / --outputs)")
+    parser.add_argument("--stack-name", help="a deployed pneumoscan stack: names come from its CloudFormation outputs")
+    parser.add_argument("--outputs", type=Path, help="the JSON file `pneumoscan local up` wrote")
+    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="e.g. a local moto server")
+
+
+def _stack(arguments: argparse.Namespace) -> Any:
+    """The stack's outputs from --stack-name or --outputs, or None when neither is given."""
+    from infra.resources import StackOutputs, outputs_of_deployed_stack  # noqa: PLC0415
+
+    if arguments.outputs:
+        stack = StackOutputs(**json.loads(arguments.outputs.read_text()))
+        arguments.endpoint_url = arguments.endpoint_url or stack.endpoint_url
+        return stack
+    if arguments.stack_name:
+        import boto3  # noqa: PLC0415
+
+        client = boto3.client("cloudformation", endpoint_url=arguments.endpoint_url)
+        return outputs_of_deployed_stack(client, arguments.stack_name, arguments.endpoint_url)
+    return None
+
+
+def _model_bucket(arguments: argparse.Namespace) -> str:
+    stack = _stack(arguments)
+    bucket: str | None = stack.model_bucket if stack is not None else arguments.bucket
+    if not bucket:
+        raise SystemExit("name the model bucket with --bucket, --stack-name or --outputs")
+    return bucket
 
 
 def _default_test_split() -> Path:
@@ -203,15 +246,16 @@ def _s3_client(endpoint_url: str | None) -> Any:
 def _publish(arguments: argparse.Namespace) -> int:
     from scoring.model_registry import ModelRegistry  # noqa: PLC0415
 
-    prefix = ModelRegistry(_s3_client(arguments.endpoint_url), arguments.bucket).publish(arguments.model)
-    print(json.dumps({"published": f"s3://{arguments.bucket}/{prefix}"}))
+    bucket = _model_bucket(arguments)
+    prefix = ModelRegistry(_s3_client(arguments.endpoint_url), bucket).publish(arguments.model)
+    print(json.dumps({"published": f"s3://{bucket}/{prefix}"}))
     return 0
 
 
 def _promote(arguments: argparse.Namespace) -> int:
     from scoring.model_registry import ModelRegistry, PromotionRefusedError  # noqa: PLC0415
 
-    registry = ModelRegistry(_s3_client(arguments.endpoint_url), arguments.bucket)
+    registry = ModelRegistry(_s3_client(arguments.endpoint_url), _model_bucket(arguments))
     try:
         pointer = registry.promote(arguments.version, force=arguments.force)
     except PromotionRefusedError as refusal:
@@ -221,10 +265,41 @@ def _promote(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _result(arguments: argparse.Namespace) -> int:
+    import boto3  # noqa: PLC0415
+    from scoring.results import ResultsTable  # noqa: PLC0415
+
+    stack = _stack(arguments)
+    table = stack.results_table if stack is not None else arguments.table
+    if not table:
+        raise SystemExit("name the results table with --table, --stack-name or --outputs")
+    image_key = arguments.image_key
+    if not image_key.startswith("s3://"):
+        if stack is None:
+            raise SystemExit("give the full s3://bucket/key, or --stack-name / --outputs to name the input bucket")
+        image_key = f"s3://{stack.input_bucket}/{image_key}"
+    item = ResultsTable(boto3.client("dynamodb", endpoint_url=arguments.endpoint_url), table).latest(image_key)
+    if item is None:
+        print(json.dumps({"image_key": image_key, "error": "no result yet"}))
+        return 1
+    print(json.dumps(item, default=str))
+    return 0
+
+
 def _demo(arguments: argparse.Namespace) -> int:
     from infra.demo import run_demo  # noqa: PLC0415  # moto loads only for the local stack.
 
     return run_demo(SAMPLES, arguments.model, timeout_seconds=arguments.timeout)
+
+
+def _soak(arguments: argparse.Namespace) -> int:
+    from infra.soak import print_report, run_soak  # noqa: PLC0415  # moto loads only for the local stack.
+
+    logging.getLogger().setLevel(logging.WARNING)  # Thousands of per-image log lines would drown the figures.
+    sample = SAMPLES / "PNEUMONIA" / "person100_bacteria_475.jpeg"
+    report = run_soak(arguments.data, arguments.model, sample, uploads=arguments.uploads)
+    print_report(report)
+    return 0 if report.passed else 1
 
 
 def _local_up(arguments: argparse.Namespace) -> int:

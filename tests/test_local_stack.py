@@ -113,3 +113,31 @@ def test_demo_round_trip_on_the_local_stack(capsys: pytest.CaptureFixture[str]) 
     samples = list(Path(SAMPLES).glob("*/*.jpeg"))
     assert f"{len(samples)} scored, 0 rejected, 0 missing" in output
     assert time.perf_counter() - started < 120
+
+
+@pytest.mark.slow
+def test_cli_talks_to_the_local_stack(
+    tmp_path: Path, sample_paths: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`local up`'s outputs file lets publish, promote and result reach the stack like a deployed one."""
+    from scoring.model_card import read_card  # noqa: PLC0415
+
+    from infra.local_stack import LocalStack  # noqa: PLC0415
+    from pneumoscan.cli import main  # noqa: PLC0415
+
+    with LocalStack() as stack:
+        assert stack.outputs is not None
+        outputs = tmp_path / "local-stack.json"
+        outputs.write_text(stack.outputs.to_json())
+        assert main(["publish", "--outputs", str(outputs)]) == 0
+        assert main(["promote", "--outputs", str(outputs), "--version", read_card(RELEASE_MODEL)["version"]]) == 0
+        stack.client("s3").put_object(
+            Bucket=stack.outputs.input_bucket, Key="incoming/cli film.jpeg", Body=sample_paths[0].read_bytes()
+        )
+        deadline = time.monotonic() + 30
+        while main(["result", "--outputs", str(outputs), "incoming/cli film.jpeg"]) != 0:
+            assert time.monotonic() < deadline, "no result within 30 s"
+            time.sleep(0.2)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["status"] == "SCORED"
+    assert result["image_key"].endswith("/incoming/cli film.jpeg")

@@ -18,8 +18,8 @@ from scoring.preprocessing import (
     preprocess,
 )
 
+from infra.corpus import dicom_bytes
 from tests.conftest import noise_image
-from tests.dicom_files import dicom_bytes
 
 Encoder = Callable[..., bytes]
 

@@ -12,8 +12,8 @@ from scoring.classifier import Classifier
 from scoring.model_card import read_card, verify_artifact
 from scoring.preprocessing import preprocess
 
+from infra.corpus import dicom_bytes
 from tests.conftest import RELEASE_MODEL
-from tests.dicom_files import dicom_bytes
 
 
 @pytest.fixture(scope="module")

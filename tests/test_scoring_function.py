@@ -7,16 +7,15 @@ moto model bucket exactly as in production.
 from __future__ import annotations
 
 import copy
-import io
 import json
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
 from moto import mock_aws
 from PIL import Image
 from scoring import handler
@@ -25,11 +24,17 @@ from scoring.model_registry import ModelRegistry
 from scoring.results import ResultsTable
 from scoring.settings import Settings
 
+from infra.corpus import hostile_files, valid_variants
+from infra.local_stack import FaultInjectingClient
 from infra.resources import StackOutputs, create_data_plane
-from tests.conftest import RELEASE_MODEL, noise_image
+from tests.conftest import RELEASE_MODEL, SAMPLES
 
 EVENTS = Path(__file__).parent / "events"
 REGION = "us-east-1"
+MAX_IMAGE_BYTES = 2 * 1024 * 1024
+FILM = SAMPLES / "PNEUMONIA" / "person100_bacteria_475.jpeg"
+HOSTILE = {item.name: item for item in hostile_files(Image.open(FILM).convert("L"), MAX_IMAGE_BYTES)}
+VALID = {item.name: item for item in valid_variants(Image.open(FILM).convert("L"))}
 
 
 def load_event(name: str) -> dict[str, Any]:
@@ -48,23 +53,9 @@ class LambdaContext:
     aws_request_id: str = "6f1d5a8e-0000-4000-8000-000000000000"
 
 
-class FaultyClient:
-    """A boto3 client whose chosen operations fail, as S3 or DynamoDB do when throttled or unavailable."""
-
-    def __init__(self, client: Any, failing: dict[str, str]) -> None:
-        self._client = client
-        self.failing = failing
-
-    def __getattr__(self, name: str) -> Any:
-        operation = getattr(self._client, name)
-        if name not in self.failing:
-            return operation
-
-        def fail(**_: Any) -> Any:
-            code = self.failing[name]
-            raise ClientError({"Error": {"Code": code, "Message": f"injected {code}"}}, name)
-
-        return fail
+def faulty(client: Any, operation: str, code: str) -> FaultInjectingClient:
+    """A client whose ``operation`` always fails with ``code`` until healed."""
+    return FaultInjectingClient(client, {operation: (1.0, code)}, random.Random(0))
 
 
 @dataclass
@@ -130,7 +121,7 @@ def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Stack]:
                 "RESULTS_TABLE": outputs.results_table,
                 "MODEL_BUCKET": outputs.model_bucket,
                 "MODEL_CACHE_DIR": str(tmp_path / "models"),
-                "MAX_IMAGE_BYTES": str(2 * 1024 * 1024),
+                "MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
             }
         )
         monkeypatch.setattr(handler, "_pipeline", handler.build_pipeline(settings, s3, dynamodb))
@@ -146,7 +137,7 @@ def rewire(stack: Stack, monkeypatch: pytest.MonkeyPatch, s3: Any = None, dynamo
         {
             "RESULTS_TABLE": stack.outputs.results_table,
             "MODEL_BUCKET": stack.outputs.model_bucket,
-            "MAX_IMAGE_BYTES": str(2 * 1024 * 1024),
+            "MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
             **env,
         }
     )
@@ -240,40 +231,28 @@ def test_older_version_never_replaces_the_newer_result(stack: Stack, sample_path
     assert len(stack.results()) == 2
 
 
-def _bomb() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("1", (12_000, 12_000)).save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
-
-
-def _encoded(image: Image.Image, image_format: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format)
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize(
-    ("make_body", "reason"),
-    [
-        (lambda: b"", "EMPTY_FILE"),
-        (lambda: b"<html>not an x-ray</html>", "UNSUPPORTED_FORMAT"),
-        (lambda: b"\xff\xd8\xff\xe0" + b"\0" * 100, "CORRUPT_IMAGE"),
-        (lambda: _encoded(noise_image(1, 1), "PNG"), "IMAGE_TOO_SMALL"),
-        (lambda: _encoded(noise_image(300, 300), "GIF"), "UNSUPPORTED_FORMAT"),
-        (lambda: _encoded(noise_image(300, 300), "TIFF"), "UNSUPPORTED_FORMAT"),
-        (lambda: _encoded(noise_image(300, 300), "BMP"), "UNSUPPORTED_FORMAT"),
-        (_bomb, "DECOMPRESSION_BOMB"),
-        (lambda: b"\xff\xd8\xff" + b"\0" * (3 * 1024 * 1024), "FILE_TOO_LARGE"),
-    ],
-    ids=["empty", "html", "truncated", "1x1", "gif", "tiff", "bmp", "bomb", "too-large"],
-)
-def test_bad_inputs_are_rejected_and_acknowledged(stack: Stack, make_body: Callable[[], bytes], reason: str) -> None:
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_bad_inputs_are_rejected_and_acknowledged(stack: Stack, name: str) -> None:
     """Each permanent input fault gives a REJECTED item with its reason, and the message is not retried."""
-    stack.upload("incoming/bad.jpeg", make_body())
+    key = f"incoming/hostile/{name}"
+    stack.upload(key, HOSTILE[name].body)
     assert invoke(stack.receive()) == {"batchItemFailures": []}
-    latest = stack.latest("incoming/bad.jpeg")
+    latest = stack.latest(key)
     assert latest is not None
-    assert (latest["status"], latest["reason"]) == ("REJECTED", reason)
+    assert (latest["status"], latest["reason"]) == ("REJECTED", HOSTILE[name].expected_reason)
+
+
+def test_unusual_valid_xrays_are_scored_in_one_batch(stack: Stack) -> None:
+    """16-bit, CMYK, palette, RGBA, progressive, EXIF-rotated, full-size, DICOM files and odd keys are all scored."""
+    for name, item in VALID.items():
+        stack.upload(f"incoming/valid/{name}", item.body)
+    records = stack.receive()
+    assert len(records) == len(VALID)
+    assert invoke(records) == {"batchItemFailures": []}
+    for name in VALID:
+        latest = stack.latest(f"incoming/valid/{name}")
+        assert latest is not None, name
+        assert latest["status"] == "SCORED", (name, latest.get("reason_detail"))
 
 
 def test_s3_test_event_is_acknowledged(stack: Stack) -> None:
@@ -295,12 +274,12 @@ def test_s3_faults_fail_only_their_records(
     """A throttled S3 read fails that record for retry; after recovery the retry scores it."""
     stack.upload("incoming/retry.jpeg", sample_paths[0].read_bytes())
     records = stack.receive()
-    faulty = FaultyClient(stack.s3, {operation: "SlowDown"})
-    rewire(stack, monkeypatch, s3=faulty)
+    failing_s3 = faulty(stack.s3, operation, "SlowDown")
+    rewire(stack, monkeypatch, s3=failing_s3)
     # The model loads through the faulty client's other operations, which still work.
     assert invoke(records) == {"batchItemFailures": [{"itemIdentifier": records[0]["messageId"]}]}
     assert stack.results() == []
-    faulty.failing.clear()
+    failing_s3.heal()
     assert invoke(records) == {"batchItemFailures": []}
     assert len(stack.results()) == 1
 
@@ -312,11 +291,11 @@ def test_throttled_write_is_retried_and_lands_once(
     stack.upload("incoming/throttle.jpeg", sample_paths[0].read_bytes())
     stack.upload("incoming/fine.jpeg", sample_paths[-1].read_bytes())
     records = stack.receive()
-    faulty = FaultyClient(stack.dynamodb, {"put_item": "ProvisionedThroughputExceededException"})
-    rewire(stack, monkeypatch, dynamodb=faulty)
+    throttled = faulty(stack.dynamodb, "put_item", "ProvisionedThroughputExceededException")
+    rewire(stack, monkeypatch, dynamodb=throttled)
     failures = invoke(records)["batchItemFailures"]
     assert sorted(f["itemIdentifier"] for f in failures) == sorted(r["messageId"] for r in records)
-    faulty.failing.clear()
+    throttled.heal()
     assert invoke(records) == {"batchItemFailures": []}
     assert len(stack.results()) == 2
 
@@ -337,8 +316,8 @@ def test_handler_never_writes_to_the_input_bucket(
     stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Scoring works with every S3 write operation forbidden."""
-    forbidden = {name: "AccessDenied" for name in ("put_object", "delete_object", "copy_object", "upload_file")}
-    rewire(stack, monkeypatch, s3=FaultyClient(stack.s3, forbidden))
+    forbidden = {name: (1.0, "AccessDenied") for name in ("put_object", "delete_object", "copy_object", "upload_file")}
+    rewire(stack, monkeypatch, s3=FaultInjectingClient(stack.s3, forbidden, random.Random(0)))
     stack.upload("incoming/readonly.jpeg", sample_paths[0].read_bytes())
     assert invoke(stack.receive()) == {"batchItemFailures": []}
     assert stack.results()[0]["status"] == "SCORED"

@@ -17,7 +17,6 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from scoring.events import ObjectRef
 from scoring.image_store import ImageStore
 from scoring.model_provider import ModelProvider
 from scoring.model_registry import ModelRegistry
@@ -68,9 +67,9 @@ class PowertoolsObserver:
             extra={"image_key": result.image_key, "reason": result.reason, "detail": result.reason_detail},
         )
 
-    def skipped(self, ref: ObjectRef, why: str) -> None:
+    def skipped(self, image_key: str, sequence: str, why: str) -> None:
         metrics.add_metric(name="NotificationsSkipped", unit=MetricUnit.Count, value=1)
-        logger.info("notification skipped", extra={"image_key": ref.image_key, "sequencer": ref.sequencer, "why": why})
+        logger.info("notification skipped", extra={"image_key": image_key, "object_sequence": sequence, "why": why})
 
 
 def build_pipeline(settings: Settings, s3_client: Any = None, dynamodb_client: Any = None) -> ScoringPipeline:
@@ -102,6 +101,12 @@ def get_pipeline() -> ScoringPipeline:
     if _pipeline is None:
         _pipeline = build_pipeline(Settings.from_environment())
     return _pipeline
+
+
+def set_pipeline(pipeline: ScoringPipeline | None) -> None:
+    """Replace the execution environment's pipeline (the local stack and tests wire their own clients)."""
+    global _pipeline  # noqa: PLW0603  # See get_pipeline.
+    _pipeline = pipeline
 
 
 @logger.inject_lambda_context(correlation_id_path="Records[0].messageId")

@@ -44,7 +44,7 @@ class Observer(Protocol):
 
     def rejected(self, result: ScoringResult) -> None: ...
 
-    def skipped(self, ref: ObjectRef, why: str) -> None: ...
+    def skipped(self, image_key: str, sequence: str, why: str) -> None: ...
 
 
 @dataclass
@@ -106,7 +106,7 @@ class ScoringPipeline:
             raise plan.fault
         for result in plan.results:
             if not self._results.put_once(result):
-                self._observer.skipped(_ref_of(result), "duplicate notification: a result already exists")
+                self._observer.skipped(result.image_key, result.object_sequence, "duplicate: a result already exists")
                 continue
             if result.status == SCORED:
                 self._observer.scored(result)
@@ -131,7 +131,7 @@ class ScoringPipeline:
             plan.results.append(self._rejection(ref, OBJECT_GONE, str(gone), started))
             return None
         except ObjectReplacedError as replaced:
-            self._observer.skipped(ref, str(replaced))
+            self._observer.skipped(ref.image_key, ref.sequencer, str(replaced))
             return None
         return _PendingImage(message_id, ref, pixels, started)
 
@@ -180,13 +180,6 @@ class ScoringPipeline:
             reason=reason,
             reason_detail=detail[:500],
         )
-
-
-def _ref_of(result: ScoringResult) -> ObjectRef:
-    bucket, _, key = result.image_key.removeprefix("s3://").partition("/")
-    return ObjectRef(
-        bucket, key, result.object_size, result.object_etag, result.object_version_id, result.object_sequence
-    )
 
 
 def _now() -> str:

@@ -1,0 +1,123 @@
+"""A generated corpus of hostile files and unusual-but-valid X-rays, for the soak test and the test suite.
+
+Every hostile file names the rejection reason it must get; every valid variant is made from a real X-ray and must
+be scored. Nothing here is downloaded: the files are built from the repository's samples.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """One file to upload, with the outcome it must end in."""
+
+    name: str
+    body: bytes
+    expected_status: str
+    """SCORED or REJECTED."""
+    expected_reason: str | None = None
+
+
+def encode(image: Image.Image, image_format: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+def dicom_bytes(image: Image.Image, *, jpeg: bool = False, bits: int = 16, monochrome1: bool = False) -> bytes:
+    """A single-frame grayscale DICOM of ``image``: uncompressed (12 of 16 bits, or 8 bits) or baseline JPEG."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "CR"
+    dataset.Rows, dataset.Columns = image.height, image.width
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    dataset.PixelRepresentation = 0
+    gray = np.asarray(image.convert("L"))
+    if monochrome1:
+        gray = 255 - gray
+    if jpeg:
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+        dataset.PixelData = encapsulate([encode(Image.fromarray(gray), "JPEG", quality=95)])
+        dataset["PixelData"].is_undefined_length = True
+    elif bits == 8:
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+        dataset.PixelData = gray.tobytes()
+    else:
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
+        dataset.PixelData = (gray.astype(np.uint16) * 16).tobytes()
+    output = io.BytesIO()
+    dataset.save_as(output, enforce_file_format=True)
+    return output.getvalue()
+
+
+def decompression_bomb() -> bytes:
+    """A PNG of about 30 kB that claims a 12,000 x 12,000 canvas (144 megapixels)."""
+    return encode(Image.new("1", (12_000, 12_000)), "PNG", optimize=True)
+
+
+def hostile_files(film: Image.Image, max_image_bytes: int) -> list[CorpusFile]:
+    """Files that must each be REJECTED with a specific reason."""
+    jpeg = encode(film, "JPEG", quality=90)
+    noise = Image.fromarray(np.random.default_rng(7).integers(0, 256, (300, 300), dtype=np.uint8))
+    oversized = b"\xff\xd8\xff\xe0" + np.random.default_rng(8).bytes(max_image_bytes + 1024)
+    return [
+        CorpusFile("zero-bytes.jpeg", b"", "REJECTED", "EMPTY_FILE"),
+        CorpusFile("truncated.jpeg", jpeg[: len(jpeg) // 2], "REJECTED", "CORRUPT_IMAGE"),
+        CorpusFile("random-bytes.jpeg", np.random.default_rng(9).bytes(20_000), "REJECTED", "UNSUPPORTED_FORMAT"),
+        CorpusFile("notes.jpeg", b"patient notes, not an image\n" * 20, "REJECTED", "UNSUPPORTED_FORMAT"),
+        CorpusFile(
+            "page.jpeg", b"<!DOCTYPE html><html><body><h1>Login</h1></body></html>", "REJECTED", "UNSUPPORTED_FORMAT"
+        ),
+        CorpusFile("one-pixel.png", encode(Image.new("L", (1, 1)), "PNG"), "REJECTED", "IMAGE_TOO_SMALL"),
+        CorpusFile("bomb.png", decompression_bomb(), "REJECTED", "DECOMPRESSION_BOMB"),
+        CorpusFile("oversized.jpeg", oversized, "REJECTED", "FILE_TOO_LARGE"),
+        CorpusFile("animation.gif", encode(noise, "GIF"), "REJECTED", "UNSUPPORTED_FORMAT"),
+        CorpusFile("scan.tiff", encode(film, "TIFF"), "REJECTED", "UNSUPPORTED_FORMAT"),
+        CorpusFile("scan.bmp", encode(film, "BMP"), "REJECTED", "UNSUPPORTED_FORMAT"),
+    ]
+
+
+def valid_variants(film: Image.Image) -> list[CorpusFile]:
+    """Unusual but valid encodings of a real X-ray that must each be SCORED."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Stored rotated; the viewer turns it 90 degrees clockwise.
+    large = film.resize((1800, 1600), Image.Resampling.BICUBIC)
+    variants: list[tuple[str, Callable[[], bytes]]] = [
+        ("sixteen-bit.png", lambda: encode(Image.fromarray(np.asarray(film, dtype=np.uint16) * 257), "PNG")),
+        ("cmyk.jpeg", lambda: encode(film.convert("CMYK"), "JPEG", quality=92)),
+        ("palette.png", lambda: encode(film.convert("P"), "PNG")),
+        ("rgba.png", lambda: encode(film.convert("RGBA"), "PNG")),
+        ("progressive.jpeg", lambda: encode(film, "JPEG", quality=92, progressive=True)),
+        ("exif-rotated.jpeg", lambda: encode(film.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif.tobytes())),
+        ("full-resolution.jpeg", lambda: encode(large, "JPEG", quality=90)),
+        ("uncompressed.dcm", lambda: dicom_bytes(film)),
+        ("baseline-jpeg.dcm", lambda: dicom_bytes(film, jpeg=True)),
+        ("with space.jpeg", lambda: encode(film, "JPEG", quality=92)),
+        ("plus+sign.jpeg", lambda: encode(film, "JPEG", quality=92)),
+        ("ünïcødé 肺.jpeg", lambda: encode(film, "JPEG", quality=92)),
+    ]
+    return [CorpusFile(name, make(), "SCORED") for name, make in variants]
+
+
+def build_corpus(sample: Path, max_image_bytes: int) -> list[CorpusFile]:
+    """The whole corpus, from one real X-ray."""
+    film = Image.open(sample).convert("L")
+    return hostile_files(film, max_image_bytes) + valid_variants(film)

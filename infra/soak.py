@@ -1,0 +1,215 @@
+"""The soak test: thousands of real X-ray uploads and a hostile corpus through the local stack while faults are
+injected, then proof that nothing was lost or double-counted.
+
+Faults follow a seeded schedule: a share of S3 GetObject calls fail, a share of DynamoDB writes are throttled, a
+share of notifications arrive twice, and one invocation crashes after handling half of its batch. Afterwards every
+valid upload must have exactly one SCORED result from the promoted model, every hostile file a REJECTED result
+with its reason, and the dead-letter queue only the messages whose every delivery failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from scoring.model_card import read_card
+from scoring.model_registry import ModelRegistry
+
+from infra.corpus import CorpusFile, build_corpus
+from infra.local_stack import FaultPlan, LocalStack
+
+SOAK_MAX_IMAGE_BYTES = 4 * 1024 * 1024
+"""The soak's input limit, small so the oversized hostile file stays cheap to upload."""
+
+
+@dataclass(frozen=True)
+class SoakReport:
+    """What the soak test measured; ``lost`` and every problem must be zero for it to pass."""
+
+    uploads: int
+    scored: int
+    rejected: int
+    retried_deliveries: int
+    duplicates_sent: int
+    injected_get_object_faults: int
+    injected_put_item_faults: int
+    handler_crashes: int
+    in_dlq: int
+    predicted_dlq: int
+    lost: int
+    duplicated_results: int
+    wrong_outcomes: int
+    wall_seconds: float
+    images_per_second: float
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    lost: int
+    duplicated: int
+    wrong: int
+    statuses: Counter[str]
+    problems: list[str]
+
+
+def run_soak(
+    data_root: Path,
+    model_dir: Path,
+    sample: Path,
+    *,
+    uploads: int = 2000,
+    faults: FaultPlan | None = None,
+    timeout_seconds: float = 900.0,
+) -> SoakReport:
+    """Upload ``uploads`` X-rays from the test split plus the corpus, with faults injected, and check the outcome."""
+    faults = faults or FaultPlan(
+        get_object_failure_rate=0.05, put_item_throttle_rate=0.05, duplicate_rate=0.10, crash_on_invocation=7, seed=11
+    )
+    keys, files = _plan_uploads(data_root, sample, uploads)
+    started = time.perf_counter()
+    with LocalStack(retry_delay_seconds=1, parameters={"MaxImageBytes": SOAK_MAX_IMAGE_BYTES}, faults=faults) as stack:
+        assert stack.outputs is not None and stack.emulator is not None
+        outputs = stack.outputs
+        s3, sqs, dynamodb = stack.client("s3"), stack.client("sqs"), stack.client("dynamodb")
+        registry = ModelRegistry(s3, outputs.model_bucket)
+        registry.publish(model_dir)
+        version = read_card(model_dir)["version"]
+        registry.promote(version)
+        for key in keys:
+            s3.put_object(Bucket=outputs.input_bucket, Key=key, Body=files[key].body)
+        _wait_until_drained(sqs, outputs.queue_url, time.monotonic() + timeout_seconds)
+        wall = time.perf_counter() - started
+        items = _scan(dynamodb, outputs.results_table)
+        dead_letters = _drain(sqs, outputs.dlq_url)
+        stats = stack.emulator.stats
+        injected = {name: count for client in stack.fault_clients for name, count in client.injected.items()}
+        predicted_dlq = stack.emulator.exhausted(int(stack.redrive_policy()["maxReceiveCount"]))
+    outcome = _check(files, items, dead_letters, f"s3://{outputs.input_bucket}/", version)
+    if len(dead_letters) != predicted_dlq:
+        outcome.problems.append(f"DLQ holds {len(dead_letters)} messages, the fault schedule predicts {predicted_dlq}")
+    return SoakReport(
+        uploads=len(files),
+        scored=outcome.statuses["SCORED"],
+        rejected=outcome.statuses["REJECTED"],
+        retried_deliveries=stats.messages_failed,
+        duplicates_sent=stats.duplicates_sent,
+        injected_get_object_faults=injected.get("get_object", 0),
+        injected_put_item_faults=injected.get("put_item", 0),
+        handler_crashes=stats.handler_crashes,
+        in_dlq=len(dead_letters),
+        predicted_dlq=predicted_dlq,
+        lost=outcome.lost,
+        duplicated_results=outcome.duplicated,
+        wrong_outcomes=outcome.wrong,
+        wall_seconds=round(wall, 1),
+        images_per_second=round(len(files) / wall, 1),
+        problems=tuple(outcome.problems[:20]),
+    )
+
+
+def _plan_uploads(data_root: Path, sample: Path, uploads: int) -> tuple[list[str], dict[str, CorpusFile]]:
+    """Keys in upload order, and what each must end as: X-rays from the test split with the corpus mixed in."""
+    xrays = sorted((data_root / "test").glob("*/*.jpeg"))
+    corpus = build_corpus(sample, SOAK_MAX_IMAGE_BYTES)
+    files: dict[str, CorpusFile] = {}
+    for index, path in zip(range(uploads), itertools.cycle(xrays), strict=False):
+        files[f"incoming/soak/{index:05d}-{path.name}"] = CorpusFile(path.name, path.read_bytes(), "SCORED")
+    keys = list(files)
+    stride = max(1, len(keys) // max(1, len(corpus)))
+    for position, corpus_file in enumerate(corpus):
+        key = f"incoming/corpus/{corpus_file.name}"
+        keys.insert(position * stride + position, key)
+        files[key] = corpus_file
+    return keys, files
+
+
+def _check(
+    files: dict[str, CorpusFile], items: list[dict[str, Any]], dead_letters: list[str], prefix: str, version: str
+) -> _Outcome:
+    """Compare every upload's results with what it must end as."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        by_key.setdefault(item["image_key"], []).append(item)
+    dlq_keys = {key for body in dead_letters for key in _keys_in(body)}
+    problems: list[str] = []
+    lost = duplicated = wrong = 0
+    for key, expected in files.items():
+        results = by_key.get(prefix + key, [])
+        if not results:
+            if key not in dlq_keys:
+                lost += 1
+                problems.append(f"lost: {key}")
+            continue
+        if len(results) > 1:
+            duplicated += 1
+            problems.append(f"{len(results)} results for {key}")
+        result = results[0]
+        if expected.expected_status == "REJECTED":
+            outcome_ok = result["status"] == "REJECTED" and result.get("reason") == expected.expected_reason
+        else:
+            outcome_ok = result["status"] == "SCORED" and result.get("model_version") == version
+        if not outcome_ok:
+            wrong += 1
+            problems.append(f"{key}: {result['status']} {result.get('reason')}, expected {expected.expected_status}")
+    statuses = Counter(results[0]["status"] for results in by_key.values())
+    return _Outcome(lost, duplicated, wrong, statuses, problems)
+
+
+def _wait_until_drained(sqs: Any, queue_url: str, deadline: float) -> None:
+    """Until the queue holds no visible or in-flight message for two consecutive looks."""
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 2:
+        attributes = sqs.get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        waiting = int(attributes["ApproximateNumberOfMessages"]) + int(
+            attributes["ApproximateNumberOfMessagesNotVisible"]
+        )
+        quiet = quiet + 1 if waiting == 0 else 0
+        time.sleep(1.0)
+
+
+def _scan(dynamodb: Any, table: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for page in dynamodb.get_paginator("scan").paginate(TableName=table):
+        items.extend({name: next(iter(value.values())) for name, value in item.items()} for item in page["Items"])
+    return items
+
+
+def _drain(sqs: Any, queue_url: str) -> list[str]:
+    bodies: list[str] = []
+    while messages := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", []):
+        for message in messages:
+            bodies.append(message["Body"])
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    return bodies
+
+
+def _keys_in(body: str) -> list[str]:
+    from urllib.parse import unquote_plus  # noqa: PLC0415
+
+    try:
+        records = json.loads(body).get("Records", [])
+    except (ValueError, AttributeError):
+        return []
+    return [unquote_plus(record["s3"]["object"]["key"]) for record in records]
+
+
+def print_report(report: SoakReport) -> None:
+    """The soak's figures as a markdown table."""
+    print("| figure | value |\n|---|---|")
+    for name, value in asdict(report).items():
+        if name != "problems":
+            print(f"| {name.replace('_', ' ')} | {value} |")
+    print(f"\n{'PASSED' if report.passed else 'FAILED'}" + "".join(f"\n  {problem}" for problem in report.problems))

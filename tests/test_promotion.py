@@ -1,0 +1,62 @@
+"""The training pipeline's gate: a SageMaker model.tar.gz is published, and promoted only if it passes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+from scoring.model_card import CARD_FILE, read_card
+from scoring.model_registry import ModelRegistry
+from scoring.promotion import publish_and_promote
+
+from tests.conftest import RELEASE_MODEL
+
+BUCKET = "pneumoscan-models-gate"
+
+
+@pytest.fixture
+def s3() -> Iterator[Any]:
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+
+
+def _upload_tarball(s3: Any, tmp_path: Path, version: str, test_auc: float) -> str:
+    """Package an artifact the way SageMaker packages /opt/ml/model, and upload it."""
+    artifact = tmp_path / version
+    shutil.copytree(RELEASE_MODEL, artifact)
+    card = read_card(artifact)
+    card["version"] = version
+    card["metrics"]["test"]["auc"]["value"] = test_auc
+    (artifact / CARD_FILE).write_text(json.dumps(card))
+    archive = tmp_path / f"{version}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in artifact.iterdir():
+            tar.add(path, arcname=path.name)
+    key = f"training-runs/{version}/output/model.tar.gz"
+    s3.upload_file(str(archive), BUCKET, key)
+    return f"s3://{BUCKET}/{key}"
+
+
+def test_gate_promotes_only_models_that_pass(s3: Any, tmp_path: Path) -> None:
+    """First good model is promoted; a worse one and one below the minimum are published but not promoted."""
+    first = publish_and_promote(s3, BUCKET, _upload_tarball(s3, tmp_path, "first", 0.97), 0.9, tmp_path / "a")
+    assert (first.promoted, first.version) == (True, "first")
+    worse = publish_and_promote(s3, BUCKET, _upload_tarball(s3, tmp_path, "worse", 0.96), 0.9, tmp_path / "b")
+    assert not worse.promoted
+    assert "below current first" in worse.reason
+    weak = publish_and_promote(s3, BUCKET, _upload_tarball(s3, tmp_path, "weak", 0.85), 0.9, tmp_path / "c")
+    assert not weak.promoted
+    assert "below the minimum" in weak.reason
+    registry = ModelRegistry(s3, BUCKET)
+    assert registry.current().version == "first"
+    keys = {item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert {"models/worse/model.tflite", "models/weak/model_card.json"} <= keys

@@ -1,0 +1,32 @@
+"""A short soak on the local stack: uploads, hostile files and injected faults, nothing lost or double-counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infra.local_stack import FaultPlan
+from infra.soak import print_report, run_soak
+from tests.conftest import RELEASE_MODEL, SAMPLES
+
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
+
+
+def test_short_soak_loses_nothing(data_root: Path) -> None:
+    """150 uploads plus the corpus, with faults three times as frequent as in the full soak: every upload ends right."""
+    faults = FaultPlan(
+        get_object_failure_rate=0.15, put_item_throttle_rate=0.15, duplicate_rate=0.2, crash_on_invocation=3, seed=5
+    )
+    report = run_soak(
+        data_root, RELEASE_MODEL, SAMPLES / "PNEUMONIA" / "person100_bacteria_475.jpeg", uploads=150, faults=faults
+    )
+    print_report(report)
+    assert report.problems == ()
+    assert report.lost == 0
+    assert report.duplicated_results == 0
+    assert report.handler_crashes == 1
+    assert report.injected_get_object_faults > 0
+    assert report.injected_put_item_faults > 0
+    assert report.duplicates_sent > 0
+    assert report.scored + report.rejected + report.in_dlq >= report.uploads

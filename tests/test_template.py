@@ -1,0 +1,179 @@
+"""template.yaml: linted, built without Docker, and least-privilege by construction."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.template import load_template
+from tests.conftest import REPOSITORY_ROOT
+
+INFRA_BIN = Path(os.environ.get("PNEUMOSCAN_INFRA_BIN", REPOSITORY_ROOT / ".venv-infra" / "bin"))
+TEMPLATE = REPOSITORY_ROOT / "template.yaml"
+LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024
+
+
+def _tool(name: str) -> str:
+    path = INFRA_BIN / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: `make test` installs the infrastructure tools into .venv-infra")
+    return str(path)
+
+
+def _run(*command: str, cwd: Path = REPOSITORY_ROOT, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "SAM_CLI_TELEMETRY": "0", "AWS_DEFAULT_REGION": "us-east-1"}
+    environment["PATH"] = f"{INFRA_BIN}:{environment['PATH']}"
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    return load_template()
+
+
+def _function_statements(template: dict[str, Any]) -> list[dict[str, Any]]:
+    policies = template["Resources"]["ScoringFunction"]["Properties"]["Policies"]
+    return [statement for policy in policies for statement in policy["Statement"]]
+
+
+def _text(value: Any) -> str:
+    """An intrinsic-function value as a string to match resource patterns against."""
+    if isinstance(value, dict):
+        inner = next(iter(value.values()))
+        return " ".join(map(str, inner)) if isinstance(inner, list) else str(inner)
+    return str(value)
+
+
+def test_sam_validate_lint_passes() -> None:
+    """`sam validate --lint` finds nothing."""
+    result = _run(_tool("sam"), "validate", "--lint", "--template", str(TEMPLATE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cfn_lint_passes() -> None:
+    """cfn-lint finds no error or warning."""
+    result = _run(_tool("cfn-lint"), str(TEMPLATE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_checkov_passes() -> None:
+    """checkov's CloudFormation checks pass; every skip is justified in the template next to the resource."""
+    result = _run(
+        _tool("checkov"),
+        "--skip-download",
+        "--quiet",
+        "--compact",
+        "--framework",
+        "cloudformation",
+        "--file",
+        str(TEMPLATE),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_sam_build_without_docker_fits_lambda(tmp_path: Path) -> None:
+    """`sam build` succeeds without Docker and the unzipped function stays under Lambda's 250 MB."""
+    build_dir = tmp_path / "build"
+    result = _run(
+        _tool("sam"),
+        "build",
+        "--template",
+        str(TEMPLATE),
+        "--build-dir",
+        str(build_dir),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    function_dir = build_dir / "ScoringFunction"
+    size = sum(p.stat().st_size for p in function_dir.rglob("*") if p.is_file())
+    print(f"\nunzipped function size: {size / 1024 / 1024:.1f} MB")
+    assert size < LAMBDA_UNZIPPED_LIMIT
+    assert (function_dir / "scoring" / "handler.py").is_file()
+    assert any(function_dir.glob("ai_edge_litert*"))
+
+
+def test_function_requirements_match_the_scoring_extra() -> None:
+    """functions/requirements.txt ships the scoring extra's packages (boto3 comes with the runtime)."""
+    extra = tomllib.loads((REPOSITORY_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "scoring"
+    ]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[\[<>=!~ ]", line.strip(), maxsplit=1)[0].lower() for line in requirements}
+
+    shipped = [
+        line
+        for line in (REPOSITORY_ROOT / "functions" / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert names(shipped) == names(extra) - {"boto3"}
+
+
+def test_function_data_access_is_scoped(template: dict[str, Any]) -> None:
+    """No data statement uses '*' resources, reads outside incoming/ and models/, or writes to the input bucket."""
+    statements = _function_statements(template)
+    assert statements
+    for statement in statements:
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        for resource in resources:
+            assert _text(resource).strip() != "*", statement["Sid"]
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        assert all("*" not in action for action in actions), statement["Sid"]
+        text = " ".join(_text(resource) for resource in resources)
+        if "input" in text:
+            assert all(action in {"s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket"} for action in actions)
+            if "s3:ListBucket" in actions:
+                assert statement["Condition"]["StringLike"]["s3:prefix"] == {"Fn::Sub": "${InputPrefix}*"}
+            else:
+                assert text.endswith("${InputPrefix}*")
+        if "ModelBucket" in text:
+            assert actions == ["s3:GetObject"]
+            assert text.endswith("/models/*")
+        if "dynamodb:" in " ".join(actions):
+            assert actions == ["dynamodb:PutItem"]
+
+
+def test_buckets_deny_insecure_transport_and_are_encrypted(template: dict[str, Any]) -> None:
+    """Both buckets are encrypted, private, and their policies deny requests without TLS."""
+    resources = template["Resources"]
+    policies = {
+        properties["Properties"]["Bucket"]["Ref"]: properties["Properties"]["PolicyDocument"]["Statement"]
+        for properties in resources.values()
+        if properties["Type"] == "AWS::S3::BucketPolicy"
+    }
+    for logical_id, resource in resources.items():
+        if resource["Type"] != "AWS::S3::Bucket":
+            continue
+        properties = resource["Properties"]
+        assert properties["BucketEncryption"]["ServerSideEncryptionConfiguration"], logical_id
+        assert all(properties["PublicAccessBlockConfiguration"].values()), logical_id
+        [deny] = [s for s in policies[logical_id] if s["Effect"] == "Deny"]
+        assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_queue_table_and_function_settings(template: dict[str, Any]) -> None:
+    """Queues are encrypted with a DLQ of 14 days; the visibility timeout is at least 6x the function timeout."""
+    resources = template["Resources"]
+    function = resources["ScoringFunction"]["Properties"]
+    queue = resources["ScoringQueue"]["Properties"]
+    assert queue["VisibilityTimeout"] >= 6 * function["Timeout"]
+    assert queue["SqsManagedSseEnabled"]
+    assert resources["ScoringDeadLetterQueue"]["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
+    table = resources["ResultsTable"]["Properties"]
+    assert table["BillingMode"] == "PAY_PER_REQUEST"
+    assert table["SSESpecification"]["SSEEnabled"]
+    assert table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"]
+    assert "StreamSpecification" in table
+    event = function["Events"]["Uploads"]["Properties"]
+    assert event["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
