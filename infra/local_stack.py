@@ -16,6 +16,7 @@ import random
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -287,6 +288,7 @@ class LocalStack:
         faults: FaultPlan | None = None,
     ) -> None:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # One line per request would bury everything else.
         self._region = region
         self._retry_delay_seconds = retry_delay_seconds
         self._parameters = parameters or {}
@@ -316,6 +318,8 @@ class LocalStack:
         self._server.start()
         host, port = self._server.get_host_and_port()
         endpoint_url = f"http://{host}:{port}"
+        # Moto keeps its state per process: a stack started after another in the same process starts empty too.
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint_url}/moto-api/reset", method="POST"), timeout=10)
         # Moto accepts any credentials; clients of this process sign with these unless real ones are set.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")

@@ -131,6 +131,7 @@ def _stack(arguments: argparse.Namespace) -> Any:
     if arguments.outputs:
         stack = StackOutputs(**json.loads(arguments.outputs.read_text()))
         arguments.endpoint_url = arguments.endpoint_url or stack.endpoint_url
+        arguments.region = stack.region
         return stack
     if arguments.stack_name:
         import boto3  # noqa: PLC0415
@@ -194,7 +195,7 @@ def _score(arguments: argparse.Namespace) -> int:
     from scoring.preprocessing import InvalidImageError  # noqa: PLC0415
     from scoring.scorer import score_files  # noqa: PLC0415
 
-    classifier = Classifier.from_directory(_local_model(arguments.model, arguments.endpoint_url))
+    classifier = Classifier.from_directory(_local_model(arguments.model, arguments))
     payloads: list[bytes] = []
     readable: list[Path] = []
     failed = 0
@@ -220,14 +221,14 @@ def _score(arguments: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _local_model(model: str, endpoint_url: str | None) -> Path:
+def _local_model(model: str, arguments: argparse.Namespace) -> Path:
     """A local artifact folder for ``model``, downloading from S3 when it is an s3:// URL."""
     if not model.startswith("s3://"):
         return Path(model)
     from scoring.model_registry import ModelRegistry, S3Location  # noqa: PLC0415
 
     location = S3Location.parse(model)
-    registry = ModelRegistry(_s3_client(endpoint_url), location.bucket)
+    registry = ModelRegistry(_s3_client(arguments), location.bucket)
     cache = Path(tempfile.gettempdir()) / "pneumoscan-models"
     if location.prefix.strip("/") in {"", "models", "models/current.json"}:
         return registry.download_current(cache)[1]
@@ -237,17 +238,18 @@ def _local_model(model: str, endpoint_url: str | None) -> Path:
     return destination
 
 
-def _s3_client(endpoint_url: str | None) -> Any:
+def _s3_client(arguments: argparse.Namespace) -> Any:
+    """An S3 client for the endpoint and region the arguments (or the stack's outputs file) name."""
     import boto3  # noqa: PLC0415
 
-    return boto3.client("s3", endpoint_url=endpoint_url)
+    return boto3.client("s3", endpoint_url=arguments.endpoint_url, region_name=getattr(arguments, "region", None))
 
 
 def _publish(arguments: argparse.Namespace) -> int:
     from scoring.model_registry import ModelRegistry  # noqa: PLC0415
 
     bucket = _model_bucket(arguments)
-    prefix = ModelRegistry(_s3_client(arguments.endpoint_url), bucket).publish(arguments.model)
+    prefix = ModelRegistry(_s3_client(arguments), bucket).publish(arguments.model)
     print(json.dumps({"published": f"s3://{bucket}/{prefix}"}))
     return 0
 
@@ -255,7 +257,8 @@ def _publish(arguments: argparse.Namespace) -> int:
 def _promote(arguments: argparse.Namespace) -> int:
     from scoring.model_registry import ModelRegistry, PromotionRefusedError  # noqa: PLC0415
 
-    registry = ModelRegistry(_s3_client(arguments.endpoint_url), _model_bucket(arguments))
+    bucket = _model_bucket(arguments)  # Resolved first: an outputs file also names the endpoint.
+    registry = ModelRegistry(_s3_client(arguments), bucket)
     try:
         pointer = registry.promote(arguments.version, force=arguments.force)
     except PromotionRefusedError as refusal:
@@ -278,7 +281,10 @@ def _result(arguments: argparse.Namespace) -> int:
         if stack is None:
             raise SystemExit("give the full s3://bucket/key, or --stack-name / --outputs to name the input bucket")
         image_key = f"s3://{stack.input_bucket}/{image_key}"
-    item = ResultsTable(boto3.client("dynamodb", endpoint_url=arguments.endpoint_url), table).latest(image_key)
+    dynamodb = boto3.client(
+        "dynamodb", endpoint_url=arguments.endpoint_url, region_name=getattr(arguments, "region", None)
+    )
+    item = ResultsTable(dynamodb, table).latest(image_key)
     if item is None:
         print(json.dumps({"image_key": image_key, "error": "no result yet"}))
         return 1

@@ -6,8 +6,10 @@ moto model bucket exactly as in production.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -216,18 +218,28 @@ def test_duplicate_notifications_leave_one_result(stack: Stack, sample_paths: li
     assert len(first) == 1
 
 
+def with_version_id(record: dict[str, Any], version_id: str, sequencer: str) -> dict[str, Any]:
+    """The record as real S3 sends it for a versioned bucket: with versionId and sequencer (moto omits both)."""
+    body = json.loads(record["body"])
+    body["Records"][0]["s3"]["object"].update(versionId=version_id, sequencer=sequencer)
+    return sqs_record(record["messageId"], json.dumps(body))
+
+
 def test_older_version_never_replaces_the_newer_result(stack: Stack, sample_paths: list[Path]) -> None:
-    """Two uploads of one key processed newest first: the latest result stays the newer version's."""
-    stack.upload("incoming/same.jpeg", sample_paths[0].read_bytes())
-    [older] = stack.receive()
-    stack.upload("incoming/same.jpeg", sample_paths[-1].read_bytes())
-    [newer] = stack.receive()
+    """Two uploads of one key processed newest first: both versions are scored, the latest stays the newer."""
+    first = stack.s3.put_object(
+        Bucket=stack.outputs.input_bucket, Key="incoming/same.jpeg", Body=sample_paths[0].read_bytes()
+    )
+    [older] = [with_version_id(record, first["VersionId"], "0055AED6DCD90281E5") for record in stack.receive()]
+    second = stack.s3.put_object(
+        Bucket=stack.outputs.input_bucket, Key="incoming/same.jpeg", Body=sample_paths[-1].read_bytes()
+    )
+    [newer] = [with_version_id(record, second["VersionId"], "0055AED6DCD90281E6") for record in stack.receive()]
     assert invoke([newer]) == {"batchItemFailures": []}
     assert invoke([older]) == {"batchItemFailures": []}
-    newer_etag = json.loads(newer["body"])["Records"][0]["s3"]["object"]["eTag"]
     latest = stack.latest("incoming/same.jpeg")
     assert latest is not None
-    assert latest["object_etag"] == newer_etag
+    assert latest["object_version_id"] == second["VersionId"]
     assert len(stack.results()) == 2
 
 
@@ -321,3 +333,24 @@ def test_handler_never_writes_to_the_input_bucket(
     stack.upload("incoming/readonly.jpeg", sample_paths[0].read_bytes())
     assert invoke(stack.receive()) == {"batchItemFailures": []}
     assert stack.results()[0]["status"] == "SCORED"
+
+
+def test_logs_carry_no_image_content(stack: Stack, sample_paths: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    """Every log line is structured JSON with keys and verdicts; no image bytes, in any encoding, reach the logs."""
+    body = sample_paths[0].read_bytes()
+    stack.upload("incoming/logged.jpeg", body)
+    stack.upload("incoming/hostile/notes.jpeg", HOSTILE["notes.jpeg"].body)
+    caplog.set_level(logging.INFO, logger="pneumoscan-scoring")
+    invoke(stack.receive())
+    # Each record as the function's JSON formatter writes it to CloudWatch.
+    formatter = handler.logger.registered_formatter
+    output = "\n".join(formatter.format(record) for record in caplog.records if record.name == "pneumoscan-scoring")
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    logged = [line for line in lines if "message" in line]
+    assert {line["message"] for line in logged} >= {"image scored", "image rejected"}
+    assert all(line.get("correlation_id") for line in logged)
+    text = output.lower()
+    for payload in (body, HOSTILE["notes.jpeg"].body):
+        assert base64.b64encode(payload[:48]).decode().lower() not in text
+        assert payload[:8].hex() not in text
+    assert "patient notes" not in text

@@ -169,6 +169,7 @@ def test_queue_table_and_function_settings(template: dict[str, Any]) -> None:
     queue = resources["ScoringQueue"]["Properties"]
     assert queue["VisibilityTimeout"] >= 6 * function["Timeout"]
     assert queue["SqsManagedSseEnabled"]
+    assert resources["ScoringDeadLetterQueue"]["Properties"]["SqsManagedSseEnabled"]
     assert resources["ScoringDeadLetterQueue"]["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
     table = resources["ResultsTable"]["Properties"]
     assert table["BillingMode"] == "PAY_PER_REQUEST"

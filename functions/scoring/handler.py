@@ -29,7 +29,8 @@ NAMESPACE = "pneumoscan"
 logger = Logger(service="pneumoscan-scoring")
 tracer = Tracer(service="pneumoscan-scoring")
 metrics = Metrics(namespace=NAMESPACE, service="pneumoscan-scoring")
-processor = BatchProcessor(event_type=EventType.SQS)
+# A batch whose every record failed is still a partial response naming each one, not an exception.
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
 class PowertoolsObserver:

@@ -69,7 +69,8 @@ class ImageStore:
         if ref.version_id:
             address["VersionId"] = ref.version_id
         elif ref.etag:
-            address["IfMatch"] = ref.etag
+            # An entity tag in If-Match is quoted (RFC 9110); notifications carry it bare.
+            address["IfMatch"] = f'"{ref.etag}"'
         return address
 
     @staticmethod

@@ -75,7 +75,8 @@ def detect_format(data: bytes) -> ImageFormat:
         return ImageFormat.PNG
     if len(data) >= 132 and data[128:132] == b"DICM":
         return ImageFormat.DICOM
-    raise InvalidImageError(RejectionReason.UNSUPPORTED_FORMAT, f"unrecognised file signature {data[:8].hex()}")
+    # The message never quotes the bytes: they may be the start of a patient document.
+    raise InvalidImageError(RejectionReason.UNSUPPORTED_FORMAT, "not a JPEG, PNG or DICOM file signature")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ def publish_and_promote(
 ) -> GateDecision:
     """Unpack the training job's artifact, publish it, and promote it when it passes the gate."""
     location = S3Location.parse(model_tarball)
+    scratch.mkdir(parents=True, exist_ok=True)
     archive = scratch / "model.tar.gz"
     s3_client.download_file(location.bucket, location.prefix, str(archive))
     artifact = scratch / "artifact"
