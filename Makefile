@@ -22,10 +22,10 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[scoring,local,training,dev]'
 	touch $@ $(VENV)/.scoring
 
-$(INFRA_VENV)/.installed: Makefile
+$(INFRA_VENV)/.installed: infra/requirements-tools.txt
 	$(PYTHON_BASE) -m venv $(INFRA_VENV)
 	$(INFRA_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(INFRA_VENV)/bin/python -m pip install --quiet 'aws-sam-cli>=1.130' 'cfn-lint>=1.20' 'checkov>=3.2'
+	$(INFRA_VENV)/bin/python -m pip install --quiet -r infra/requirements-tools.txt
 	touch $@
 
 demo: $(VENV)/.scoring
@@ -53,9 +53,9 @@ release-model: $(VENV)/.dev
 
 # Benchmarks print figures and write bench/results.json; they are never timed tests.
 bench: $(VENV)/.dev $(INFRA_VENV)/.installed
-	$(BIN)/python bench/quality.py
-	$(BIN)/python bench/scoring.py
-	$(BIN)/python bench/package.py
+	$(BIN)/python bench/bench_quality.py
+	$(BIN)/python bench/bench_scoring.py
+	$(BIN)/python bench/bench_package.py
 
 # 2,000 uploads, the hostile corpus and injected faults through the local stack; prints the figures.
 soak: $(VENV)/.dev
