@@ -27,7 +27,7 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
     """Run the whole round trip; returns the exit code (0 when every sample got a result)."""
     paths = sorted(p for p in samples.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     started = time.perf_counter()
-    with LocalStack() as stack:
+    with LocalStack(quiet=True) as stack:
         assert stack.outputs is not None
         outputs = stack.outputs
         print(f"local stack up at {outputs.endpoint_url} ({time.perf_counter() - started:.1f} s)")

@@ -282,11 +282,16 @@ class LocalStack:
     def __init__(
         self,
         port: int = 0,
+        *,
         region: str = "us-east-1",
         retry_delay_seconds: int | None = None,
         parameters: dict[str, Any] | None = None,
         faults: FaultPlan | None = None,
+        quiet: bool = False,
     ) -> None:
+        """``quiet`` keeps the handler's per-image logs and metrics off the terminal (demo and soak)."""
+        self._quiet = quiet
+        self._restore: dict[str, Any] = {}
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # One line per request would bury everything else.
         self._region = region
@@ -320,6 +325,13 @@ class LocalStack:
         endpoint_url = f"http://{host}:{port}"
         # Moto keeps its state per process: a stack started after another in the same process starts empty too.
         urllib.request.urlopen(urllib.request.Request(f"{endpoint_url}/moto-api/reset", method="POST"), timeout=10)
+        if self._quiet:
+            self._restore = {
+                "level": handler.logger.log_level,
+                "metrics": os.environ.get("POWERTOOLS_METRICS_DISABLED"),
+            }
+            handler.logger.setLevel(logging.WARNING)
+            os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
         # Moto accepts any credentials; clients of this process sign with these unless real ones are set.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
@@ -383,6 +395,12 @@ class LocalStack:
         if self._thread is not None:
             self._thread.join(timeout=30)
         handler.set_pipeline(None)
+        if self._restore:
+            handler.logger.setLevel(self._restore["level"])
+            if self._restore["metrics"] is None:
+                os.environ.pop("POWERTOOLS_METRICS_DISABLED", None)
+            else:
+                os.environ["POWERTOOLS_METRICS_DISABLED"] = self._restore["metrics"]
         self._server.stop()
 
     def __enter__(self) -> LocalStack:

@@ -77,7 +77,9 @@ def run_soak(
     )
     keys, files = _plan_uploads(data_root, sample, uploads)
     started = time.perf_counter()
-    with LocalStack(retry_delay_seconds=1, parameters={"MaxImageBytes": SOAK_MAX_IMAGE_BYTES}, faults=faults) as stack:
+    with LocalStack(
+        retry_delay_seconds=1, parameters={"MaxImageBytes": SOAK_MAX_IMAGE_BYTES}, faults=faults, quiet=True
+    ) as stack:
         assert stack.outputs is not None and stack.emulator is not None
         outputs = stack.outputs
         s3, sqs, dynamodb = stack.client("s3"), stack.client("sqs"), stack.client("dynamodb")

@@ -56,6 +56,7 @@ class DataSplits:
 def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfig) -> dict[str, Any]:
     """Run the whole job and write ``model.tflite``, ``model_card.json`` and ``report/`` to ``output_dir``."""
     started = time.monotonic()
+    source_commit = git_commit()  # Read before the long run, so later edits to the tree cannot be recorded.
     keras.utils.set_random_seed(config.seed)
     train_files = limit_per_class(list_split(splits.train_dir), config.limit_per_class)
     test_files = limit_per_class(list_split(splits.test_dir), config.limit_per_class)
@@ -96,7 +97,7 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
     card: dict[str, Any] = {
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        "git_commit": source_commit,
         "data_manifest_sha256": manifest_sha256({"train": train_files, "test": test_files}),
         "model_sha256": sha256_of(output_dir / MODEL_FILE),
         "model_size_bytes": len(exported.model_bytes),
