@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scoring.model_card import read_card
 
+from scoring.model_card import read_card
 from training.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
 from scoring.classifier import Classifier
 from scoring.preprocessing import decode, resize_for_model
 

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infra.local_stack import LocalStack
 from scoring.model_card import read_card
 from scoring.model_registry import ModelRegistry
-
-from infra.local_stack import LocalStack
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 

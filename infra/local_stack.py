@@ -27,11 +27,11 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
-from scoring import handler
-from scoring.settings import Settings
 
 from infra.resources import StackOutputs, create_data_plane
 from infra.template import load_template, parameter_defaults
+from scoring import handler
+from scoring.settings import Settings
 
 logger = logging.getLogger(__name__)
 

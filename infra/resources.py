@@ -34,6 +34,20 @@ class StackOutputs:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    @classmethod
+    def from_template_outputs(cls, outputs: dict[str, str], *, endpoint_url: str | None, region: str) -> StackOutputs:
+        """From the values of the template's Outputs, keyed by output name."""
+        return cls(
+            endpoint_url=endpoint_url,
+            region=region,
+            input_bucket=outputs["InputBucketName"],
+            input_prefix=outputs["InputPrefix"],
+            model_bucket=outputs["ModelBucketName"],
+            results_table=outputs["ResultsTableName"],
+            queue_url=outputs["ScoringQueueUrl"],
+            dlq_url=outputs["DeadLetterQueueUrl"],
+        )
+
 
 def create_data_plane(
     s3: Any,
@@ -57,16 +71,7 @@ def create_data_plane(
         for name, spec in template["Outputs"].items()
         if name in _DATA_PLANE_OUTPUTS
     }
-    return StackOutputs(
-        endpoint_url=endpoint_url,
-        region=region,
-        input_bucket=outputs["InputBucketName"],
-        input_prefix=outputs["InputPrefix"],
-        model_bucket=outputs["ModelBucketName"],
-        results_table=outputs["ResultsTableName"],
-        queue_url=outputs["ScoringQueueUrl"],
-        dlq_url=outputs["DeadLetterQueueUrl"],
-    )
+    return StackOutputs.from_template_outputs(outputs, endpoint_url=endpoint_url, region=region)
 
 
 def _create_queues(template: dict[str, Any], sqs: Any, resolver: Resolver) -> None:
@@ -167,13 +172,6 @@ def outputs_of_deployed_stack(cloudformation: Any, stack_name: str, endpoint_url
     missing = sorted(_DATA_PLANE_OUTPUTS - outputs.keys())
     if missing:
         raise ValueError(f"stack {stack_name} lacks the outputs {', '.join(missing)}; is it a pneumoscan stack?")
-    return StackOutputs(
-        endpoint_url=endpoint_url,
-        region=cloudformation.meta.region_name,
-        input_bucket=outputs["InputBucketName"],
-        input_prefix=outputs["InputPrefix"],
-        model_bucket=outputs["ModelBucketName"],
-        results_table=outputs["ResultsTableName"],
-        queue_url=outputs["ScoringQueueUrl"],
-        dlq_url=outputs["DeadLetterQueueUrl"],
+    return StackOutputs.from_template_outputs(
+        outputs, endpoint_url=endpoint_url, region=cloudformation.meta.region_name
     )

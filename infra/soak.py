@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from scoring.model_card import read_card
-from scoring.model_registry import ModelRegistry
-
 from infra.corpus import CorpusFile, build_corpus
 from infra.local_stack import FaultPlan, LocalStack
+from scoring.model_card import read_card
+from scoring.model_registry import ModelRegistry
 
 SOAK_MAX_IMAGE_BYTES = 4 * 1024 * 1024
 """The soak's input limit, small so the oversized hostile file stays cheap to upload."""

@@ -270,6 +270,7 @@ def _promote(arguments: argparse.Namespace) -> int:
 
 def _result(arguments: argparse.Namespace) -> int:
     import boto3  # noqa: PLC0415
+
     from scoring.results import ResultsTable  # noqa: PLC0415
 
     stack = _stack(arguments)

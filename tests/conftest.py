@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import boto3
 import numpy as np
 import pytest
+from moto import mock_aws
 from PIL import Image
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +79,15 @@ def smoke_artifact(data_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     output = tmp_path_factory.mktemp("smoke-artifact")
     run_job(str(data_root), str(output), dict(SMOKE_HYPERPARAMETERS))
     return output
+
+
+MODEL_BUCKET = "pneumoscan-models-test"
+
+
+@pytest.fixture
+def s3() -> Iterator[Any]:
+    """An S3 client on moto with an empty model bucket named MODEL_BUCKET."""
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=MODEL_BUCKET)
+        yield client

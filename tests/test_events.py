@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from scoring.events import MalformedMessageError, parse_message_body
 
 EVENTS = Path(__file__).parent / "events"

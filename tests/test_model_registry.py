@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
+
+from pneumoscan.cli import main
 from scoring.model_card import CARD_FILE, read_card, sha256_of
 from scoring.model_registry import (
     POINTER_KEY,
@@ -19,18 +18,9 @@ from scoring.model_registry import (
     PromotionRefusedError,
     RegistryError,
 )
+from tests.conftest import MODEL_BUCKET
 
-from pneumoscan.cli import main
-
-BUCKET = "pneumoscan-models-test"
-
-
-@pytest.fixture
-def s3() -> Iterator[Any]:
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
+BUCKET = MODEL_BUCKET
 
 
 def _variant(artifact: Path, destination: Path, version: str, test_auc: float) -> Path:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from PIL import Image
+
+from infra.corpus import dicom_bytes
 from scoring.preprocessing import (
     INPUT_SIZE,
     MAX_PIXELS,
@@ -17,8 +19,6 @@ from scoring.preprocessing import (
     detect_format,
     preprocess,
 )
-
-from infra.corpus import dicom_bytes
 from tests.conftest import noise_image
 
 Encoder = Callable[..., bytes]

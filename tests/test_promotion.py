@@ -5,28 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
-import pytest
-from moto import mock_aws
 from scoring.model_card import CARD_FILE, read_card
 from scoring.model_registry import ModelRegistry
 from scoring.promotion import publish_and_promote
+from tests.conftest import MODEL_BUCKET, RELEASE_MODEL
 
-from tests.conftest import RELEASE_MODEL
-
-BUCKET = "pneumoscan-models-gate"
-
-
-@pytest.fixture
-def s3() -> Iterator[Any]:
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
+BUCKET = MODEL_BUCKET
 
 
 def _upload_tarball(s3: Any, tmp_path: Path, version: str, test_auc: float) -> str:

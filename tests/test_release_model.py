@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from infra.corpus import dicom_bytes
 from scoring.classifier import Classifier
 from scoring.model_card import read_card, verify_artifact
 from scoring.preprocessing import preprocess
-
-from infra.corpus import dicom_bytes
 from tests.conftest import RELEASE_MODEL
 
 

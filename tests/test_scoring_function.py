@@ -20,15 +20,15 @@ import boto3
 import pytest
 from moto import mock_aws
 from PIL import Image
+
+from infra.corpus import hostile_files, valid_variants
+from infra.local_stack import FaultInjectingClient, LocalContext
+from infra.resources import StackOutputs, create_data_plane
 from scoring import handler
 from scoring.model_card import read_card
 from scoring.model_registry import ModelRegistry
 from scoring.results import ResultsTable
 from scoring.settings import Settings
-
-from infra.corpus import hostile_files, valid_variants
-from infra.local_stack import FaultInjectingClient
-from infra.resources import StackOutputs, create_data_plane
 from tests.conftest import RELEASE_MODEL, SAMPLES
 
 EVENTS = Path(__file__).parent / "events"
@@ -43,16 +43,6 @@ def load_event(name: str) -> dict[str, Any]:
     """An event fixture from tests/events."""
     event: dict[str, Any] = json.loads((EVENTS / name).read_text())
     return event
-
-
-@dataclass(frozen=True)
-class LambdaContext:
-    """The attributes of Lambda's context object that Powertools reads."""
-
-    function_name: str = "pneumoscan-scoring"
-    memory_limit_in_mb: int = 1024
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:pneumoscan-scoring"
-    aws_request_id: str = "6f1d5a8e-0000-4000-8000-000000000000"
 
 
 def faulty(client: Any, operation: str, code: str) -> FaultInjectingClient:
@@ -101,7 +91,9 @@ def sqs_record(message_id: str, body: str) -> dict[str, Any]:
 
 
 def invoke(records: list[dict[str, Any]]) -> dict[str, Any]:
-    response: dict[str, Any] = handler.lambda_handler({"Records": records}, LambdaContext())
+    response: dict[str, Any] = handler.lambda_handler(
+        {"Records": records}, LocalContext(aws_request_id="test-invocation")
+    )
     return response
 
 

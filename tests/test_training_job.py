@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from scoring.classifier import Classifier
 from scoring.model_card import MODEL_FILE, ModelArtifactError, read_card, sha256_of, verify_artifact
 from scoring.preprocessing import preprocess
-
 from training.config import TrainingConfig
 from training.job import run_job
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scoring.preprocessing import INPUT_SIZE, InvalidImageError, preprocess
 from sklearn.model_selection import StratifiedGroupKFold
+
+from scoring.preprocessing import INPUT_SIZE, InvalidImageError, preprocess
 
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 """Class index order: 0 is NORMAL, 1 is PNEUMONIA (the positive class)."""

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scoring.classifier import Classifier
 
+from scoring.classifier import Classifier
 from training.calibration import sigmoid
 from training.data import ImageSet, limit_per_class, list_split, load_images
 from training.metrics import Evaluation, evaluate

@@ -12,9 +12,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+
 from scoring.classifier import Classifier
 from scoring.model_card import ServingSpec
-
 from training.calibration import sigmoid
 
 logger = logging.getLogger(__name__)

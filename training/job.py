@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-from scoring.model_registry import S3Location
 
+from scoring.model_registry import S3Location
 from training.config import TrainingConfig, read_hyperparameters
 from training.train import DataSplits, train_and_export
 

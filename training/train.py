@@ -19,8 +19,8 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from scoring.model_card import CARD_FILE, MODEL_FILE, sha256_of
 
+from scoring.model_card import CARD_FILE, MODEL_FILE, sha256_of
 from training.calibration import TARGET_SENSITIVITY, choose_threshold, fit_temperature, sigmoid
 from training.config import TrainingConfig
 from training.data import (

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -150,16 +150,10 @@ class ScoringPipeline:
             plans[image.message_id].results.append(self._scored(image, prediction))
 
     def _scored(self, image: _PendingImage, prediction: Prediction) -> ScoringResult:
-        ref = image.ref
-        return ScoringResult(
-            image_key=ref.image_key,
-            object_sequence=ref.sequencer,
-            status=SCORED,
-            object_etag=ref.etag,
-            object_size=ref.size,
-            object_version_id=ref.version_id,
-            scored_at=_now(),
-            latency_ms=round((self._clock() - image.started) * 1000, 2),
+        return self._result(
+            image.ref,
+            SCORED,
+            image.started,
             model_version=prediction.model_version,
             label=prediction.label,
             confidence=round(prediction.confidence, 6),
@@ -168,19 +162,18 @@ class ScoringPipeline:
         )
 
     def _rejection(self, ref: ObjectRef, reason: str, detail: str, started: float) -> ScoringResult:
+        return self._result(ref, REJECTED, started, reason=reason, reason_detail=detail[:500])
+
+    def _result(self, ref: ObjectRef, status: str, started: float, **verdict: Any) -> ScoringResult:
+        """A result item for the notified object version, timed from when its processing started."""
         return ScoringResult(
             image_key=ref.image_key,
             object_sequence=ref.sequencer,
-            status=REJECTED,
+            status=status,
             object_etag=ref.etag,
             object_size=ref.size,
             object_version_id=ref.version_id,
-            scored_at=_now(),
+            scored_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             latency_ms=round((self._clock() - started) * 1000, 2),
-            reason=reason,
-            reason_detail=detail[:500],
+            **verdict,
         )
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
