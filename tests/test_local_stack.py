@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ from moto import mock_aws
 
 from infra.demo import run_demo
 from infra.local_stack import EventSourceMapping, SqsEventSourceEmulator
-from infra.resources import create_data_plane
+from infra.resources import create_data_plane, outputs_of_deployed_stack
 from infra.template import load_template
 from tests.conftest import RELEASE_MODEL, SAMPLES
 
@@ -140,3 +143,65 @@ def test_cli_talks_to_the_local_stack(
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["status"] == "SCORED"
     assert result["image_key"].endswith("/incoming/cli film.jpeg")
+
+
+@pytest.mark.slow
+def test_local_up_runs_until_interrupted(tmp_path: Path) -> None:
+    """`pneumoscan local up` writes its outputs file, serves boto3 clients, and exits cleanly on Ctrl-C."""
+    outputs_file = tmp_path / "stack.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pneumoscan.cli", "local", "up", "--port", "0", "--outputs", str(outputs_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not outputs_file.exists():
+            assert process.poll() is None, "local up exited early"
+            assert time.monotonic() < deadline, "no outputs file within 60 s"
+            time.sleep(0.2)
+        outputs = json.loads(outputs_file.read_text())
+        assert set(outputs) >= {
+            "endpoint_url",
+            "input_bucket",
+            "input_prefix",
+            "model_bucket",
+            "results_table",
+            "queue_url",
+            "dlq_url",
+        }
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=outputs["endpoint_url"],
+            region_name=outputs["region"],
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+        )
+        assert outputs["input_bucket"] in {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+
+
+def test_stack_name_reads_cloudformation_outputs() -> None:
+    """`--stack-name` takes the names from a deployed stack's outputs."""
+    template = {
+        "Resources": {"Placeholder": {"Type": "AWS::SQS::Queue"}},
+        "Outputs": {
+            name: {"Value": value}
+            for name, value in {
+                "InputBucketName": "in-bucket", "InputPrefix": "incoming/", "ModelBucketName": "model-bucket",
+                "ResultsTableName": "results", "ScoringQueueUrl": "https://queue", "DeadLetterQueueUrl": "https://dlq",
+            }.items()
+        },
+    }  # fmt: skip
+    with mock_aws():
+        cloudformation = boto3.client("cloudformation", region_name=REGION)
+        cloudformation.create_stack(StackName="pneumoscan", TemplateBody=json.dumps(template))
+        outputs = outputs_of_deployed_stack(cloudformation, "pneumoscan")
+    assert (outputs.input_bucket, outputs.model_bucket, outputs.results_table) == (
+        "in-bucket",
+        "model-bucket",
+        "results",
+    )
+    assert outputs.region == REGION
