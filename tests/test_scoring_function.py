@@ -346,3 +346,21 @@ def test_logs_carry_no_image_content(stack: Stack, sample_paths: list[Path], cap
         assert base64.b64encode(payload[:48]).decode().lower() not in text
         assert payload[:8].hex() not in text
     assert "patient notes" not in text
+
+
+def test_metrics_are_emitted_by_model_version(
+    stack: Stack, sample_paths: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scored and rejected images produce EMF metrics with the serving model's version as a dimension."""
+    stack.upload("incoming/metric.jpeg", sample_paths[0].read_bytes())
+    stack.upload("incoming/hostile/zero.jpeg", b"")
+    capsys.readouterr()
+    invoke(stack.receive())
+    documents = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"_aws"')]
+    [main_flush] = [d for d in documents if "ImagesScored" in d]
+    assert main_flush["model_version"] == read_card(RELEASE_MODEL)["version"]
+    assert main_flush["ImagesScored"] == [1.0]
+    assert main_flush["ImagesRejected"] == [1.0]
+    [probability] = main_flush["PneumoniaProbability"]
+    assert 0.0 <= probability <= 1.0
+    assert any(d.get("reason") == "EMPTY_FILE" for d in documents)

@@ -39,13 +39,9 @@ class PowertoolsObserver:
     def scored(self, result: ScoringResult) -> None:
         metrics.add_metric(name="ImagesScored", unit=MetricUnit.Count, value=1)
         metrics.add_metric(name="ScoringLatency", unit=MetricUnit.Milliseconds, value=result.latency_ms)
-        with single_metric(
-            name="PneumoniaProbability",
-            unit=MetricUnit.NoUnit,
-            value=result.pneumonia_probability or 0.0,
-            namespace=NAMESPACE,
-        ) as metric:
-            metric.add_dimension(name="model_version", value=result.model_version or "unknown")
+        metrics.add_metric(
+            name="PneumoniaProbability", unit=MetricUnit.NoUnit, value=result.pneumonia_probability or 0.0
+        )
         logger.info(
             "image scored",
             extra={
@@ -116,6 +112,8 @@ def set_pipeline(pipeline: ScoringPipeline | None) -> None:
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     pipeline = get_pipeline()
     plans = pipeline.prepare([SQSRecord(record) for record in event.get("Records", [])])
+    # Every metric of the invocation is broken down by the model that served it.
+    metrics.add_dimension(name="model_version", value=pipeline.model_version or "none")
     return process_partial_response(
         event=event,
         record_handler=lambda record: pipeline.commit(plans[record.message_id]),

@@ -40,6 +40,11 @@ class ModelProvider:
         self._classifier: Classifier | None = None
         self._checked_at = float("-inf")
 
+    @property
+    def loaded_version(self) -> str | None:
+        """The version in memory, without loading or refreshing anything."""
+        return self._classifier.spec.version if self._classifier is not None else None
+
     def get(self) -> Classifier:
         """The classifier to score with, loading or refreshing it when due."""
         if self._classifier is not None and self._clock() - self._checked_at < self._refresh_seconds:

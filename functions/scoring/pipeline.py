@@ -83,6 +83,11 @@ class ScoringPipeline:
         self._max_image_bytes = max_image_bytes
         self._clock = clock
 
+    @property
+    def model_version(self) -> str | None:
+        """The version of the model in memory, if one has been loaded."""
+        return self._models.loaded_version
+
     def prepare(self, messages: Sequence[Message]) -> dict[str, RecordPlan]:
         """Read, validate and score every image of every message; nothing is written yet."""
         plans = {message.message_id: RecordPlan() for message in messages}
