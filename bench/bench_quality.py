@@ -16,21 +16,11 @@ from typing import Any
 import numpy as np
 
 from scoring.model_card import read_card
-from training.metrics import evaluate
+from training.metrics import METRIC_NAMES, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE_MODEL = ROOT / "models" / "release"
 RESULTS = ROOT / "bench" / "results.json"
-METRICS = (
-    "accuracy",
-    "auc",
-    "sensitivity",
-    "specificity",
-    "precision",
-    "f1",
-    "expected_calibration_error",
-    "brier_score",
-)
 
 
 def score_with_cli(model: Path, paths: list[Path]) -> list[dict[str, Any]]:
@@ -56,7 +46,7 @@ def main() -> dict[str, Any]:
     print(f"model {card['version']} on {len(lines)} test images, threshold {threshold:.4f} (chosen on validation)\n")
     print("| metric | recomputed (95% CI) | model card |")
     print("|---|---|---|")
-    for name in METRICS:
+    for name in METRIC_NAMES:
         value = measured[name]
         print(
             f"| {name} | {value['value']:.4f} ({value['low']:.4f}-{value['high']:.4f}) | {claimed[name]['value']:.4f} |"

@@ -13,6 +13,7 @@ from scoring.model_card import MODEL_FILE, ModelArtifactError, read_card, sha256
 from scoring.preprocessing import preprocess
 from training.config import TrainingConfig
 from training.job import run_job
+from training.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +31,7 @@ def test_artifact_holds_model_card_and_report(smoke_artifact: Path) -> None:
     assert card["calibration"]["temperature"] > 0
     assert 0.0 <= card["calibration"]["threshold"] <= 1.0
     test_metrics = card["metrics"]["test"]
-    for metric in (
-        "accuracy",
-        "auc",
-        "sensitivity",
-        "specificity",
-        "precision",
-        "f1",
-        "expected_calibration_error",
-        "brier_score",
-    ):
+    for metric in METRIC_NAMES:
         interval = test_metrics[metric]
         assert interval["low"] <= interval["value"] <= interval["high"], metric
     assert sum(test_metrics["confusion_matrix"].values()) == 80

@@ -21,6 +21,17 @@ from sklearn.metrics import (
 )
 
 ECE_BINS = 15
+METRIC_NAMES = (
+    "accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "expected_calibration_error",
+    "brier_score",
+)
+"""Every metric with an interval, in the order reports list them."""
 
 
 @dataclass(frozen=True)
