@@ -112,8 +112,10 @@ def set_pipeline(pipeline: ScoringPipeline | None) -> None:
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     pipeline = get_pipeline()
     plans = pipeline.prepare([SQSRecord(record) for record in event.get("Records", [])])
-    # Every metric of the invocation is broken down by the model that served it.
-    metrics.add_dimension(name="model_version", value=pipeline.model_version or "none")
+    if any(plan.results for plan in plans.values()):
+        # Every metric of the invocation is broken down by the model that served it. (Only when there will be
+        # metrics: Powertools keeps the dimensions of an invocation that flushed none.)
+        metrics.add_dimension(name="model_version", value=pipeline.model_version or "none")
     return process_partial_response(
         event=event,
         record_handler=lambda record: pipeline.commit(plans[record.message_id]),
