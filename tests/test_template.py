@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -178,3 +179,19 @@ def test_queue_table_and_function_settings(template: dict[str, Any]) -> None:
     assert "StreamSpecification" in table
     event = function["Events"]["Uploads"]["Properties"]
     assert event["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+
+def test_training_pipeline_definition_is_consistent(template: dict[str, Any]) -> None:
+    """The state machine starts with training, every transition exists, and every substitution is provided."""
+    text = (REPOSITORY_ROOT / "infra" / "training_pipeline.asl.json").read_text()
+    definition = json.loads(text)
+    states = definition["States"]
+    assert definition["StartAt"] == "Train"
+    assert states["Train"]["Resource"].endswith(":states:::sagemaker:createTrainingJob.sync")
+    for name, state in states.items():
+        targets = [state.get("Next"), state.get("Default"), *(choice["Next"] for choice in state.get("Choices", []))]
+        assert all(target in states for target in targets if target), name
+    assert states["GateFailed"]["Type"] == "Fail"
+    pipeline = template["Resources"]["TrainingPipeline"]["Properties"]
+    used = set(re.findall(r"\$\{(\w+)\}", text))
+    assert used == set(pipeline["DefinitionSubstitutions"])
