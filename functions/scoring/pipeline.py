@@ -9,6 +9,7 @@ fault so that the record comes back in ``batchItemFailures`` and SQS retries it.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from scoring.classifier import Prediction
+from scoring.classifier import Classifier, Prediction
 from scoring.events import ObjectRef, parse_message_body
 from scoring.image_store import ImageStore, ObjectGoneError, ObjectReplacedError
 from scoring.model_provider import ModelProvider
@@ -91,18 +92,20 @@ class ScoringPipeline:
     def prepare(self, messages: Sequence[Message]) -> dict[str, RecordPlan]:
         """Read, validate and score every image of every message; nothing is written yet."""
         plans = {message.message_id: RecordPlan() for message in messages}
+        # One model per invocation, loaded on first use: preprocessing and inference never see two versions.
+        classifier = functools.cache(self._models.get)
         pending: list[_PendingImage] = []
         for message in messages:
             plan = plans[message.message_id]
             try:
                 refs = parse_message_body(message.body)
                 for ref in refs:
-                    image = self._read(message.message_id, ref, plan)
+                    image = self._read(message.message_id, ref, plan, classifier)
                     if image is not None:
                         pending.append(image)
             except Exception as fault:  # noqa: BLE001  # Any fault of one record must fail that record only.
                 plan.fault = fault
-        self._score(pending, plans)
+        self._score(pending, plans, classifier)
         return plans
 
     def commit(self, plan: RecordPlan) -> None:
@@ -118,7 +121,9 @@ class ScoringPipeline:
             else:
                 self._observer.rejected(result)
 
-    def _read(self, message_id: str, ref: ObjectRef, plan: RecordPlan) -> _PendingImage | None:
+    def _read(
+        self, message_id: str, ref: ObjectRef, plan: RecordPlan, classifier: Callable[[], Classifier]
+    ) -> _PendingImage | None:
         started = self._clock()
         try:
             head = self._images.head(ref)
@@ -128,7 +133,7 @@ class ScoringPipeline:
                 raise InvalidImageError(
                     RejectionReason.TOO_LARGE, f"{head.size} bytes exceeds the limit of {self._max_image_bytes}"
                 )
-            pixels = preprocess(self._images.read(ref), size=self._models.get().input_size).pixels
+            pixels = preprocess(self._images.read(ref), size=classifier().input_size).pixels
         except InvalidImageError as rejection:
             plan.results.append(self._rejection(ref, rejection.reason.value, rejection.detail, started))
             return None
@@ -140,13 +145,15 @@ class ScoringPipeline:
             return None
         return _PendingImage(message_id, ref, pixels, started)
 
-    def _score(self, pending: list[_PendingImage], plans: dict[str, RecordPlan]) -> None:
+    def _score(
+        self, pending: list[_PendingImage], plans: dict[str, RecordPlan], classifier: Callable[[], Classifier]
+    ) -> None:
         """One batched inference over every image that survived preprocessing."""
         live = [image for image in pending if plans[image.message_id].fault is None]
         if not live:
             return
         try:
-            predictions = self._models.get().predict(np.stack([image.pixels for image in live]))
+            predictions = classifier().predict(np.stack([image.pixels for image in live]))
         except Exception as fault:  # noqa: BLE001  # A model fault fails the records with images, so they retry.
             for image in live:
                 plans[image.message_id].fault = fault
