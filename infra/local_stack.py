@@ -355,7 +355,6 @@ class LocalStack:
         settings = Settings(
             results_table=self.outputs.results_table,
             model_bucket=self.outputs.model_bucket,
-            model_pointer_key="models/current.json",
             model_path=None,
             model_refresh_seconds=5.0,
             model_cache_dir=Path(tempfile.mkdtemp(prefix="pneumoscan-local-models-")),

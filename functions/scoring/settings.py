@@ -20,7 +20,6 @@ class Settings:
 
     results_table: str
     model_bucket: str | None
-    model_pointer_key: str
     model_path: Path | None
     """A local artifact folder that overrides the registry (tests, or a model bundled with the function)."""
     model_refresh_seconds: float
@@ -33,7 +32,6 @@ class Settings:
             settings = cls(
                 results_table=environment["RESULTS_TABLE"],
                 model_bucket=environment.get("MODEL_BUCKET") or None,
-                model_pointer_key=environment.get("MODEL_POINTER_KEY", "models/current.json"),
                 model_path=Path(environment["MODEL_PATH"]) if environment.get("MODEL_PATH") else None,
                 model_refresh_seconds=float(environment.get("MODEL_REFRESH_SECONDS", "60")),
                 model_cache_dir=Path(
