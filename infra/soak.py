@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 from infra.corpus import CorpusFile, build_corpus
 from infra.local_stack import FaultPlan, LocalStack
@@ -198,8 +199,6 @@ def _drain(sqs: Any, queue_url: str) -> list[str]:
 
 
 def _keys_in(body: str) -> list[str]:
-    from urllib.parse import unquote_plus  # noqa: PLC0415
-
     try:
         records = json.loads(body).get("Records", [])
     except (ValueError, AttributeError):

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ def _add_stack_arguments(parser: argparse.ArgumentParser, bucket: bool = True) -
 
 def _stack(arguments: argparse.Namespace) -> Any:
     """The stack's outputs from --stack-name or --outputs, or None when neither is given."""
-    from infra.resources import StackOutputs, outputs_of_deployed_stack  # noqa: PLC0415
+    from infra.resources import StackOutputs, outputs_of_deployed_stack
 
     if arguments.outputs:
         stack = StackOutputs(**json.loads(arguments.outputs.read_text()))
@@ -134,7 +135,7 @@ def _stack(arguments: argparse.Namespace) -> Any:
         arguments.region = stack.region
         return stack
     if arguments.stack_name:
-        import boto3  # noqa: PLC0415
+        import boto3
 
         client = boto3.client("cloudformation", endpoint_url=arguments.endpoint_url)
         return outputs_of_deployed_stack(client, arguments.stack_name, arguments.endpoint_url)
@@ -155,7 +156,7 @@ def _default_test_split() -> Path:
 
 
 def _train(arguments: argparse.Namespace) -> int:
-    from training.job import run_job  # noqa: PLC0415  # TensorFlow loads only for this subcommand.
+    from training.job import run_job
 
     overrides = {
         key.removeprefix("hp_"): value
@@ -181,7 +182,7 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _evaluate(arguments: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_artifact, write_split_plots  # noqa: PLC0415  # Needs scikit-learn.
+    from training.evaluate import evaluate_artifact, write_split_plots
 
     evaluation, scores = evaluate_artifact(arguments.model, arguments.data, resamples=arguments.resamples)
     if arguments.report:
@@ -191,9 +192,9 @@ def _evaluate(arguments: argparse.Namespace) -> int:
 
 
 def _score(arguments: argparse.Namespace) -> int:
-    from scoring.classifier import Classifier  # noqa: PLC0415  # Keeps `pneumoscan --help` instant.
-    from scoring.preprocessing import InvalidImageError  # noqa: PLC0415
-    from scoring.scorer import score_files  # noqa: PLC0415
+    from scoring.classifier import Classifier
+    from scoring.preprocessing import InvalidImageError
+    from scoring.scorer import score_files
 
     classifier = Classifier.from_directory(_local_model(arguments.model, arguments))
     payloads: list[bytes] = []
@@ -225,7 +226,7 @@ def _local_model(model: str, arguments: argparse.Namespace) -> Path:
     """A local artifact folder for ``model``, downloading from S3 when it is an s3:// URL."""
     if not model.startswith("s3://"):
         return Path(model)
-    from scoring.model_registry import ModelRegistry, S3Location  # noqa: PLC0415
+    from scoring.model_registry import ModelRegistry, S3Location
 
     location = S3Location.parse(model)
     registry = ModelRegistry(_s3_client(arguments), location.bucket)
@@ -240,13 +241,13 @@ def _local_model(model: str, arguments: argparse.Namespace) -> Path:
 
 def _s3_client(arguments: argparse.Namespace) -> Any:
     """An S3 client for the endpoint and region the arguments (or the stack's outputs file) name."""
-    import boto3  # noqa: PLC0415
+    import boto3
 
     return boto3.client("s3", endpoint_url=arguments.endpoint_url, region_name=getattr(arguments, "region", None))
 
 
 def _publish(arguments: argparse.Namespace) -> int:
-    from scoring.model_registry import ModelRegistry  # noqa: PLC0415
+    from scoring.model_registry import ModelRegistry
 
     bucket = _model_bucket(arguments)
     prefix = ModelRegistry(_s3_client(arguments), bucket).publish(arguments.model)
@@ -255,7 +256,7 @@ def _publish(arguments: argparse.Namespace) -> int:
 
 
 def _promote(arguments: argparse.Namespace) -> int:
-    from scoring.model_registry import ModelRegistry, PromotionRefusedError  # noqa: PLC0415
+    from scoring.model_registry import ModelRegistry, PromotionRefusedError
 
     bucket = _model_bucket(arguments)  # Resolved first: an outputs file also names the endpoint.
     registry = ModelRegistry(_s3_client(arguments), bucket)
@@ -269,9 +270,9 @@ def _promote(arguments: argparse.Namespace) -> int:
 
 
 def _result(arguments: argparse.Namespace) -> int:
-    import boto3  # noqa: PLC0415
+    import boto3
 
-    from scoring.results import ResultsTable  # noqa: PLC0415
+    from scoring.results import ResultsTable
 
     stack = _stack(arguments)
     table = stack.results_table if stack is not None else arguments.table
@@ -294,13 +295,13 @@ def _result(arguments: argparse.Namespace) -> int:
 
 
 def _demo(arguments: argparse.Namespace) -> int:
-    from infra.demo import run_demo  # noqa: PLC0415  # moto loads only for the local stack.
+    from infra.demo import run_demo
 
     return run_demo(SAMPLES, arguments.model, timeout_seconds=arguments.timeout)
 
 
 def _soak(arguments: argparse.Namespace) -> int:
-    from infra.soak import print_report, run_soak  # noqa: PLC0415  # moto loads only for the local stack.
+    from infra.soak import print_report, run_soak
 
     logging.getLogger().setLevel(logging.WARNING)  # Thousands of per-image log lines would drown the figures.
     sample = SAMPLES / "PNEUMONIA" / "person100_bacteria_475.jpeg"
@@ -310,9 +311,7 @@ def _soak(arguments: argparse.Namespace) -> int:
 
 
 def _local_up(arguments: argparse.Namespace) -> int:
-    import threading  # noqa: PLC0415
-
-    from infra.local_stack import LocalStack  # noqa: PLC0415  # moto loads only for the local stack.
+    from infra.local_stack import LocalStack
 
     with LocalStack(port=arguments.port, retry_delay_seconds=arguments.retry_delay) as stack:
         assert stack.outputs is not None

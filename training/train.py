@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from scoring.classifier import Classifier
 from scoring.model_card import CARD_FILE, MODEL_FILE, sha256_of
 from training.calibration import TARGET_SENSITIVITY, choose_threshold, fit_temperature, sigmoid
 from training.config import TrainingConfig
@@ -128,8 +129,6 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
     write_card(output_dir, card)
 
     # From here on the served artifact itself is measured, never the Keras model.
-    from scoring.classifier import Classifier  # noqa: PLC0415  # Loaded only once the artifact exists.
-
     served = Classifier.from_directory(output_dir)
     validation_scores = score_image_set(served, validation_set)
     test_set = load_images(test_files, size=config.image_size)
