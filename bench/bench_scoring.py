@@ -1,7 +1,8 @@
 """Scoring speed on this machine, LiteRT (what is served) side by side with full TensorFlow/Keras.
 
 Warm per-image latency split into decode, preprocess and inference (224 px and ~2000 px JPEG); throughput per
-core for batches of 1 and 10; cold start (new process -> first result) with peak RSS. One thread throughout, as
+core for batches of 1 and 10; cold start (new process -> first result) with peak RSS; the latency an explained
+image adds (the explainer's inference and the heatmap overlay PNG of a ~2000 px film). One thread throughout, as
 in a Lambda invocation. Run with `make bench`; merges its figures into bench/results.json.
 """
 
@@ -21,6 +22,8 @@ import numpy as np
 from PIL import Image
 
 from scoring.classifier import Classifier
+from scoring.explainer import render_overlay
+from scoring.model_card import EXPLAINER_FILE
 from scoring.preprocessing import decode, resize_for_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +111,44 @@ def throughput(infer: Callable[[np.ndarray], Any], size: int, data: bytes, batch
     return round(THROUGHPUT_IMAGES / (time.perf_counter() - started), 1)
 
 
+def explainer_latency(classifier: Classifier, large: bytes) -> dict[str, Any]:
+    """What explaining one image adds to scoring it, p50 and p95: the explainer's inference on the model input,
+    then the overlay PNG, rendered as the pipeline does on the decoded film. A large JPEG is decoded at reduced
+    scale (draft mode), so its overlay is small; a PNG or DICOM film arrives at full resolution, the worst case,
+    measured on the same ~2000 px film decoded fully."""
+    explainer = classifier.explainer
+    if explainer is None:
+        raise RuntimeError(f"{RELEASE_MODEL} has no explainer; run python -m training.explain first")
+    size = classifier.input_size
+    decoded = decode(large, size)
+    pixels = resize_for_model(decoded, size).pixels[np.newaxis]
+    full = Image.open(io.BytesIO(large)).convert("L")
+    full.load()
+    films = {"jpeg": decoded.grayscale, "full_resolution": full}
+    stages: dict[str, list[float]] = {"inference": [], "overlay_jpeg": [], "overlay_full_resolution": []}
+    overlays: dict[str, bytes] = {}
+    for repeat in range(WARM_REPEATS + 10):
+        start = time.perf_counter()
+        contribution_map = explainer.maps(pixels)[0]
+        elapsed = {"inference": time.perf_counter() - start}
+        for name, film in films.items():
+            start = time.perf_counter()
+            overlays[name] = render_overlay(film, contribution_map)
+            elapsed[f"overlay_{name}"] = time.perf_counter() - start
+        if repeat >= 10:
+            for stage, seconds in elapsed.items():
+                stages[stage].append(seconds)
+    return {
+        "grid": explainer.grid,
+        **{
+            f"{name}_px": {"film": list(film.size), "overlay": list(Image.open(io.BytesIO(overlays[name])).size)}
+            for name, film in films.items()
+        },
+        "overlay_png_bytes": {name: len(png) for name, png in overlays.items()},
+        **{name: percentiles(values) for name, values in stages.items()},
+    }
+
+
 def cold_start(program: str) -> dict[str, float]:
     """New process -> first result: the median of a few runs, and the largest peak RSS of one process."""
     runs = []
@@ -169,25 +210,28 @@ def main() -> dict[str, Any]:
     classifier = Classifier.from_directory(RELEASE_MODEL, num_threads=1)
     large = full_resolution_jpeg()
     litert = measure("LiteRT", classifier.logits, classifier.input_size, large, LITERT_COLD_START)
+    explained = explainer_latency(classifier, large)
     keras_infer, keras_size = keras_inference()
     keras_figures = measure("TensorFlow/Keras", keras_infer, keras_size, large, KERAS_COLD_START)
     figures: dict[str, Any] = {
         "model_version": classifier.spec.version,
         "litert": litert,
         "tensorflow": keras_figures,
+        "explainer": explained,
         "model_bytes": {
             "model.tflite": (RELEASE_MODEL / "model.tflite").stat().st_size,
             "model.keras": RELEASE_KERAS.stat().st_size,
+            EXPLAINER_FILE: (RELEASE_MODEL / EXPLAINER_FILE).stat().st_size,
         },
     }
-    print_tables(litert, keras_figures)
+    print_tables(litert, keras_figures, explained)
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**existing, "scoring": figures}, indent=2) + "\n")
     return figures
 
 
-def print_tables(litert: dict[str, Any], keras_figures: dict[str, Any]) -> None:
-    """Markdown: per-stage latency of each runtime, then the side-by-side with ratios."""
+def print_tables(litert: dict[str, Any], keras_figures: dict[str, Any], explained: dict[str, Any]) -> None:
+    """Markdown: per-stage latency of each runtime, the side-by-side with ratios, then what an explained image adds."""
     print("| runtime | image | decode p50/p95 ms | preprocess p50/p95 ms | inference p50/p95 ms | total p50/p95 ms |")
     print("|---|---|---|---|---|---|")
     for figures in (litert, keras_figures):
@@ -208,6 +252,15 @@ def print_tables(litert: dict[str, Any], keras_figures: dict[str, Any]) -> None:
     for label, pick in rows:
         served, full = pick(litert), pick(keras_figures)
         print(f"| {label} | {served} | {full} | {full / served:.2f}x |")
+    print("\n| explained image (LiteRT) | p50/p95 ms |\n|---|---|")
+    explained_rows = [("inference", f"explainer inference ({explained['grid']} x {explained['grid']} map)")]
+    for name, label in (("jpeg", "JPEG, draft-decoded"), ("full_resolution", "PNG/DICOM, full resolution")):
+        (width, height), (overlay_width, overlay_height) = explained[f"{name}_px"].values()
+        explained_rows.append(
+            (f"overlay_{name}", f"overlay PNG, {label} {width} x {height} -> {overlay_width} x {overlay_height}")
+        )
+    for stage, label in explained_rows:
+        print(f"| {label} | {explained[stage]['p50_ms']:.2f} / {explained[stage]['p95_ms']:.2f} |")
 
 
 if __name__ == "__main__":

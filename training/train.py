@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from scoring.classifier import Classifier
-from scoring.model_card import CARD_FILE, MODEL_FILE, sha256_of
+from scoring.model_card import MODEL_FILE, sha256_of, write_card
 from training.calibration import TARGET_SENSITIVITY, choose_threshold, fit_temperature, sigmoid
 from training.config import TrainingConfig
 from training.data import (
@@ -35,6 +35,7 @@ from training.data import (
     patient_level_split,
 )
 from training.evaluate import ArtifactScores, score_image_set, write_split_plots
+from training.explain import export_explainer
 from training.export import export
 from training.metrics import evaluate
 from training.models import build_classifier, build_ensemble, build_training_model
@@ -55,7 +56,8 @@ class DataSplits:
 
 
 def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfig) -> dict[str, Any]:
-    """Run the whole job and write ``model.tflite``, ``model_card.json`` and ``report/`` to ``output_dir``."""
+    """Run the whole job and write ``model.tflite``, ``explain.tflite`` (for architectures that have a class
+    activation map), ``model_card.json`` and ``report/`` to ``output_dir``."""
     started = time.monotonic()
     source_commit = git_commit()  # Read before the long run, so later edits to the tree cannot be recorded.
     keras.utils.set_random_seed(config.seed)
@@ -93,6 +95,10 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / MODEL_FILE).write_bytes(exported.model_bytes)
+    # The explainer is checked against the LiteRT model just written, on validation images only.
+    explainer = export_explainer(
+        classifier, output_dir, served_model=output_dir / MODEL_FILE, images=validation_set.images
+    )
     classifier.save(output_dir / KERAS_FILE)
     version = f"{config.architecture}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     card: dict[str, Any] = {
@@ -114,6 +120,7 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
             "threshold_rule": f"highest validation threshold with sensitivity >= {TARGET_SENSITIVITY}",
         },
         "export": exported.to_dict(),
+        **({"explainer": explainer} if explainer is not None else {}),
         "data": {
             "fit": fit_set.class_counts(),
             "validation": validation_set.class_counts(),
@@ -195,10 +202,6 @@ def write_report(
     plot_learning_curves(histories, report_dir / "learning_curves.png")
     write_split_plots(report_dir, "test", test_scores, threshold, reference=validation_scores)
     (report_dir / "history.json").write_text(json.dumps(histories, indent=1))
-
-
-def write_card(output_dir: Path, card: dict[str, Any]) -> None:
-    (output_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
 
 
 def git_commit() -> str:

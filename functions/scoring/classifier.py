@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from scoring.model_card import MODEL_FILE, ServingSpec, verify_artifact
+from scoring.explainer import Explainer
+from scoring.model_card import EXPLAINER_FILE, MODEL_FILE, ServingSpec, verify_artifact, verify_file
 
 
 @dataclass(frozen=True)
@@ -27,22 +28,41 @@ class Prediction:
 class Classifier:
     """A verified model artifact loaded into a LiteRT interpreter, scoring batches of preprocessed images."""
 
-    def __init__(self, model_path: Path, spec: ServingSpec, num_threads: int = 1) -> None:
+    def __init__(
+        self, model_path: Path, spec: ServingSpec, num_threads: int = 1, *, directory: Path | None = None
+    ) -> None:
+        """``directory`` is the artifact folder the explainer is loaded from; without it there is no explainer."""
         self.spec = spec
+        self.directory = directory
+        self._num_threads = num_threads
         self._interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
         self._input_index = self._interpreter.get_input_details()[0]["index"]
         self._output_index = self._interpreter.get_output_details()[0]["index"]
         self._batch_size = 0
+        self._explainer: Explainer | None = None
 
     @classmethod
     def from_directory(cls, directory: Path, num_threads: int = 1) -> Classifier:
-        """Load an artifact directory after checking its model file against the card's sha256."""
+        """Load an artifact directory after checking its model file (and explainer) against the card's sha256."""
         spec = verify_artifact(directory)
-        return cls(directory / MODEL_FILE, spec, num_threads=num_threads)
+        return cls(directory / MODEL_FILE, spec, num_threads=num_threads, directory=directory)
 
     @property
     def input_size(self) -> int:
         return self.spec.input_size
+
+    @property
+    def explainer(self) -> Explainer | None:
+        """The card's class-activation explainer, or None when the card names none.
+
+        It is loaded on first use, so a cold start that explains nothing never pays for it; its file is checked
+        against the card's sha256 again at that moment, because the folder may have changed since the model loaded.
+        """
+        if self._explainer is None and self.spec.explainer_sha256 is not None and self.directory is not None:
+            path = self.directory / EXPLAINER_FILE
+            verify_file(path, self.spec.explainer_sha256)
+            self._explainer = Explainer(path, num_threads=self._num_threads)
+        return self._explainer
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """Raw PNEUMONIA logits of a ``(n, size, size, 1)`` uint8 batch."""

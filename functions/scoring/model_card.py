@@ -1,7 +1,8 @@
 """The model card: the JSON document that travels with every ``model.tflite``.
 
 Training writes it; the scorer reads the fields it serves with (input size, temperature, threshold, class names,
-model checksum) and ignores the rest, which is the training record for people.
+model checksum, and the optional explainer's checksum and bias) and ignores the rest, which is the training record
+for people.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 MODEL_FILE = "model.tflite"
 CARD_FILE = "model_card.json"
+EXPLAINER_FILE = "explain.tflite"
+"""The optional class-activation-map model; an artifact has one only when its card has an ``explainer`` section."""
 
 
 class ModelArtifactError(RuntimeError):
@@ -31,6 +34,10 @@ class ServingSpec:
     threshold: float
     model_sha256: str
     test_auc: float | None
+    explainer_sha256: str | None = None
+    """Checksum of ``explain.tflite``; None when the card names no explainer."""
+    explainer_bias: float | None = None
+    """The logit's bias: ``logit = explainer_bias + mean(map)`` for the explainer's contribution map."""
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> ServingSpec:
@@ -40,6 +47,10 @@ class ServingSpec:
             if class_names != ("NORMAL", "PNEUMONIA"):
                 raise ModelArtifactError(f"unexpected class names {class_names}")
             test = card.get("metrics", {}).get("test") or {}
+            explainer = card.get("explainer")
+            if explainer is not None and explainer.get("file", EXPLAINER_FILE) != EXPLAINER_FILE:
+                # The file name is fixed, so a card can never point the scorer at another path.
+                raise ModelArtifactError(f"the explainer must be {EXPLAINER_FILE}, not {explainer['file']!r}")
             return cls(
                 version=str(card["version"]),
                 input_size=int(card["input"]["size"]),
@@ -48,9 +59,13 @@ class ServingSpec:
                 threshold=float(card["calibration"]["threshold"]),
                 model_sha256=str(card["model_sha256"]),
                 test_auc=float(test["auc"]["value"]) if "auc" in test else None,
+                explainer_sha256=str(explainer["sha256"]) if explainer is not None else None,
+                explainer_bias=float(explainer["bias"]) if explainer is not None else None,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelArtifactError(f"model card is missing or has a malformed field: {error!r}") from error
+        except AttributeError as error:
+            raise ModelArtifactError(f"model card has a malformed explainer section: {error!r}") from error
 
 
 def sha256_of(path: Path) -> str:
@@ -71,13 +86,25 @@ def read_card(directory: Path) -> dict[str, Any]:
     return card
 
 
+def write_card(directory: Path, card: dict[str, Any]) -> None:
+    """Write ``model_card.json`` as training does: two-space indents, keys in the order given."""
+    (directory / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+
 def verify_artifact(directory: Path) -> ServingSpec:
-    """Check that the artifact's model file matches the sha256 its card states, and return the serving spec."""
+    """Check that the artifact's model file (and explainer, when the card names one) matches the sha256 its card
+    states, and return the serving spec."""
     spec = ServingSpec.from_card(read_card(directory))
-    model_path = directory / MODEL_FILE
-    if not model_path.is_file():
-        raise ModelArtifactError(f"{model_path} does not exist")
-    actual = sha256_of(model_path)
-    if actual != spec.model_sha256:
-        raise ModelArtifactError(f"{model_path} has sha256 {actual}, but its card states {spec.model_sha256}")
+    verify_file(directory / MODEL_FILE, spec.model_sha256)
+    if spec.explainer_sha256 is not None:
+        verify_file(directory / EXPLAINER_FILE, spec.explainer_sha256)
     return spec
+
+
+def verify_file(path: Path, expected_sha256: str) -> None:
+    """Raise ``ModelArtifactError`` unless ``path`` exists and has the expected sha256."""
+    if not path.is_file():
+        raise ModelArtifactError(f"{path} does not exist")
+    actual = sha256_of(path)
+    if actual != expected_sha256:
+        raise ModelArtifactError(f"{path} has sha256 {actual}, but its card states {expected_sha256}")

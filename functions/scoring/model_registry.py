@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scoring.model_card import CARD_FILE, MODEL_FILE, ServingSpec, read_card, verify_artifact
+from scoring.model_card import CARD_FILE, EXPLAINER_FILE, MODEL_FILE, ServingSpec, read_card, verify_artifact
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 MODELS_PREFIX = "models/"
 POINTER_KEY = "models/current.json"
 ARTIFACT_FILES = (MODEL_FILE, CARD_FILE)
+OPTIONAL_ARTIFACT_FILES = (EXPLAINER_FILE,)
+"""Published when the artifact has them; downloaded when the card names them."""
 
 
 class RegistryError(RuntimeError):
@@ -73,10 +75,12 @@ class ModelRegistry:
         self.bucket = bucket
 
     def publish(self, artifact_dir: Path) -> str:
-        """Upload a verified artifact (and its ``report/``) to ``models/<version>/``; returns the prefix."""
+        """Upload a verified artifact (its explainer and ``report/`` too) to ``models/<version>/``; returns the
+        prefix."""
         spec = verify_artifact(artifact_dir)
         prefix = f"{MODELS_PREFIX}{spec.version}/"
         files = [artifact_dir / name for name in ARTIFACT_FILES]
+        files += [artifact_dir / name for name in OPTIONAL_ARTIFACT_FILES if (artifact_dir / name).is_file()]
         files += sorted(p for p in (artifact_dir / "report").rglob("*") if p.is_file())
         for path in files:
             key = prefix + path.relative_to(artifact_dir).as_posix()
@@ -126,13 +130,14 @@ class ModelRegistry:
         return pointer
 
     def download(self, prefix: str, destination: Path) -> ServingSpec:
-        """Fetch an artifact's model and card into ``destination`` and verify the model's sha256."""
+        """Fetch an artifact's card, then the files it names (the model, and the explainer when there is one),
+        into ``destination`` and verify their sha256."""
         destination.mkdir(parents=True, exist_ok=True)
-        for name in ARTIFACT_FILES:
-            self._call(
-                "download",
-                lambda n=name: self._s3.download_file(self.bucket, prefix + n, str(destination / n)),
-            )
+        self._download(prefix + CARD_FILE, destination / CARD_FILE)
+        spec = ServingSpec.from_card(read_card(destination))
+        names = [MODEL_FILE] + ([EXPLAINER_FILE] if spec.explainer_sha256 is not None else [])
+        for name in names:
+            self._download(prefix + name, destination / name)
         return verify_artifact(destination)
 
     def download_current(self, cache_root: Path | None = None) -> tuple[ModelPointer, Path]:
@@ -141,14 +146,22 @@ class ModelRegistry:
         return pointer, self.fetch(pointer, cache_root)
 
     def fetch(self, pointer: ModelPointer, cache_root: Path | None = None) -> Path:
-        """The pointed-to artifact in ``cache_root/<version>``, downloaded unless a verified copy is there."""
+        """The pointed-to artifact in ``cache_root/<version>``, downloaded unless a verified copy of the same card
+        is there (a card can gain files, such as an explainer, without its model changing)."""
         root = cache_root or Path(tempfile.gettempdir()) / "pneumoscan-models"
         destination = root / pointer.version
-        if (destination / MODEL_FILE).is_file() and read_card(destination).get("model_sha256") == pointer.model_sha256:
+        if (
+            (destination / MODEL_FILE).is_file()
+            and read_card(destination).get("model_sha256") == pointer.model_sha256
+            and read_card(destination) == self._read_json(pointer.prefix + CARD_FILE)
+        ):
             verify_artifact(destination)
             return destination
         self.download(pointer.prefix, destination)
         return destination
+
+    def _download(self, key: str, path: Path) -> None:
+        self._call("download", lambda: self._s3.download_file(self.bucket, key, str(path)))
 
     def _read_json(self, key: str) -> dict[str, Any]:
         try:
