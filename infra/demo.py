@@ -1,8 +1,10 @@
 """The demo: the local stack comes up, the release model is published and promoted, the sample X-rays are uploaded
-to ``incoming/``, and their results are read back from the results table and printed."""
+to ``incoming/``, their results are read back from the results table and printed, with their heatmaps, and the
+result events a downstream subscriber of the results bus received are counted."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 from infra.local_stack import LocalStack
 from scoring.model_card import read_card
 from scoring.model_registry import ModelRegistry
+from scoring.results import ResultsTable
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 
@@ -30,7 +33,8 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
         assert stack.outputs is not None
         outputs = stack.outputs
         print(f"local stack up at {outputs.endpoint_url} ({time.perf_counter() - started:.1f} s)")
-        s3, dynamodb = stack.client("s3"), stack.client("dynamodb")
+        s3, dynamodb, sqs = stack.client("s3"), stack.client("dynamodb"), stack.client("sqs")
+        subscriber = _subscribe(stack.client("events"), sqs, outputs.event_bus)
         registry = ModelRegistry(s3, outputs.model_bucket)
         registry.publish(model_dir)
         version = read_card(model_dir)["version"]
@@ -42,8 +46,14 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
             s3.put_object(Bucket=outputs.input_bucket, Key=key, Body=path.read_bytes())
             keys[key] = path.parent.name
         print(f"uploaded {len(keys)} X-rays to s3://{outputs.input_bucket}/{outputs.input_prefix}")
-        results = _wait_for_results(dynamodb, outputs.results_table, outputs.input_bucket, keys, timeout_seconds)
+        results = _wait_for_results(
+            ResultsTable(dynamodb, outputs.results_table), outputs.input_bucket, keys, timeout_seconds
+        )
+        events = _wait_for_events(sqs, subscriber, len(keys), timeout_seconds=10)
     _print_table(results)
+    heatmaps = [r.item["heatmap_key"] for r in results if r.item is not None and "heatmap_key" in r.item]
+    if heatmaps:
+        print(f"\nheatmaps are PNG overlays in the heatmap bucket, e.g. {heatmaps[0]}")
     missing = [r.key for r in results if r.item is None]
     scored = [r for r in results if r.item is not None and r.item["status"] == "SCORED"]
     agree = sum(r.item is not None and r.item.get("label") == r.expected for r in scored)
@@ -52,33 +62,53 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
         f"\n{len(scored)} scored, {len(results) - len(scored) - len(missing)} rejected, {len(missing)} missing; "
         f"{agree} of {len(scored)} agree with the data set's label; "
         f"median latency {latencies[len(latencies) // 2] if latencies else float('nan'):.0f} ms; "
+        f"{len(heatmaps)} heatmaps; "
+        f"{events} result events received by a subscriber of the results bus; "
         f"total {time.perf_counter() - started:.1f} s"
     )
     return 1 if missing else 0
 
 
+def _subscribe(events: Any, sqs: Any, bus: str) -> str:
+    """A downstream system: a queue that a rule on the results bus feeds with every result event."""
+    queue_url: str = sqs.create_queue(QueueName="demo-downstream")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    events.put_rule(Name="demo-downstream", EventBusName=bus, EventPattern=json.dumps({"source": ["pneumoscan"]}))
+    events.put_targets(Rule="demo-downstream", EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
+    return queue_url
+
+
+def _wait_for_events(sqs: Any, queue_url: str, expected: int, timeout_seconds: float) -> int:
+    deadline = time.monotonic() + timeout_seconds
+    received = 0
+    while received < expected and time.monotonic() < deadline:
+        messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
+        for message in messages:
+            received += 1
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+        if not messages:
+            time.sleep(0.2)
+    return received
+
+
 def _wait_for_results(
-    dynamodb: Any, table: str, bucket: str, keys: dict[str, str], timeout_seconds: float
+    table: ResultsTable, bucket: str, keys: dict[str, str], timeout_seconds: float
 ) -> list[DemoResult]:
     deadline = time.monotonic() + timeout_seconds
     found: dict[str, dict[str, Any]] = {}
     while len(found) < len(keys) and time.monotonic() < deadline:
         for key in keys.keys() - found.keys():
-            items = dynamodb.query(
-                TableName=table,
-                KeyConditionExpression="image_key = :k",
-                ExpressionAttributeValues={":k": {"S": f"s3://{bucket}/{key}"}},
-                ScanIndexForward=False,
-                Limit=1,
-            )["Items"]
-            if items:
-                found[key] = {name: next(iter(value.values())) for name, value in items[0].items()}
+            item = table.latest(f"s3://{bucket}/{key}")
+            if item is not None:
+                found[key] = item
         time.sleep(0.2)
     return [DemoResult(key, expected, found.get(key)) for key, expected in keys.items()]
 
 
 def _print_table(results: list[DemoResult]) -> None:
-    print(f"\n{'key':<46} {'expected':<10} {'label':<10} {'confidence':>10} {'model version':<24} {'latency':>8}")
+    print(
+        f"\n{'key':<46} {'expected':<10} {'label':<10} {'confidence':>10} {'model version':<24} {'latency':>8}  heatmap"
+    )
     for result in results:
         item = result.item
         if item is None:
@@ -88,5 +118,6 @@ def _print_table(results: list[DemoResult]) -> None:
         confidence = f"{float(item['confidence']):.3f}" if "confidence" in item else item.get("reason", "")
         print(
             f"{result.key:<46} {result.expected:<10} {label:<10} {confidence:>10} "
-            f"{item.get('model_version', '-'):<24} {float(item['latency_ms']):>6.0f}ms"
+            f"{item.get('model_version', '-'):<24} {float(item['latency_ms']):>6.0f}ms  "
+            f"{'yes' if 'heatmap_key' in item else '-'}"
         )

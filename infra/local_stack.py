@@ -1,5 +1,6 @@
-"""The local stack: template.yaml's data plane on a moto server, and an SQS event-source-mapping emulator that feeds
-the real scoring handler with Lambda's semantics.
+"""The local stack: template.yaml's data plane on a moto server, an SQS event-source-mapping emulator that feeds
+the real scoring handler with Lambda's semantics, and a DynamoDB-stream emulator that feeds the real result
+publisher, which puts one event per result on the results bus.
 
 The emulator reads the function's SQS event from the template (batch size, batching window,
 ``ReportBatchItemFailures``). Like Lambda it receives a batch with the queue's visibility timeout, invokes the
@@ -21,6 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from moto.server import ThreadedMotoServer
 
 from infra.resources import StackOutputs, create_data_plane
 from infra.template import load_template, parameter_defaults
-from scoring import handler
+from scoring import handler, publisher
 from scoring.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -215,11 +217,157 @@ class SqsEventSourceEmulator:
 
 
 @dataclass(frozen=True)
+class StreamEventSourceMapping:
+    """The DynamoDB stream event of the result publisher, as the template declares it."""
+
+    batch_size: int
+    maximum_retry_attempts: int
+    event_names: frozenset[str] | None
+    """The event names the filter lets through; None when the event source has no filter."""
+
+    @classmethod
+    def from_template(
+        cls, template: dict[str, Any], function: str = "ResultPublisherFunction"
+    ) -> StreamEventSourceMapping:
+        events = template["Resources"][function]["Properties"]["Events"]
+        properties = next(event["Properties"] for event in events.values() if event["Type"] == "DynamoDB")
+        names: set[str] = set()
+        for pattern in properties.get("FilterCriteria", {}).get("Filters", []):
+            names.update(json.loads(pattern["Pattern"]).get("eventName", []))
+        return cls(
+            batch_size=int(properties.get("BatchSize", 100)),
+            maximum_retry_attempts=int(properties.get("MaximumRetryAttempts", -1)),
+            event_names=frozenset(names) or None,
+        )
+
+
+class DynamoDbStreamEmulator:
+    """Reads the table's stream from its start and invokes the handler with Lambda's stream batch semantics:
+    in order per shard, and after a partial failure again from the first failed record, until the retry budget
+    is spent (then the batch's description goes to the on-failure queue, as Lambda's destination does)."""
+
+    def __init__(
+        self,
+        streams: Any,
+        stream_arn: str,
+        handler: Handler,
+        mapping: StreamEventSourceMapping,
+        *,
+        sqs: Any = None,
+        on_failure_queue_url: str | None = None,
+        region: str = "us-east-1",
+    ) -> None:
+        self._streams = streams
+        self._stream_arn = stream_arn
+        self._handler = handler
+        self._mapping = mapping
+        self._sqs = sqs
+        self._on_failure_queue_url = on_failure_queue_url
+        self._region = region
+        self._iterators: dict[str, str | None] = {}
+        self.delivered = 0
+        self.parked = 0
+
+    def poll_once(self) -> int:
+        """Deliver what each shard has gathered since the last poll; returns how many records were read."""
+        shards = self._streams.describe_stream(StreamArn=self._stream_arn)["StreamDescription"]["Shards"]
+        read = 0
+        for shard in shards:
+            shard_id = shard["ShardId"]
+            if shard_id not in self._iterators:
+                self._iterators[shard_id] = self._streams.get_shard_iterator(
+                    StreamArn=self._stream_arn, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"
+                )["ShardIterator"]
+            iterator = self._iterators[shard_id]
+            if iterator is None:
+                continue
+            response = self._streams.get_records(ShardIterator=iterator, Limit=self._mapping.batch_size)
+            self._iterators[shard_id] = response.get("NextShardIterator")
+            records = response.get("Records", [])
+            read += len(records)
+            wanted = [
+                record
+                for record in records
+                if self._mapping.event_names is None or record["eventName"] in self._mapping.event_names
+            ]
+            if wanted:
+                self._deliver([self._record(record) for record in wanted])
+        return read
+
+    def _deliver(self, records: list[dict[str, Any]]) -> None:
+        attempts = 0
+        while records:
+            try:
+                response = self._handler({"Records": records}, LocalContext(aws_request_id=str(uuid.uuid4())))
+                failed = {item["itemIdentifier"] for item in (response or {}).get("batchItemFailures", [])}
+            except Exception:  # A crashed invocation, whatever the cause, retries the whole batch.
+                logger.exception("stream handler crashed; its batch of %d is retried", len(records))
+                failed = {records[0]["dynamodb"]["SequenceNumber"]}
+            first_failed = next(
+                (index for index, record in enumerate(records) if record["dynamodb"]["SequenceNumber"] in failed),
+                None,
+            )
+            self.delivered += len(records) if first_failed is None else first_failed
+            if first_failed is None:
+                return
+            records = records[first_failed:]
+            attempts += 1
+            if 0 <= self._mapping.maximum_retry_attempts < attempts:
+                self._park(records)
+                return
+
+    def _park(self, records: list[dict[str, Any]]) -> None:
+        """Describe the records that failed every retry on the on-failure queue, as Lambda does."""
+        self.parked += len(records)
+        if self._sqs is None or self._on_failure_queue_url is None:
+            return
+        sequence_numbers = [record["dynamodb"]["SequenceNumber"] for record in records]
+        self._sqs.send_message(
+            QueueUrl=self._on_failure_queue_url,
+            MessageBody=json.dumps(
+                {
+                    "DDBStreamBatchInfo": {
+                        "streamArn": self._stream_arn,
+                        "startSequenceNumber": sequence_numbers[0],
+                        "endSequenceNumber": sequence_numbers[-1],
+                        "batchSize": len(records),
+                    }
+                }
+            ),
+        )
+
+    def _record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A stream record in the shape of Lambda's DynamoDB event record."""
+        change = dict(record["dynamodb"])
+        created = change.get("ApproximateCreationDateTime")
+        if isinstance(created, datetime):
+            # Lambda's event carries epoch seconds where the streams API (through boto3) gives a datetime.
+            change["ApproximateCreationDateTime"] = int(created.timestamp())
+        return {
+            "eventID": record["eventID"],
+            "eventName": record["eventName"],
+            "eventVersion": record.get("eventVersion", "1.1"),
+            "eventSource": "aws:dynamodb",
+            "awsRegion": self._region,
+            "dynamodb": change,
+            "eventSourceARN": self._stream_arn,
+        }
+
+    def run(self, stop: threading.Event, idle_sleep: float = 0.1) -> None:
+        """Poll until ``stop`` is set."""
+        while not stop.is_set():
+            if self.poll_once() == 0:
+                stop.wait(idle_sleep)
+
+
+@dataclass(frozen=True)
 class FaultPlan:
     """Faults injected around the real handler: the soak test's schedule. All rates are per call or message."""
 
     get_object_failure_rate: float = 0.0
     put_item_throttle_rate: float = 0.0
+    put_events_failure_rate: float = 0.0
+    """Share of the result publisher's PutEvents calls that fail, so its batches are retried from the stream."""
     duplicate_rate: float = 0.0
     """Share of S3 notifications delivered twice, as separate SQS messages."""
     crash_on_invocation: int | None = None
@@ -228,7 +376,7 @@ class FaultPlan:
 
 
 class FaultInjectingClient:
-    """A boto3 client whose GetObject fails and whose PutItem is throttled at the plan's rates."""
+    """A boto3 client whose named operations fail at the plan's rates (GetObject, PutItem, PutEvents)."""
 
     def __init__(self, client: Any, failures: dict[str, tuple[float, str]], rng: random.Random) -> None:
         self._client = client
@@ -300,9 +448,10 @@ class LocalStack:
         self.faults = faults or FaultPlan()
         self.fault_clients: list[FaultInjectingClient] = []
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.outputs: StackOutputs | None = None
         self.emulator: SqsEventSourceEmulator | None = None
+        self.stream_emulator: DynamoDbStreamEmulator | None = None
 
     def redrive_policy(self) -> dict[str, Any]:
         """The scoring queue's redrive policy as SQS reports it."""
@@ -328,9 +477,11 @@ class LocalStack:
         if self._quiet:
             self._restore = {
                 "level": handler.logger.log_level,
+                "publisher_level": publisher.logger.log_level,
                 "metrics": os.environ.get("POWERTOOLS_METRICS_DISABLED"),
             }
             handler.logger.setLevel(logging.WARNING)
+            publisher.logger.setLevel(logging.WARNING)
             os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
         # Moto accepts any credentials; clients of this process sign with these unless real ones are set.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
@@ -338,14 +489,15 @@ class LocalStack:
         os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
         os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "pneumoscan")
         template = load_template()
-        clients = {
+        clients: dict[str, Any] = {
             name: boto3.client(name, region_name=self._region, endpoint_url=endpoint_url)
-            for name in ("s3", "sqs", "dynamodb")
+            for name in ("s3", "sqs", "dynamodb", "events", "dynamodbstreams")
         }
         self.outputs = create_data_plane(
             clients["s3"],
             clients["sqs"],
             clients["dynamodb"],
+            clients["events"],
             region=self._region,
             endpoint_url=endpoint_url,
             template=template,
@@ -359,6 +511,7 @@ class LocalStack:
             model_refresh_seconds=5.0,
             model_cache_dir=Path(tempfile.mkdtemp(prefix="pneumoscan-local-models-")),
             max_image_bytes=int({**parameter_defaults(template), **self._parameters}["MaxImageBytes"]),
+            heatmap_bucket=self.outputs.heatmap_bucket,
         )
         rng = random.Random(self.faults.seed)
         s3 = FaultInjectingClient(clients["s3"], {"get_object": (self.faults.get_object_failure_rate, "SlowDown")}, rng)
@@ -367,7 +520,10 @@ class LocalStack:
             {"put_item": (self.faults.put_item_throttle_rate, "ProvisionedThroughputExceededException")},
             rng,
         )
-        self.fault_clients = [s3, dynamodb]
+        events = FaultInjectingClient(
+            clients["events"], {"put_events": (self.faults.put_events_failure_rate, "InternalException")}, rng
+        )
+        self.fault_clients = [s3, dynamodb, events]
         handler.set_pipeline(handler.build_pipeline(settings, s3, dynamodb))
         invoke: Handler = handler.lambda_handler
         if self.faults.crash_on_invocation is not None:
@@ -382,20 +538,45 @@ class LocalStack:
             rng=rng,
             region=self._region,
         )
-        self._thread = threading.Thread(
-            target=self.emulator.run, args=(self._stop,), name="sqs-event-source", daemon=True
+        publisher.set_feed(publisher.EventFeed(events, self.outputs.event_bus))
+        table = clients["dynamodb"].describe_table(TableName=self.outputs.results_table)["Table"]
+        self.stream_emulator = DynamoDbStreamEmulator(
+            clients["dynamodbstreams"],
+            table["LatestStreamArn"],
+            publisher.lambda_handler,
+            StreamEventSourceMapping.from_template(template),
+            sqs=clients["sqs"],
+            on_failure_queue_url=clients["sqs"].get_queue_url(
+                QueueName=f"{self._name_prefix(template)}-PublisherDeadLetterQueue"
+            )["QueueUrl"],
+            region=self._region,
         )
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self.emulator.run, args=(self._stop,), name="sqs-event-source", daemon=True),
+            threading.Thread(
+                target=self.stream_emulator.run, args=(self._stop,), name="stream-event-source", daemon=True
+            ),
+        ]
+        for thread in self._threads:
+            thread.start()
         return self.outputs
+
+    def _name_prefix(self, template: dict[str, Any]) -> str:
+        return str({**parameter_defaults(template), **self._parameters}["NamePrefix"])
 
     def stop(self) -> None:
         """Stop feeding the handler and shut the server down."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
         handler.set_pipeline(None)
+        publisher.set_feed(None)
         if self._restore:
+            # Disabled metrics are never flushed, so they are dropped here rather than leak into a later flush.
+            handler.metrics.clear_metrics()
+            publisher.metrics.clear_metrics()
             handler.logger.setLevel(self._restore["level"])
+            publisher.logger.setLevel(self._restore["publisher_level"])
             if self._restore["metrics"] is None:
                 os.environ.pop("POWERTOOLS_METRICS_DISABLED", None)
             else:

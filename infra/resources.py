@@ -14,7 +14,16 @@ from typing import Any
 from infra.template import Resolver, load_template, parameter_defaults, resources_of_type
 
 _DATA_PLANE_OUTPUTS = frozenset(
-    {"InputBucketName", "InputPrefix", "ModelBucketName", "ResultsTableName", "ScoringQueueUrl", "DeadLetterQueueUrl"}
+    {
+        "InputBucketName",
+        "InputPrefix",
+        "ModelBucketName",
+        "ResultsTableName",
+        "ScoringQueueUrl",
+        "DeadLetterQueueUrl",
+        "HeatmapBucketName",
+        "ResultsEventBusName",
+    }
 )
 
 
@@ -30,6 +39,8 @@ class StackOutputs:
     results_table: str
     queue_url: str
     dlq_url: str
+    heatmap_bucket: str = ""
+    event_bus: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -46,6 +57,8 @@ class StackOutputs:
             results_table=outputs["ResultsTableName"],
             queue_url=outputs["ScoringQueueUrl"],
             dlq_url=outputs["DeadLetterQueueUrl"],
+            heatmap_bucket=outputs["HeatmapBucketName"],
+            event_bus=outputs["ResultsEventBusName"],
         )
 
 
@@ -53,18 +66,20 @@ def create_data_plane(
     s3: Any,
     sqs: Any,
     dynamodb: Any,
+    events: Any,
     *,
     region: str = "us-east-1",
     endpoint_url: str | None = None,
     template: dict[str, Any] | None = None,
     parameters: dict[str, Any] | None = None,
 ) -> StackOutputs:
-    """Create queues, tables and buckets as the template declares them, and return the stack's outputs."""
+    """Create queues, tables, buckets and event buses as the template declares them; return the stack's outputs."""
     template = template or load_template()
     resolver = Resolver(parameters={**parameter_defaults(template), **(parameters or {})}, region=region)
     _create_queues(template, sqs, resolver)
     _create_tables(template, dynamodb, resolver)
     _create_buckets(template, s3, resolver, region)
+    _create_event_buses(template, events, resolver)
     # Outputs of resources that the local stack does not create (the function, alarms, topics) are skipped.
     outputs = {
         name: resolver.resolve(spec["Value"])
@@ -105,6 +120,8 @@ def _create_tables(template: dict[str, Any], dynamodb: Any, resolver: Resolver) 
             "KeySchema": properties["KeySchema"],
             "BillingMode": properties.get("BillingMode", "PROVISIONED"),
         }
+        if "GlobalSecondaryIndexes" in properties:
+            arguments["GlobalSecondaryIndexes"] = properties["GlobalSecondaryIndexes"]
         if "StreamSpecification" in properties:
             arguments["StreamSpecification"] = {"StreamEnabled": True, **properties["StreamSpecification"]}
         if properties.get("SSESpecification", {}).get("SSEEnabled"):
@@ -154,6 +171,14 @@ def _create_buckets(template: dict[str, Any], s3: Any, resolver: Resolver, regio
             )
         resolver.references[logical_id] = name
         resolver.attributes[(logical_id, "Arn")] = f"arn:aws:s3:::{name}"
+
+
+def _create_event_buses(template: dict[str, Any], events: Any, resolver: Resolver) -> None:
+    for logical_id, raw in resources_of_type(template, "AWS::Events::EventBus").items():
+        name = resolver.resolve(raw)["Name"]
+        arn = events.create_event_bus(Name=name)["EventBusArn"]
+        resolver.references[logical_id] = name
+        resolver.attributes[(logical_id, "Arn")] = arn
 
 
 def _queue_notification(configuration: dict[str, Any]) -> dict[str, Any]:

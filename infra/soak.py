@@ -2,9 +2,11 @@
 injected, then proof that nothing was lost or double-counted.
 
 Faults follow a seeded schedule: a share of S3 GetObject calls fail, a share of DynamoDB writes are throttled, a
-share of notifications arrive twice, and one invocation crashes after handling half of its batch. Afterwards every
-valid upload must have exactly one SCORED result from the promoted model, every hostile file a REJECTED result
-with its reason, and the dead-letter queue only the messages whose every delivery failed.
+share of notifications arrive twice, one invocation crashes after handling half of its batch, and a share of the
+result publisher's PutEvents calls fail. Afterwards every valid upload must have exactly one SCORED result from
+the promoted model (with a heatmap when it is called PNEUMONIA), every hostile file a REJECTED result with its
+reason, the dead-letter queue only the messages whose every delivery failed, and a downstream subscriber of the
+results bus at least one event for every result.
 """
 
 from __future__ import annotations
@@ -38,12 +40,17 @@ class SoakReport:
     duplicates_sent: int
     injected_get_object_faults: int
     injected_put_item_faults: int
+    injected_put_events_faults: int
     handler_crashes: int
     in_dlq: int
     predicted_dlq: int
     lost: int
     duplicated_results: int
     wrong_outcomes: int
+    heatmaps: int
+    result_events: int
+    results_without_event: int
+    redelivered_events: int
     wall_seconds: float
     images_per_second: float
     problems: tuple[str, ...]
@@ -73,7 +80,12 @@ def run_soak(
 ) -> SoakReport:
     """Upload ``uploads`` X-rays from the test split plus the corpus, with faults injected, and check the outcome."""
     faults = faults or FaultPlan(
-        get_object_failure_rate=0.05, put_item_throttle_rate=0.05, duplicate_rate=0.10, crash_on_invocation=7, seed=11
+        get_object_failure_rate=0.05,
+        put_item_throttle_rate=0.05,
+        put_events_failure_rate=0.05,
+        duplicate_rate=0.10,
+        crash_on_invocation=7,
+        seed=11,
     )
     keys, files = _plan_uploads(data_root, sample, uploads)
     started = time.perf_counter()
@@ -83,6 +95,7 @@ def run_soak(
         assert stack.outputs is not None and stack.emulator is not None
         outputs = stack.outputs
         s3, sqs, dynamodb = stack.client("s3"), stack.client("sqs"), stack.client("dynamodb")
+        subscriber = _subscribe(stack.client("events"), sqs, outputs.event_bus)
         registry = ModelRegistry(s3, outputs.model_bucket)
         registry.publish(model_dir)
         version = read_card(model_dir)["version"]
@@ -92,6 +105,12 @@ def run_soak(
         _wait_until_drained(sqs, outputs.queue_url, time.monotonic() + timeout_seconds)
         wall = time.perf_counter() - started
         items = _scan(dynamodb, outputs.results_table)
+        events = _receive_events(sqs, subscriber, len(items), time.monotonic() + 120)
+        heatmap_keys = {
+            f"s3://{outputs.heatmap_bucket}/{item['Key']}"
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=outputs.heatmap_bucket)
+            for item in page.get("Contents", [])
+        }
         dead_letters = _drain(sqs, outputs.dlq_url)
         stats = stack.emulator.stats
         injected = {name: count for client in stack.fault_clients for name, count in client.injected.items()}
@@ -99,6 +118,14 @@ def run_soak(
     outcome = _check(files, items, dead_letters, f"s3://{outputs.input_bucket}/", version)
     if len(dead_letters) != predicted_dlq:
         outcome.problems.append(f"DLQ holds {len(dead_letters)} messages, the fault schedule predicts {predicted_dlq}")
+    result_ids = {f"{item['image_key']}#{item['object_sequence']}" for item in items}
+    without_event = result_ids - set(events)
+    outcome.problems.extend(f"no event for {result_id}" for result_id in sorted(without_event)[:5])
+    for item in items:
+        # Every film called PNEUMONIA points to a heatmap that exists; no other result points to one.
+        heatmap = item.get("heatmap_key")
+        if (item.get("label") == "PNEUMONIA") != (heatmap is not None) or (heatmap and heatmap not in heatmap_keys):
+            outcome.problems.append(f"heatmap of {item['image_key']}: {heatmap} for {item.get('label')}")
     return SoakReport(
         uploads=len(files),
         scored=outcome.statuses["SCORED"],
@@ -107,12 +134,17 @@ def run_soak(
         duplicates_sent=stats.duplicates_sent,
         injected_get_object_faults=injected.get("get_object", 0),
         injected_put_item_faults=injected.get("put_item", 0),
+        injected_put_events_faults=injected.get("put_events", 0),
         handler_crashes=stats.handler_crashes,
         in_dlq=len(dead_letters),
         predicted_dlq=predicted_dlq,
         lost=outcome.lost,
         duplicated_results=outcome.duplicated,
         wrong_outcomes=outcome.wrong,
+        heatmaps=sum("heatmap_key" in item for item in items),
+        result_events=len(set(events)),
+        results_without_event=len(without_event),
+        redelivered_events=sum(events.values()) - len(events),
         wall_seconds=round(wall, 1),
         images_per_second=round(len(files) / wall, 1),
         problems=tuple(outcome.problems[:20]),
@@ -180,6 +212,27 @@ def _wait_until_drained(sqs: Any, queue_url: str, deadline: float) -> None:
         )
         quiet = quiet + 1 if waiting == 0 else 0
         time.sleep(1.0)
+
+
+def _subscribe(events: Any, sqs: Any, bus: str) -> str:
+    """A downstream system: a queue that a rule on the results bus feeds with every result event."""
+    queue_url: str = sqs.create_queue(QueueName="soak-downstream")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    events.put_rule(Name="soak-downstream", EventBusName=bus, EventPattern=json.dumps({"source": ["pneumoscan"]}))
+    events.put_targets(Rule="soak-downstream", EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
+    return queue_url
+
+
+def _receive_events(sqs: Any, queue_url: str, expected: int, deadline: float) -> Counter[str]:
+    """How often each result id arrived, until every one of ``expected`` results has or the deadline passes."""
+    received: Counter[str] = Counter()
+    while len(received) < expected and time.monotonic() < deadline:
+        for body in _drain(sqs, queue_url):
+            received[json.loads(body)["detail"]["result_id"]] += 1
+        time.sleep(0.5)
+    for body in _drain(sqs, queue_url):
+        received[json.loads(body)["detail"]["result_id"]] += 1
+    return received
 
 
 def _scan(dynamodb: Any, table: str) -> list[dict[str, Any]]:

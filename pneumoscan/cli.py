@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--force", action="store_true", help="promote even when its test AUC is lower")
     promote.set_defaults(run=_promote)
 
-    result = commands.add_parser("result", help="the latest result of an uploaded image from the results table")
-    _add_stack_arguments(result, bucket=False)
-    result.add_argument("--table", help="results table name (or --stack-name / --outputs)")
-    result.add_argument("image_key", metavar="KEY", help="s3://bucket/key, or a key of the stack's input bucket")
-    result.set_defaults(run=_result)
+    _add_operations_commands(commands)
 
     demo = commands.add_parser("demo", help="round trip of the sample X-rays through the local stack")
     demo.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
@@ -114,6 +111,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(run=_local_up)
     return parser
+
+
+def _add_operations_commands(commands: Any) -> None:
+    """The commands ops and downstream systems use day to day on a running stack."""
+    results = commands.add_parser(
+        "results",
+        aliases=["result"],
+        help="an image's latest result and history, or every result scored since a time",
+        description="Give KEY for one image's latest result and its history, or --since for a page of results.",
+    )
+    _add_stack_arguments(results, bucket=False)
+    results.add_argument("--table", help="results table name (or --stack-name / --outputs)")
+    results.add_argument(
+        "image_key", nargs="?", metavar="KEY", help="s3://bucket/key, or a key of the stack's input bucket"
+    )
+    results.add_argument("--since", type=_timestamp, help="ISO 8601 time, e.g. 2026-11-28T08:00Z (UTC if no zone)")
+    results.add_argument("--until", type=_timestamp, help="ISO 8601 time (default: now)")
+    results.add_argument("--status", choices=("SCORED", "REJECTED"), help="only results of this status")
+    results.add_argument("--limit", type=int, default=100, help="results per page (default 100)")
+    results.add_argument("--page-token", help="continue a --since listing where the previous page ended")
+    results.add_argument("--format", choices=("json", "table"), default="json", help="output format")
+    results.set_defaults(run=_results)
+
+    backfill = commands.add_parser(
+        "backfill", help="enqueue existing uploads under a prefix for (re-)scoring by the promoted model"
+    )
+    _add_stack_arguments(backfill, bucket=False)
+    backfill.add_argument("--prefix", help="key prefix to backfill (default: the stack's whole input prefix)")
+    backfill.add_argument(
+        "--model-version", help="the model that must score them: the promoted one (default: whichever is promoted)"
+    )
+    backfill.add_argument("--explain", action="store_true", help="store a heatmap for every image, not only PNEUMONIA")
+    backfill.add_argument("--rate", type=float, default=50.0, help="messages per second (default 50)")
+    backfill.add_argument("--state", type=Path, help="resume file (default: .pneumoscan-backfill/<plan>.json)")
+    backfill.set_defaults(run=_backfill)
 
 
 def _add_stack_arguments(parser: argparse.ArgumentParser, bucket: bool = True) -> None:
@@ -269,28 +301,97 @@ def _promote(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _result(arguments: argparse.Namespace) -> int:
+def _timestamp(text: str) -> datetime:
+    """An ISO 8601 time for --since and --until; UTC when it names no zone."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from error
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _results(arguments: argparse.Namespace) -> int:
     import boto3
 
-    from scoring.results import ResultsTable
+    from pneumoscan.output import print_history, print_page
+    from scoring.results import InvalidPageTokenError, ResultsTable
 
+    if (arguments.image_key is None) == (arguments.since is None):
+        raise SystemExit("give either KEY (one image) or --since (results scored since a time)")
     stack = _stack(arguments)
-    table = stack.results_table if stack is not None else arguments.table
-    if not table:
+    table_name = stack.results_table if stack is not None else arguments.table
+    if not table_name:
         raise SystemExit("name the results table with --table, --stack-name or --outputs")
+    dynamodb = boto3.client(
+        "dynamodb", endpoint_url=arguments.endpoint_url, region_name=getattr(arguments, "region", None)
+    )
+    table = ResultsTable(dynamodb, table_name)
+    if arguments.since is not None:
+        try:
+            page = table.scored_since(
+                arguments.since,
+                until=arguments.until,
+                status=arguments.status,
+                limit=arguments.limit,
+                page_token=arguments.page_token,
+            )
+        except InvalidPageTokenError as error:
+            raise SystemExit(str(error)) from error
+        print_page(page, arguments.format)
+        return 0
     image_key = arguments.image_key
     if not image_key.startswith("s3://"):
         if stack is None:
             raise SystemExit("give the full s3://bucket/key, or --stack-name / --outputs to name the input bucket")
         image_key = f"s3://{stack.input_bucket}/{image_key}"
-    dynamodb = boto3.client(
-        "dynamodb", endpoint_url=arguments.endpoint_url, region_name=getattr(arguments, "region", None)
-    )
-    item = ResultsTable(dynamodb, table).latest(image_key)
-    if item is None:
+    history = table.history(image_key)
+    if not history:
         print(json.dumps({"image_key": image_key, "error": "no result yet"}))
         return 1
-    print(json.dumps(item, default=str))
+    print_history(image_key, table.latest(image_key), history, arguments.format)
+    return 0
+
+
+def _backfill(arguments: argparse.Namespace) -> int:
+    import boto3
+    from tqdm import tqdm
+
+    from infra.backfill import Backfill, BackfillError, BackfillPlan, default_state_path
+    from scoring.model_registry import ModelRegistry, RegistryError
+
+    stack = _stack(arguments)
+    if stack is None:
+        raise SystemExit("name the stack with --stack-name or --outputs")
+    prefix = arguments.prefix if arguments.prefix is not None else stack.input_prefix
+    if not prefix.startswith(stack.input_prefix):
+        raise SystemExit(f"the function scores only keys under {stack.input_prefix!r}; {prefix!r} is outside it")
+    try:
+        promoted = ModelRegistry(_s3_client(arguments), stack.model_bucket).current().version
+    except RegistryError as error:
+        raise SystemExit(f"cannot read the promoted model: {error}") from error
+    if arguments.model_version and arguments.model_version != promoted:
+        raise SystemExit(
+            f"{arguments.model_version} is not the promoted model ({promoted}): the function scores with the "
+            f"promoted model, so promote it first (pneumoscan promote --version {arguments.model_version})"
+        )
+    plan = BackfillPlan(
+        bucket=stack.input_bucket,
+        prefix=prefix,
+        queue_url=stack.queue_url,
+        model_version=promoted,
+        explain=arguments.explain,
+        messages_per_second=arguments.rate,
+    )
+    state_path = arguments.state or default_state_path(plan)
+    sqs = boto3.client("sqs", endpoint_url=arguments.endpoint_url, region_name=getattr(arguments, "region", None))
+    backfill = Backfill(_s3_client(arguments), sqs, plan, state_path)
+    try:
+        with tqdm(unit=" objects", desc=f"backfill s3://{plan.bucket}/{plan.prefix}", file=sys.stderr) as bar:
+            state = backfill.run(progress=bar)
+    except BackfillError as error:
+        print(f"backfill stopped: {error}; run the same command again to resume", file=sys.stderr)
+        return 1
+    print(json.dumps({"enqueued": state.enqueued, "model_version": promoted, "state": str(state_path)}))
     return 0
 
 

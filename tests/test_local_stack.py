@@ -37,8 +37,10 @@ def test_event_source_mapping_comes_from_the_template() -> None:
 @pytest.fixture
 def queues() -> Iterator[tuple[Any, str, str]]:
     with mock_aws():
-        clients = {name: boto3.client(name, region_name=REGION) for name in ("s3", "sqs", "dynamodb")}
-        outputs = create_data_plane(clients["s3"], clients["sqs"], clients["dynamodb"], region=REGION)
+        clients = {name: boto3.client(name, region_name=REGION) for name in ("s3", "sqs", "dynamodb", "events")}
+        outputs = create_data_plane(
+            clients["s3"], clients["sqs"], clients["dynamodb"], clients["events"], region=REGION
+        )
         yield clients["sqs"], outputs.queue_url, outputs.dlq_url
 
 
@@ -141,8 +143,9 @@ def test_cli_talks_to_the_local_stack(
             assert time.monotonic() < deadline, "no result within 30 s"
             time.sleep(0.2)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["status"] == "SCORED"
+    assert result["latest"]["status"] == "SCORED"
     assert result["image_key"].endswith("/incoming/cli film.jpeg")
+    assert result["history"] == [result["latest"]]
 
 
 @pytest.mark.slow
@@ -192,6 +195,7 @@ def test_stack_name_reads_cloudformation_outputs() -> None:
             for name, value in {
                 "InputBucketName": "in-bucket", "InputPrefix": "incoming/", "ModelBucketName": "model-bucket",
                 "ResultsTableName": "results", "ScoringQueueUrl": "https://queue", "DeadLetterQueueUrl": "https://dlq",
+                "HeatmapBucketName": "heatmap-bucket", "ResultsEventBusName": "results-bus",
             }.items()
         },
     }  # fmt: skip
@@ -204,4 +208,5 @@ def test_stack_name_reads_cloudformation_outputs() -> None:
         "model-bucket",
         "results",
     )
+    assert (outputs.heatmap_bucket, outputs.event_bus) == ("heatmap-bucket", "results-bus")
     assert outputs.region == REGION

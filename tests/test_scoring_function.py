@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import copy
+import io
 import json
 import logging
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,10 @@ from infra.corpus import hostile_files, valid_variants
 from infra.local_stack import FaultInjectingClient, LocalContext
 from infra.resources import StackOutputs, create_data_plane
 from scoring import handler
+from scoring.events import BackfillRequest
 from scoring.model_card import read_card
 from scoring.model_registry import ModelRegistry
+from scoring.pipeline import NEVER_NOTIFIED
 from scoring.results import ResultsTable
 from scoring.settings import Settings
 from tests.conftest import RELEASE_MODEL, SAMPLES
@@ -106,7 +110,8 @@ def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Stack]:
         s3 = boto3.client("s3", region_name=REGION)
         sqs = boto3.client("sqs", region_name=REGION)
         dynamodb = boto3.client("dynamodb", region_name=REGION)
-        outputs = create_data_plane(s3, sqs, dynamodb, region=REGION)
+        events = boto3.client("events", region_name=REGION)
+        outputs = create_data_plane(s3, sqs, dynamodb, events, region=REGION)
         registry = ModelRegistry(s3, outputs.model_bucket)
         registry.publish(RELEASE_MODEL)
         registry.promote(read_card(RELEASE_MODEL)["version"])
@@ -116,6 +121,7 @@ def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Stack]:
                 "MODEL_BUCKET": outputs.model_bucket,
                 "MODEL_CACHE_DIR": str(tmp_path / "models"),
                 "MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+                "HEATMAP_BUCKET": outputs.heatmap_bucket,
             }
         )
         monkeypatch.setattr(handler, "_pipeline", handler.build_pipeline(settings, s3, dynamodb))
@@ -132,6 +138,7 @@ def rewire(stack: Stack, monkeypatch: pytest.MonkeyPatch, s3: Any = None, dynamo
             "RESULTS_TABLE": stack.outputs.results_table,
             "MODEL_BUCKET": stack.outputs.model_bucket,
             "MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+            "HEATMAP_BUCKET": stack.outputs.heatmap_bucket,
             **env,
         }
     )
@@ -361,6 +368,143 @@ def test_metrics_are_emitted_by_model_version(
     assert main_flush["model_version"] == read_card(RELEASE_MODEL)["version"]
     assert main_flush["ImagesScored"] == [1.0]
     assert main_flush["ImagesRejected"] == [1.0]
+    # Drift signals: the average of PneumoniaDetected is the share called PNEUMONIA, per model version.
+    [item] = [item for item in stack.results() if item["status"] == "SCORED"]
+    assert main_flush["PneumoniaDetected"] == [1.0 if item["label"] == "PNEUMONIA" else 0.0]
+    assert main_flush["PneumoniaProbability"] == [pytest.approx(float(item["pneumonia_probability"]))]
     [probability] = main_flush["PneumoniaProbability"]
     assert 0.0 <= probability <= 1.0
     assert any(d.get("reason") == "EMPTY_FILE" for d in documents)
+
+
+RELEASE_VERSION = read_card(RELEASE_MODEL)["version"]
+
+
+def backfill_record(
+    stack: Stack, key: str, model_version: str = RELEASE_VERSION, message_id: str = "backfill"
+) -> dict[str, Any]:
+    """The SQS record of a backfill request for the object now at ``key``, as `pneumoscan backfill` sends it."""
+    head = stack.s3.head_object(Bucket=stack.outputs.input_bucket, Key=key)
+    request = BackfillRequest(
+        bucket=stack.outputs.input_bucket,
+        key=key,
+        etag=head["ETag"].strip('"'),
+        size=head["ContentLength"],
+        model_version=model_version,
+    )
+    return sqs_record(message_id, request.to_json())
+
+
+def test_backfill_of_a_version_the_model_already_scored_adds_nothing(stack: Stack, sample_paths: list[Path]) -> None:
+    """Re-scoring with the model that already scored this object version is skipped: one result stays."""
+    stack.upload("incoming/scored.jpeg", sample_paths[0].read_bytes())
+    invoke(stack.receive())
+    assert invoke([backfill_record(stack, "incoming/scored.jpeg")]) == {"batchItemFailures": []}
+    assert len(stack.results()) == 1
+
+
+def test_backfill_scores_an_object_no_notification_scored(stack: Stack, sample_paths: list[Path]) -> None:
+    """An object that predates the stack is scored by a backfill, and a later upload of its key is the latest."""
+    stack.upload("incoming/old.jpeg", sample_paths[0].read_bytes())
+    stack.receive()  # The stack did not exist yet: nobody scored this upload.
+    assert invoke([backfill_record(stack, "incoming/old.jpeg")]) == {"batchItemFailures": []}
+    [item] = stack.results()
+    assert item["trigger"] == "backfill"
+    assert item["object_sequence"].startswith(NEVER_NOTIFIED)
+    stack.upload("incoming/old.jpeg", sample_paths[-1].read_bytes())
+    invoke(stack.receive())
+    latest = stack.latest("incoming/old.jpeg")
+    assert latest is not None
+    assert latest["trigger"] == "upload"
+    assert latest["object_size"] == sample_paths[-1].stat().st_size
+
+
+def test_backfill_for_a_model_not_served_is_retried(stack: Stack, sample_paths: list[Path]) -> None:
+    """A backfill pinned to another model fails its record, so SQS retries it once the function has refreshed."""
+    stack.upload("incoming/pinned.jpeg", sample_paths[0].read_bytes())
+    stack.receive()
+    response = invoke([backfill_record(stack, "incoming/pinned.jpeg", "a-model-not-promoted", "pinned")])
+    assert response == {"batchItemFailures": [{"itemIdentifier": "pinned"}]}
+    assert stack.results() == []
+
+
+def test_backfill_of_a_replaced_object_is_skipped(stack: Stack, sample_paths: list[Path]) -> None:
+    """When the key was overwritten after the listing, the backfill skips it; the new upload has its own event."""
+    stack.upload("incoming/replaced.jpeg", sample_paths[0].read_bytes())
+    stack.receive()
+    record = backfill_record(stack, "incoming/replaced.jpeg")
+    stack.upload("incoming/replaced.jpeg", sample_paths[-1].read_bytes())
+    stack.receive()
+    assert invoke([record]) == {"batchItemFailures": []}
+    assert stack.results() == []
+
+
+def heatmap_png(stack: Stack, heatmap_key: str) -> Image.Image:
+    bucket, key = heatmap_key.removeprefix("s3://").split("/", 1)
+    assert bucket == stack.outputs.heatmap_bucket
+    return Image.open(io.BytesIO(stack.s3.get_object(Bucket=bucket, Key=key)["Body"].read()), formats=["PNG"])
+
+
+def test_pneumonia_verdicts_point_to_a_heatmap(stack: Stack, sample_paths: list[Path]) -> None:
+    """Every film called PNEUMONIA has an overlay PNG in the heatmap bucket; films called NORMAL have none."""
+    for index, path in enumerate(sample_paths):
+        stack.upload(f"incoming/film-{index}.jpeg", path.read_bytes())
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    items = stack.results()
+    assert {item["label"] for item in items} == {"NORMAL", "PNEUMONIA"}
+    for item in items:
+        assert ("heatmap_key" in item) == (item["label"] == "PNEUMONIA")
+        if "heatmap_key" in item:
+            assert heatmap_png(stack, item["heatmap_key"]).size == (224, 224)
+
+
+def test_heatmap_on_request_for_any_verdict(stack: Stack, sample_paths: list[Path]) -> None:
+    """Object metadata pneumoscan-explain: true asks for a heatmap whatever the verdict."""
+    stack.s3.put_object(
+        Bucket=stack.outputs.input_bucket,
+        Key="incoming/explain-me.jpeg",
+        Body=sample_paths[0].read_bytes(),
+        Metadata={"pneumoscan-explain": "true"},
+    )
+    invoke(stack.receive())
+    [item] = stack.results()
+    assert heatmap_png(stack, item["heatmap_key"]).format == "PNG"
+
+
+def test_heatmap_storage_fault_retries_the_record(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the heatmap cannot be stored, the record is retried and no result points to a missing heatmap."""
+    stack.s3.put_object(
+        Bucket=stack.outputs.input_bucket,
+        Key="incoming/explain-later.jpeg",
+        Body=sample_paths[0].read_bytes(),
+        Metadata={"pneumoscan-explain": "true"},
+    )
+    [record] = stack.receive()
+    s3 = faulty(stack.s3, "put_object", "SlowDown")
+    rewire(stack, monkeypatch, s3=s3)
+    assert invoke([record]) == {"batchItemFailures": [{"itemIdentifier": record["messageId"]}]}
+    assert stack.results() == []
+    s3.heal()
+    assert invoke([record]) == {"batchItemFailures": []}
+    [item] = stack.results()
+    assert heatmap_png(stack, item["heatmap_key"]).format == "PNG"
+
+
+def test_model_without_explainer_still_scores(
+    stack: Stack, sample_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose card names no explainer scores as before, only without heatmaps."""
+    artifact = tmp_path / "no-explainer"
+    shutil.copytree(RELEASE_MODEL, artifact)
+    (artifact / "explain.tflite").unlink()
+    card = read_card(artifact)
+    del card["explainer"]
+    (artifact / "model_card.json").write_text(json.dumps(card))
+    rewire(stack, monkeypatch, MODEL_PATH=str(artifact))
+    stack.upload("incoming/no-heatmap.jpeg", sample_paths[-1].read_bytes())
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    [item] = stack.results()
+    assert item["status"] == "SCORED"
+    assert "heatmap_key" not in item

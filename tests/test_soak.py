@@ -14,9 +14,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 
 def test_short_soak_loses_nothing(data_root: Path) -> None:
-    """150 uploads plus the corpus, with faults three times as frequent as in the full soak: every upload ends right."""
+    """150 uploads plus the corpus, with faults three times as frequent as in the full soak: every upload ends right,
+    and every result reaches a subscriber of the results bus."""
     faults = FaultPlan(
-        get_object_failure_rate=0.15, put_item_throttle_rate=0.15, duplicate_rate=0.2, crash_on_invocation=3, seed=5
+        get_object_failure_rate=0.15,
+        put_item_throttle_rate=0.15,
+        put_events_failure_rate=0.15,
+        duplicate_rate=0.2,
+        crash_on_invocation=3,
+        seed=5,
     )
     report = run_soak(
         data_root, RELEASE_MODEL, SAMPLES / "PNEUMONIA" / "person100_bacteria_475.jpeg", uploads=150, faults=faults
@@ -29,4 +35,7 @@ def test_short_soak_loses_nothing(data_root: Path) -> None:
     assert report.injected_get_object_faults > 0
     assert report.injected_put_item_faults > 0
     assert report.duplicates_sent > 0
+    assert report.injected_put_events_faults > 0
+    assert report.results_without_event == 0
+    assert report.heatmaps > 0
     assert report.scored + report.rejected + report.in_dlq >= report.uploads

@@ -102,6 +102,11 @@ def test_sam_build_without_docker_fits_lambda(tmp_path: Path) -> None:
     assert size < LAMBDA_UNZIPPED_LIMIT
     assert (function_dir / "scoring" / "handler.py").is_file()
     assert any(function_dir.glob("ai_edge_litert*"))
+    publisher_dir = build_dir / "ResultPublisherFunction"
+    publisher_size = sum(p.stat().st_size for p in publisher_dir.rglob("*") if p.is_file())
+    print(f"unzipped publisher size: {publisher_size / 1024 / 1024:.1f} MB")
+    assert (publisher_dir / "scoring" / "publisher.py").is_file()
+    assert not any(publisher_dir.glob("ai_edge_litert*"))
 
 
 def test_function_requirements_match_the_scoring_extra() -> None:
@@ -122,7 +127,8 @@ def test_function_requirements_match_the_scoring_extra() -> None:
 
 
 def test_function_data_access_is_scoped(template: dict[str, Any]) -> None:
-    """No data statement uses '*' resources, reads outside incoming/ and models/, or writes to the input bucket."""
+    """No data statement uses '*' resources, reads outside incoming/ and models/, writes anywhere but the results
+    table and heatmaps/, or reads more of the table than one image's history."""
     statements = _function_statements(template)
     assert statements
     for statement in statements:
@@ -141,8 +147,12 @@ def test_function_data_access_is_scoped(template: dict[str, Any]) -> None:
         if "ModelBucket" in text:
             assert actions == ["s3:GetObject"]
             assert text.endswith("/models/*")
+        if "HeatmapBucket" in text:
+            assert actions == ["s3:PutObject"]
+            assert text.endswith("/heatmaps/*")
         if "dynamodb:" in " ".join(actions):
-            assert actions == ["dynamodb:PutItem"]
+            assert actions in (["dynamodb:PutItem"], ["dynamodb:Query"])
+            assert "/index/" not in text  # The by-day index is for operators, not the function.
 
 
 def test_buckets_deny_insecure_transport_and_are_encrypted(template: dict[str, Any]) -> None:
@@ -195,3 +205,50 @@ def test_training_pipeline_definition_is_consistent(template: dict[str, Any]) ->
     pipeline = template["Resources"]["TrainingPipeline"]["Properties"]
     used = set(re.findall(r"\$\{(\w+)\}", text))
     assert used == set(pipeline["DefinitionSubstitutions"])
+
+
+def test_heatmaps_go_where_they_cannot_trigger_scoring(template: dict[str, Any]) -> None:
+    """The heatmap bucket has no notifications, and the function is told to write there."""
+    resources = template["Resources"]
+    assert "NotificationConfiguration" not in resources["HeatmapBucket"]["Properties"]
+    environment = resources["ScoringFunction"]["Properties"]["Environment"]["Variables"]
+    assert environment["HEATMAP_BUCKET"] == {"Ref": "HeatmapBucket"}
+
+
+def test_dashboard_shows_the_metrics_the_functions_emit(template: dict[str, Any]) -> None:
+    """Every pneumoscan metric on the dashboard is one a function emits, and drift is shown per model version."""
+    body = json.loads(
+        re.sub(
+            r"\$\{[^}]+\}",
+            "placeholder",
+            template["Resources"]["OperationsDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"],
+        )
+    )
+    expressions = [
+        metric[0]["expression"]
+        for widget in body["widgets"]
+        for metric in widget["properties"]["metrics"]
+        if isinstance(metric[0], dict)
+    ]
+    searched = {re.search(r'MetricName="(\w+)"', expression).group(1) for expression in expressions}  # type: ignore[union-attr]
+    sources = (REPOSITORY_ROOT / "functions" / "scoring" / name for name in ("handler.py", "publisher.py"))
+    emitted = set(re.findall(r'name="(\w+)"', " ".join(path.read_text() for path in sources)))
+    assert searched <= emitted, searched - emitted
+    drift = [
+        expression
+        for expression in expressions
+        if "PneumoniaDetected" in expression or "PneumoniaProbability" in expression
+    ]
+    assert len(drift) == 2
+    assert all("model_version" in expression for expression in drift)
+    queue_metrics = {
+        tuple(metric[:2])
+        for widget in body["widgets"]
+        for metric in widget["properties"]["metrics"]
+        if isinstance(metric[0], str)
+    }
+    assert {
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible"),
+        ("AWS/Lambda", "Errors"),
+        ("AWS/Lambda", "Duration"),
+    } <= queue_metrics

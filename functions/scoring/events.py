@@ -1,18 +1,22 @@
-"""S3 ObjectCreated notifications carried in SQS message bodies, parsed into object references."""
+"""SQS message bodies parsed into object references: S3 ObjectCreated notifications, and the backfill requests
+that ``pneumoscan backfill`` enqueues for objects that already exist."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
 SEQUENCER_WIDTH = 32
 """S3 sequencers are hex strings of varying length; left-padded to one width they sort in event order."""
 
+BACKFILL_SOURCE = "pneumoscan.backfill"
+"""The ``source`` of a backfill request's body."""
+
 
 class MalformedMessageError(ValueError):
-    """An SQS message body that is neither an S3 notification nor S3's test event."""
+    """An SQS message body that is neither an S3 notification, S3's test event, nor a backfill request."""
 
 
 @dataclass(frozen=True)
@@ -28,11 +32,36 @@ class ObjectRef:
     sequencer: str
     """Orders the events of one key and is the same in duplicate notifications: S3's sequencer, left-padded and
     upper-cased. Emulators that send none (moto) get ``~<eventTime>#<eTag>`` instead, which has both properties
-    as well, to the millisecond."""
+    as well, to the millisecond. A backfill request has none: the pipeline finds the version's sequence in the
+    image's history."""
+    backfill_model: str | None = None
+    """Set on backfill requests: the model version that must score the object (re-scoring is pinned to it)."""
+    explain: bool = False
+    """A heatmap is wanted whatever the verdict."""
 
     @property
     def image_key(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
+
+    @property
+    def is_backfill(self) -> bool:
+        return self.backfill_model is not None
+
+
+@dataclass(frozen=True)
+class BackfillRequest:
+    """The body of a backfill message: an existing object to score with a given model."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    model_version: str
+    explain: bool = False
+    source: str = BACKFILL_SOURCE
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
 
 
 def parse_message_body(body: str) -> list[ObjectRef]:
@@ -45,6 +74,8 @@ def parse_message_body(body: str) -> list[ObjectRef]:
         raise MalformedMessageError("message body is not a JSON object")
     if document.get("Event") == "s3:TestEvent":
         return []
+    if document.get("source") == BACKFILL_SOURCE:
+        return [_backfill_ref(document)]
     records = document.get("Records")
     if not isinstance(records, list):
         raise MalformedMessageError("message body has no Records list")
@@ -70,3 +101,22 @@ def _object_ref(record: dict[str, Any]) -> ObjectRef:
         )
     except (KeyError, TypeError, ValueError) as error:
         raise MalformedMessageError(f"S3 record is missing {error}") from error
+
+
+def _backfill_ref(document: dict[str, Any]) -> ObjectRef:
+    try:
+        request = BackfillRequest(**document)
+        if not (request.bucket and request.key and request.model_version):
+            raise ValueError("bucket, key and model_version must not be empty")
+        return ObjectRef(
+            bucket=request.bucket,
+            key=request.key,
+            size=int(request.size),
+            etag=request.etag.strip('"'),
+            version_id=None,
+            sequencer="",
+            backfill_model=request.model_version,
+            explain=bool(request.explain),
+        )
+    except (TypeError, ValueError, AttributeError) as error:
+        raise MalformedMessageError(f"malformed backfill request: {error}") from error

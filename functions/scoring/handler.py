@@ -17,6 +17,7 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from scoring.heatmap_store import HeatmapStore
 from scoring.image_store import ImageStore
 from scoring.model_provider import ModelProvider
 from scoring.model_registry import ModelRegistry
@@ -25,6 +26,7 @@ from scoring.results import ResultsTable, ScoringResult
 from scoring.settings import Settings
 
 NAMESPACE = "pneumoscan"
+PNEUMONIA = "PNEUMONIA"
 
 logger = Logger(service="pneumoscan-scoring")
 tracer = Tracer(service="pneumoscan-scoring")
@@ -39,9 +41,14 @@ class PowertoolsObserver:
     def scored(self, result: ScoringResult) -> None:
         metrics.add_metric(name="ImagesScored", unit=MetricUnit.Count, value=1)
         metrics.add_metric(name="ScoringLatency", unit=MetricUnit.Milliseconds, value=result.latency_ms)
+        # Drift signals, per model version: the average of PneumoniaDetected is the share of films called
+        # PNEUMONIA, and the average of PneumoniaProbability the mean calibrated probability.
         metrics.add_metric(
             name="PneumoniaProbability", unit=MetricUnit.NoUnit, value=result.pneumonia_probability or 0.0
         )
+        metrics.add_metric(name="PneumoniaDetected", unit=MetricUnit.Count, value=1 if result.label == PNEUMONIA else 0)
+        if result.heatmap_key:
+            metrics.add_metric(name="HeatmapsStored", unit=MetricUnit.Count, value=1)
         logger.info(
             "image scored",
             extra={
@@ -50,6 +57,8 @@ class PowertoolsObserver:
                 "pneumonia_probability": result.pneumonia_probability,
                 "model_version": result.model_version,
                 "latency_ms": result.latency_ms,
+                "trigger": result.trigger,
+                "heatmap_key": result.heatmap_key,
             },
         )
 
@@ -62,6 +71,12 @@ class PowertoolsObserver:
         logger.warning(
             "image rejected",
             extra={"image_key": result.image_key, "reason": result.reason, "detail": result.reason_detail},
+        )
+
+    def heatmap_failed(self, image_key: str, why: str) -> None:
+        metrics.add_metric(name="HeatmapsFailed", unit=MetricUnit.Count, value=1)
+        logger.warning(
+            "heatmap not made; the verdict is written without it", extra={"image_key": image_key, "why": why}
         )
 
     def skipped(self, image_key: str, sequence: str, why: str) -> None:
@@ -86,6 +101,7 @@ def build_pipeline(settings: Settings, s3_client: Any = None, dynamodb_client: A
         models=models,
         observer=PowertoolsObserver(),
         max_image_bytes=settings.max_image_bytes,
+        heatmaps=HeatmapStore(s3, settings.heatmap_bucket) if settings.heatmap_bucket else None,
     )
 
 

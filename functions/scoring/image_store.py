@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 _GONE = {"NoSuchKey", "404", "NotFound", "NoSuchVersion"}
 _CHANGED = {"PreconditionFailed", "412"}
+EXPLAIN_METADATA = "pneumoscan-explain"
+"""User metadata (``x-amz-meta-pneumoscan-explain``) that requests a heatmap for any verdict."""
 
 
 class TransientStorageError(RuntimeError):
@@ -35,6 +37,8 @@ class ObjectHead:
     size: int
     etag: str
     version_id: str | None
+    explain_requested: bool = False
+    """The uploader asked for a heatmap whatever the verdict (object metadata ``pneumoscan-explain: true``)."""
 
 
 class ImageStore:
@@ -53,6 +57,7 @@ class ImageStore:
             size=int(response["ContentLength"]),
             etag=str(response.get("ETag", "")).strip('"'),
             version_id=response.get("VersionId"),
+            explain_requested=response.get("Metadata", {}).get(EXPLAIN_METADATA, "").lower() in {"1", "true", "yes"},
         )
 
     def read(self, ref: ObjectRef) -> bytes:

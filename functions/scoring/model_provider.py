@@ -45,6 +45,10 @@ class ModelProvider:
         """The version in memory, without loading or refreshing anything."""
         return self._classifier.spec.version if self._classifier is not None else None
 
+    def expire(self) -> None:
+        """Re-read the promoted model's pointer on the next ``get``, whatever the refresh interval."""
+        self._checked_at = float("-inf")
+
     def get(self) -> Classifier:
         """The classifier to score with, loading or refreshing it when due."""
         if self._classifier is not None and self._clock() - self._checked_at < self._refresh_seconds:

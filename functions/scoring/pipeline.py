@@ -5,6 +5,9 @@ It runs in two phases so that inference is batched across the whole invocation w
 goes through Powertools' batch processor: ``prepare`` does the reading and scoring and remembers, per message,
 the results to write or the transient fault to report; ``commit`` then writes one record's results, or raises its
 fault so that the record comes back in ``batchItemFailures`` and SQS retries it.
+
+Images scored PNEUMONIA, and those whose uploader or backfill asked for one, get a heatmap overlay stored before
+their result is written, so a result never points to a heatmap that does not exist.
 """
 
 from __future__ import annotations
@@ -12,20 +15,42 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
 
 from scoring.classifier import Classifier, Prediction
-from scoring.events import ObjectRef, parse_message_body
-from scoring.image_store import ImageStore, ObjectGoneError, ObjectReplacedError
+from scoring.events import SEQUENCER_WIDTH, ObjectRef, parse_message_body
+from scoring.explainer import render_overlay
+from scoring.heatmap_store import HeatmapStore
+from scoring.image_store import ImageStore, ObjectGoneError, ObjectReplacedError, TransientStorageError
 from scoring.model_provider import ModelProvider
-from scoring.preprocessing import InvalidImageError, RejectionReason, preprocess
-from scoring.results import REJECTED, SCORED, ResultsTable, ScoringResult
+from scoring.preprocessing import DecodedImage, InvalidImageError, RejectionReason, decode, resize_for_model
+from scoring.results import (
+    BACKFILL,
+    REJECTED,
+    RESCORE_SEPARATOR,
+    SCORED,
+    UPLOAD,
+    ResultsTable,
+    ScoringResult,
+    version_sequence_of,
+)
 
 OBJECT_GONE = "OBJECT_NOT_FOUND"
+NEVER_NOTIFIED = "0" * SEQUENCER_WIDTH + "~"
+"""Version sequence of an object that no notification ever scored (it predates the stack): it sorts before
+every S3 sequencer, so a later upload of the key is its newer version."""
+
+
+class ModelVersionMismatchError(RuntimeError):
+    """A backfill asks for a model other than the one served; retried once the function has refreshed."""
+
+
+class _AlreadyScoredError(Exception):
+    """A backfill names an object version the requested model has already scored."""
 
 
 class Message(Protocol):
@@ -47,6 +72,8 @@ class Observer(Protocol):
 
     def skipped(self, image_key: str, sequence: str, why: str) -> None: ...
 
+    def heatmap_failed(self, image_key: str, why: str) -> None: ...
+
 
 @dataclass
 class RecordPlan:
@@ -60,8 +87,10 @@ class RecordPlan:
 class _PendingImage:
     message_id: str
     ref: ObjectRef
+    decoded: DecodedImage
     pixels: np.ndarray
     started: float
+    explain: bool
 
 
 class ScoringPipeline:
@@ -75,9 +104,12 @@ class ScoringPipeline:
         models: ModelProvider,
         observer: Observer,
         max_image_bytes: int,
+        heatmaps: HeatmapStore | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """Without a ``heatmaps`` store no heatmap is made."""
         self._images = images
+        self._heatmaps = heatmaps
         self._results = results
         self._models = models
         self._observer = observer
@@ -125,6 +157,12 @@ class ScoringPipeline:
         self, message_id: str, ref: ObjectRef, plan: RecordPlan, classifier: Callable[[], Classifier]
     ) -> _PendingImage | None:
         started = self._clock()
+        if ref.is_backfill:
+            try:
+                ref = self._backfill_ref(ref, classifier().spec.version)
+            except _AlreadyScoredError as already:
+                self._observer.skipped(ref.image_key, ref.etag, str(already))
+                return None
         try:
             head = self._images.head(ref)
             if head.size == 0:
@@ -133,7 +171,9 @@ class ScoringPipeline:
                 raise InvalidImageError(
                     RejectionReason.TOO_LARGE, f"{head.size} bytes exceeds the limit of {self._max_image_bytes}"
                 )
-            pixels = preprocess(self._images.read(ref), size=classifier().input_size).pixels
+            size = classifier().input_size
+            decoded = decode(self._images.read(ref), size)
+            pixels = resize_for_model(decoded, size).pixels
         except InvalidImageError as rejection:
             plan.results.append(self._rejection(ref, rejection.reason.value, rejection.detail, started))
             return None
@@ -143,7 +183,22 @@ class ScoringPipeline:
         except ObjectReplacedError as replaced:
             self._observer.skipped(ref.image_key, ref.sequencer, str(replaced))
             return None
-        return _PendingImage(message_id, ref, pixels, started)
+        return _PendingImage(message_id, ref, decoded, pixels, started, ref.explain or head.explain_requested)
+
+    def _backfill_ref(self, ref: ObjectRef, served_version: str) -> ObjectRef:
+        """The backfilled object's sort key: its version's sequence, then the model, so re-scorings keep history."""
+        if served_version != ref.backfill_model:
+            self._models.expire()
+            raise ModelVersionMismatchError(
+                f"the backfill asks for model {ref.backfill_model} but {served_version} is served; "
+                "retried after the function re-reads the promoted model"
+            )
+        same_version = [item for item in self._results.history(ref.image_key) if item.get("object_etag") == ref.etag]
+        if any(item.get("model_version") == served_version for item in same_version):
+            raise _AlreadyScoredError(f"backfill: this version already has a result of model {served_version}")
+        versions = [version_sequence_of(str(item["object_sequence"])) for item in same_version]
+        version = max(versions) if versions else NEVER_NOTIFIED + ref.etag
+        return replace(ref, sequencer=f"{version}{RESCORE_SEPARATOR}{served_version}")
 
     def _score(
         self, pending: list[_PendingImage], plans: dict[str, RecordPlan], classifier: Callable[[], Classifier]
@@ -158,14 +213,56 @@ class ScoringPipeline:
             for image in live:
                 plans[image.message_id].fault = fault
             return
+        heatmaps = self._heatmap_keys(live, predictions, plans, classifier())
         for image, prediction in zip(live, predictions, strict=True):
-            plans[image.message_id].results.append(self._scored(image, prediction))
+            if plans[image.message_id].fault is None:
+                plans[image.message_id].results.append(self._scored(image, prediction, heatmaps.get(id(image))))
 
-    def _scored(self, image: _PendingImage, prediction: Prediction) -> ScoringResult:
+    def _heatmap_keys(
+        self,
+        live: list[_PendingImage],
+        predictions: list[Prediction],
+        plans: dict[str, RecordPlan],
+        classifier: Classifier,
+    ) -> dict[int, str]:
+        """Compute, render and store the heatmaps of the images that need one; their addresses by image."""
+        wanted = [
+            image
+            for image, prediction in zip(live, predictions, strict=True)
+            if image.explain or prediction.label == classifier.spec.class_names[1]
+        ]
+        if self._heatmaps is None or not wanted:
+            return {}
+        try:
+            explainer = classifier.explainer
+            if explainer is None:
+                raise ValueError(f"model {classifier.spec.version} has no explainer")
+            maps = explainer.maps(np.stack([image.pixels for image in wanted]))
+        except (ValueError, RuntimeError, OSError) as error:
+            # The verdicts stand without heatmaps: a missing explanation never holds a result back.
+            for image in wanted:
+                self._observer.heatmap_failed(image.ref.image_key, str(error))
+            return {}
+        addresses: dict[int, str] = {}
+        for image, contribution_map in zip(wanted, maps, strict=True):
+            try:
+                png = render_overlay(image.decoded.grayscale, contribution_map)
+            except (ValueError, OSError) as error:
+                self._observer.heatmap_failed(image.ref.image_key, str(error))
+                continue
+            try:
+                addresses[id(image)] = self._heatmaps.put(image.ref.image_key, image.ref.sequencer, png)
+            except TransientStorageError as fault:
+                # The record is retried and stores the heatmap again under the same key.
+                plans[image.message_id].fault = fault
+        return addresses
+
+    def _scored(self, image: _PendingImage, prediction: Prediction, heatmap_key: str | None) -> ScoringResult:
         return self._result(
             image.ref,
             SCORED,
             image.started,
+            heatmap_key=heatmap_key,
             model_version=prediction.model_version,
             label=prediction.label,
             confidence=round(prediction.confidence, 6),
@@ -185,6 +282,7 @@ class ScoringPipeline:
             object_etag=ref.etag,
             object_size=ref.size,
             object_version_id=ref.version_id,
+            trigger=BACKFILL if ref.is_backfill else UPLOAD,
             scored_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             latency_ms=round((self._clock() - started) * 1000, 2),
             **verdict,

@@ -1,14 +1,23 @@
-"""The results table: one item per image object version, written with conditional puts.
+"""The results table: one item per scoring of an image object version, written with conditional puts.
 
-Partition key ``image_key`` (``s3://bucket/key``), sort key ``object_sequence`` (the S3 event sequencer, padded so
-it sorts in upload order). The latest result of an image is one ``Query`` with ``ScanIndexForward=False`` and
-``Limit=1``; results of earlier versions, scored by earlier models, stay in the table. A duplicate notification
-for the same version fails the condition and changes nothing, so an older result can never replace a newer one.
+Partition key ``image_key`` (``s3://bucket/key``), sort key ``object_sequence``. An upload's result has the S3
+event sequencer of its object version (padded so it sorts in upload order); a re-scoring of that version by a
+backfill appends ``|<model version>`` to the version's sequence, so it sorts right after the upload's result and
+before any newer version. Every result of an image stays in the table as its history; a duplicate notification
+for the same version (or a repeated backfill with the same model) fails the condition and changes nothing.
+
+The global secondary index ``ResultsByDay`` (partition ``scored_day``, sort ``scored_at``) answers "what was
+scored since T", one day partition at a time.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +29,20 @@ if TYPE_CHECKING:
 
 SCORED = "SCORED"
 REJECTED = "REJECTED"
+UPLOAD = "upload"
+BACKFILL = "backfill"
+RESCORE_SEPARATOR = "|"
+"""Separates an object version's sequence from the model version in a re-scoring's sort key; it occurs in
+neither S3 sequencers nor model versions."""
+BY_DAY_INDEX = "ResultsByDay"
 
 
 class TransientResultsError(RuntimeError):
-    """DynamoDB could not take the write now (throttling, 5xx, network): the message is retried."""
+    """DynamoDB could not take the request now (throttling, 5xx, network): the message is retried."""
+
+
+class InvalidPageTokenError(ValueError):
+    """A page token that this table did not hand out."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +57,7 @@ class ScoringResult:
     object_version_id: str | None
     scored_at: str
     latency_ms: float
+    trigger: str = UPLOAD
     model_version: str | None = None
     label: str | None = None
     confidence: float | None = None
@@ -45,10 +65,39 @@ class ScoringResult:
     threshold: float | None = None
     reason: str | None = None
     reason_detail: str | None = None
+    heatmap_key: str | None = None
+
+    @property
+    def version_sequence(self) -> str:
+        """The sequence of the object version this result is about (the same for its upload and re-scorings)."""
+        return version_sequence_of(self.object_sequence)
+
+    @property
+    def scored_day(self) -> str:
+        """The UTC day of ``scored_at``: the partition of the by-day index."""
+        return self.scored_at[:10]
+
+    def to_item(self) -> dict[str, Any]:
+        """The result as plain JSON values, with the derived attributes the indexes read."""
+        item = {name: value for name, value in asdict(self).items() if value is not None}
+        return {**item, "version_sequence": self.version_sequence, "scored_day": self.scored_day}
+
+
+def version_sequence_of(object_sequence: str) -> str:
+    """The object-version part of a sort key."""
+    return object_sequence.split(RESCORE_SEPARATOR, 1)[0]
+
+
+@dataclass(frozen=True)
+class ResultsPage:
+    """One page of a by-time query; ``next_token`` continues it, None when there is no more."""
+
+    items: list[dict[str, Any]]
+    next_token: str | None
 
 
 class ResultsTable:
-    """Conditional writes and latest-result reads on the results table."""
+    """Conditional writes, and the reads downstream systems and ops make, on the results table."""
 
     def __init__(self, dynamodb_client: DynamoDBClient, table_name: str) -> None:
         self._dynamodb = dynamodb_client
@@ -57,11 +106,10 @@ class ResultsTable:
         self._deserializer = TypeDeserializer()
 
     def put_once(self, result: ScoringResult) -> bool:
-        """Write the result unless this object version already has one; True when written."""
+        """Write the result unless this sort key already has one; True when written."""
         item = {
             name: self._serializer.serialize(Decimal(str(value)) if isinstance(value, float) else value)
-            for name, value in asdict(result).items()
-            if value is not None
+            for name, value in result.to_item().items()
         }
         try:
             self._dynamodb.put_item(
@@ -77,14 +125,105 @@ class ResultsTable:
             raise TransientResultsError(f"cannot write the result of {result.image_key}: {error}") from error
         return True
 
+    def history(self, image_key: str) -> list[dict[str, Any]]:
+        """Every result of the image, oldest object version first."""
+        return list(self._query_image(image_key, newest_first=False))
+
     def latest(self, image_key: str) -> dict[str, Any] | None:
-        """The result of the image's most recent version, or None."""
-        response = self._dynamodb.query(
-            TableName=self.table_name,
-            KeyConditionExpression="image_key = :key",
-            ExpressionAttributeValues={":key": {"S": image_key}},
-            ScanIndexForward=False,
-            Limit=1,
-        )
-        items = response.get("Items", [])
-        return {k: self._deserializer.deserialize(v) for k, v in items[0].items()} if items else None
+        """The newest result of the image's most recent version (its latest re-scoring, if it has any), or None."""
+        newest_version: list[dict[str, Any]] = []
+        for item in self._query_image(image_key, newest_first=True, page_size=10):
+            if newest_version and _version_of(item) != _version_of(newest_version[0]):
+                break
+            newest_version.append(item)
+        return max(newest_version, key=lambda item: str(item.get("scored_at", ""))) if newest_version else None
+
+    def scored_since(
+        self,
+        since: datetime,
+        *,
+        until: datetime | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        page_token: str | None = None,
+    ) -> ResultsPage:
+        """Results scored in ``[since, until)``, oldest first, optionally of one status, a page at a time."""
+        until = until or datetime.now(UTC)
+        day, start_key = _decode_token(page_token) if page_token else (since.astimezone(UTC).date(), None)
+        items: list[dict[str, Any]] = []
+        last_day = until.astimezone(UTC).date()
+        while day <= last_day:
+            arguments: dict[str, Any] = {
+                "TableName": self.table_name,
+                "IndexName": BY_DAY_INDEX,
+                "KeyConditionExpression": "scored_day = :day AND scored_at BETWEEN :since AND :until",
+                "ExpressionAttributeValues": {
+                    ":day": {"S": day.isoformat()},
+                    ":since": {"S": _timestamp(since)},
+                    ":until": {"S": _timestamp(until)},
+                },
+                "Limit": limit - len(items),
+            }
+            if status:
+                arguments["FilterExpression"] = "#status = :status"
+                arguments["ExpressionAttributeNames"] = {"#status": "status"}
+                arguments["ExpressionAttributeValues"][":status"] = {"S": status}
+            if start_key:
+                arguments["ExclusiveStartKey"] = start_key
+            response = self._call(lambda arguments=arguments: self._dynamodb.query(**arguments), "query by day")
+            items.extend(self._plain(item) for item in response.get("Items", []))
+            start_key = response.get("LastEvaluatedKey")
+            if start_key is None:
+                day += timedelta(days=1)
+            if len(items) >= limit:
+                more = start_key is not None or day <= last_day
+                return ResultsPage(items, _encode_token(day, start_key) if more else None)
+        return ResultsPage(items, None)
+
+    def _query_image(self, image_key: str, *, newest_first: bool, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        arguments: dict[str, Any] = {
+            "TableName": self.table_name,
+            "KeyConditionExpression": "image_key = :key",
+            "ExpressionAttributeValues": {":key": {"S": image_key}},
+            "ScanIndexForward": not newest_first,
+            "Limit": page_size,
+        }
+        while True:
+            response = self._call(lambda: self._dynamodb.query(**arguments), f"read the results of {image_key}")
+            yield from (self._plain(item) for item in response.get("Items", []))
+            if "LastEvaluatedKey" not in response:
+                return
+            arguments["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    def _plain(self, item: dict[str, Any]) -> dict[str, Any]:
+        """A DynamoDB item as plain Python values (numbers as Decimal, as boto3 gives them)."""
+        return {name: self._deserializer.deserialize(value) for name, value in item.items()}
+
+    @staticmethod
+    def _call(operation: Any, action: str) -> Any:
+        try:
+            return operation()
+        except (ClientError, BotoCoreError) as error:
+            raise TransientResultsError(f"cannot {action}: {error}") from error
+
+
+def _version_of(item: dict[str, Any]) -> str:
+    return str(item.get("version_sequence") or version_sequence_of(str(item["object_sequence"])))
+
+
+def _timestamp(moment: datetime) -> str:
+    """The ``scored_at`` format: UTC, milliseconds, a trailing Z."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _encode_token(day: date, start_key: dict[str, Any] | None) -> str:
+    document = {"day": day.isoformat(), "key": start_key}
+    return base64.urlsafe_b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[date, dict[str, Any] | None]:
+    try:
+        document = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return date.fromisoformat(document["day"]), document["key"]
+    except (binascii.Error, ValueError, KeyError, TypeError) as error:
+        raise InvalidPageTokenError(f"not a page token of this command: {token!r}") from error

@@ -25,6 +25,8 @@ class Settings:
     model_refresh_seconds: float
     model_cache_dir: Path
     max_image_bytes: int
+    heatmap_bucket: str | None = None
+    """Where heatmap overlays go; without it no heatmap is made."""
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Settings:
@@ -38,6 +40,7 @@ class Settings:
                     environment.get("MODEL_CACHE_DIR", "/tmp/pneumoscan-models")
                 ),  # Lambda: only /tmp is writable.
                 max_image_bytes=int(environment.get("MAX_IMAGE_BYTES", str(DEFAULT_MAX_IMAGE_BYTES))),
+                heatmap_bucket=environment.get("HEATMAP_BUCKET") or None,
             )
         except KeyError as missing:
             raise ConfigurationError(f"environment variable {missing} is required") from missing

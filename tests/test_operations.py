@@ -1,0 +1,206 @@
+"""Operations on a running stack, end to end on the local stack: result queries, backfill and re-scoring with a
+newly promoted model, heatmaps, and the result event feed that downstream systems consume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from infra.local_stack import LocalStack
+from pneumoscan.cli import main
+from scoring.model_card import CARD_FILE, read_card
+from tests.conftest import RELEASE_MODEL, REPOSITORY_ROOT
+
+RESULT_EVENT_SCHEMA = json.loads((REPOSITORY_ROOT / "schemas" / "result-event.schema.json").read_text())
+pytestmark = pytest.mark.slow
+
+
+def wait_for(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(0.2)
+
+
+class Consumer:
+    """A downstream system: an SQS queue subscribed by a rule to the results bus."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        assert stack.outputs is not None
+        self._sqs = stack.client("sqs")
+        self.queue_url = self._sqs.create_queue(QueueName="downstream")["QueueUrl"]
+        arn = self._sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        events = stack.client("events")
+        bus = stack.outputs.event_bus
+        events.put_rule(Name="all-results", EventBusName=bus, EventPattern=json.dumps({"source": ["pneumoscan"]}))
+        events.put_targets(Rule="all-results", EventBusName=bus, Targets=[{"Id": "downstream", "Arn": arn}])
+        self.events: list[dict[str, Any]] = []
+
+    def drain(self) -> list[dict[str, Any]]:
+        while True:
+            messages = self._sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10).get("Messages", [])
+            if not messages:
+                return self.events
+            for message in messages:
+                self.events.append(json.loads(message["Body"]))
+                self._sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *arguments: str) -> tuple[int, Any]:
+    capsys.readouterr()
+    code = main(list(arguments))
+    lines = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(lines[-1]) if lines else None
+
+
+@pytest.fixture
+def running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[LocalStack, Path]]:
+    """The local stack with the release model published and promoted, and its outputs file."""
+    with LocalStack(retry_delay_seconds=1, quiet=True) as stack:
+        assert stack.outputs is not None
+        outputs = tmp_path / "stack.json"
+        outputs.write_text(stack.outputs.to_json())
+        assert main(["publish", "--outputs", str(outputs)]) == 0
+        assert main(["promote", "--outputs", str(outputs), "--version", read_card(RELEASE_MODEL)["version"]]) == 0
+        capsys.readouterr()
+        yield stack, outputs
+
+
+def renamed_release(tmp_path: Path, version: str) -> Path:
+    """The release artifact under another version name: a stand-in for a newly trained model."""
+    artifact = tmp_path / version
+    shutil.copytree(RELEASE_MODEL, artifact)
+    card = read_card(artifact)
+    card["version"] = version
+    (artifact / CARD_FILE).write_text(json.dumps(card, indent=2))
+    return artifact
+
+
+def test_results_backfill_rescoring_heatmaps_and_events(
+    running: tuple[LocalStack, Path], sample_paths: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Uploads are scored, queried and published; a backfill re-scores them with a new model, keeping history."""
+    stack, outputs = running
+    assert stack.outputs is not None and stack.stream_emulator is not None
+    consumer = Consumer(stack)
+    s3 = stack.client("s3")
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    films = {
+        f"incoming/ops/{path.parent.name.lower()}-{path.name}": path for path in sample_paths[:2] + sample_paths[-2:]
+    }
+    for key, path in films.items():
+        s3.put_object(Bucket=stack.outputs.input_bucket, Key=key, Body=path.read_bytes())
+    s3.put_object(Bucket=stack.outputs.input_bucket, Key="incoming/ops/notes.txt", Body=b"not an image")
+
+    def latest(key: str) -> dict[str, Any] | None:
+        code, document = cli_json(capsys, "results", "--outputs", str(outputs), key)
+        return document["latest"] if code == 0 else None
+
+    wait_for(lambda: all(latest(key) for key in [*films, "incoming/ops/notes.txt"]), "results of the uploads")
+    first = {key: latest(key) for key in films}
+    assert {item["status"] for item in first.values()} == {"SCORED"}
+    assert latest("incoming/ops/notes.txt")["status"] == "REJECTED"  # type: ignore[index]
+
+    # Heatmaps: every PNEUMONIA verdict points to a PNG in the heatmap bucket, which triggers nothing.
+    heatmap_bucket = stack.outputs.heatmap_bucket
+    for item in first.values():
+        assert ("heatmap_key" in item) == (item["label"] == "PNEUMONIA")
+        if "heatmap_key" in item:
+            bucket, key = item["heatmap_key"].removeprefix("s3://").split("/", 1)
+            assert bucket == heatmap_bucket
+            assert s3.get_object(Bucket=bucket, Key=key)["Body"].read().startswith(b"\x89PNG")
+    assert any(item["label"] == "PNEUMONIA" for item in first.values())
+    assert "QueueConfigurations" not in s3.get_bucket_notification_configuration(Bucket=heatmap_bucket)
+
+    # The event feed: one schema-valid event per result, matching the table.
+    wait_for(lambda: len(consumer.drain()) >= 5, "five result events")
+    for event in consumer.events:
+        assert event["source"] == "pneumoscan" and event["detail-type"] == "pneumoscan.result"
+        jsonschema.validate(event["detail"], RESULT_EVENT_SCHEMA)
+    by_key = {event["detail"]["image_key"]: event["detail"] for event in consumer.events}
+    for item in first.values():
+        assert by_key[item["image_key"]] == {**item, "result_id": f"{item['image_key']}#{item['object_sequence']}"}
+
+    # A new model is promoted; a backfill of the prefix re-scores every film with it.
+    new_version = "compact-rescoring-test"
+    assert main(["publish", "--outputs", str(outputs), "--model", str(renamed_release(tmp_path, new_version))]) == 0
+    assert main(["promote", "--outputs", str(outputs), "--version", new_version, "--force"]) == 0
+    state = tmp_path / "backfill.json"
+    code, summary = cli_json(
+        capsys, "backfill", "--outputs", str(outputs), "--prefix", "incoming/ops/", "--state", str(state)
+    )
+    assert code == 0
+    assert summary == {"enqueued": 5, "model_version": new_version, "state": str(state)}
+
+    def rescored() -> bool:
+        return all((latest(key) or {}).get("model_version") == new_version for key in films)
+
+    wait_for(rescored, "re-scoring by the new model")
+    for key in films:
+        code, document = cli_json(capsys, "results", "--outputs", str(outputs), key)
+        history = document["history"]
+        assert [item["trigger"] for item in history] == ["upload", "backfill"]
+        assert history[0] == first[key]
+        assert document["latest"] == history[1]
+        assert history[1]["object_sequence"] == f"{history[0]['object_sequence']}|{new_version}"
+
+    # Running it again resumes from its finished state; a fresh state re-sends, and nothing is scored twice.
+    code, summary = cli_json(
+        capsys, "backfill", "--outputs", str(outputs), "--prefix", "incoming/ops/", "--state", str(state)
+    )
+    assert summary["enqueued"] == 5
+    code, summary = cli_json(
+        capsys,
+        "backfill",
+        "--outputs",
+        str(outputs),
+        "--prefix",
+        "incoming/ops/",
+        "--state",
+        str(tmp_path / "again.json"),
+    )
+    assert summary["enqueued"] == 5
+    wait_for(lambda: stack.emulator is not None and stack.emulator.stats.messages_deleted >= 16, "second backfill")
+
+    # By time: ten results since the start (five uploads, five re-scorings), paged three at a time.
+    items: list[dict[str, Any]] = []
+    token: str | None = None
+    pages = 0
+    while True:
+        arguments = ["results", "--outputs", str(outputs), "--since", started.isoformat(), "--limit", "3"]
+        code, page = cli_json(capsys, *arguments, *(["--page-token", token] if token else []))
+        items += page["items"]
+        pages += 1
+        token = page["next_page_token"]
+        if token is None:
+            break
+    assert len(items) == 10 and pages == 4
+    assert [item["scored_at"] for item in items] == sorted(item["scored_at"] for item in items)
+    code, page = cli_json(
+        capsys, "results", "--outputs", str(outputs), "--since", started.isoformat(), "--status", "REJECTED"
+    )
+    assert [item["image_key"].rsplit("/", 1)[-1] for item in page["items"]] == ["notes.txt", "notes.txt"]
+
+    wait_for(lambda: len(consumer.drain()) >= 10, "ten result events")
+    assert len({event["detail"]["result_id"] for event in consumer.events}) == 10
+
+
+def test_backfill_refuses_a_model_that_is_not_promoted(
+    running: tuple[LocalStack, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The function scores with the promoted model, so a backfill asking for another one stops before sending."""
+    _, outputs = running
+    with pytest.raises(SystemExit, match="not the promoted model"):
+        main(["backfill", "--outputs", str(outputs), "--model-version", "some-other-model"])
+    with pytest.raises(SystemExit, match="outside"):
+        main(["backfill", "--outputs", str(outputs), "--prefix", "elsewhere/"])

@@ -1,0 +1,100 @@
+"""The results table's reads: latest and history of an image, and results by time, on the template's table."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from infra.resources import create_data_plane
+from scoring.publisher import result_detail
+from scoring.results import InvalidPageTokenError, ResultsTable, ScoringResult
+
+REGION = "us-east-1"
+START = datetime(2026, 11, 26, 22, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def table() -> Iterator[ResultsTable]:
+    with mock_aws():
+        clients = [boto3.client(name, region_name=REGION) for name in ("s3", "sqs", "dynamodb", "events")]
+        outputs = create_data_plane(*clients, region=REGION)
+        yield ResultsTable(clients[2], outputs.results_table)
+
+
+def result(key: str, sequence: str, moment: datetime, **fields: Any) -> ScoringResult:
+    values: dict[str, Any] = {
+        "status": "SCORED",
+        "object_etag": "etag",
+        "object_size": 10,
+        "object_version_id": None,
+        "latency_ms": 5.0,
+        "model_version": "model-a",
+        "label": "NORMAL",
+        **fields,
+    }
+    scored_at = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return ScoringResult(image_key=f"s3://in/{key}", object_sequence=sequence, scored_at=scored_at, **values)
+
+
+def test_latest_is_the_newest_scoring_of_the_newest_version(table: ResultsTable) -> None:
+    """Re-scorings of the newest version win over its upload; an older version re-scored later never does."""
+    table.put_once(result("a", "0A", START))
+    table.put_once(result("a", "0B", START + timedelta(minutes=1)))
+    table.put_once(result("a", "0B|model-b", START + timedelta(minutes=2), model_version="model-b"))
+    table.put_once(result("a", "0B|model-0", START + timedelta(minutes=3), model_version="model-0"))
+    table.put_once(result("a", "0A|model-c", START + timedelta(minutes=4), model_version="model-c"))
+    latest = table.latest("s3://in/a")
+    assert latest is not None
+    assert (latest["object_sequence"], latest["version_sequence"]) == ("0B|model-0", "0B")
+    assert [item["object_sequence"] for item in table.history("s3://in/a")] == [
+        "0A",
+        "0A|model-c",
+        "0B",
+        "0B|model-0",
+        "0B|model-b",
+    ]
+
+
+def test_results_since_a_time_page_across_days(table: ResultsTable) -> None:
+    """Results of several days come back oldest first, a page at a time, optionally of one status."""
+    moments = [START + timedelta(hours=hours) for hours in range(0, 50, 5)]  # Three UTC days.
+    for index, moment in enumerate(moments):
+        status = "REJECTED" if index % 3 == 0 else "SCORED"
+        table.put_once(result(f"k{index}", "01", moment, status=status))
+    until = START + timedelta(days=3)
+    pages: list[list[str]] = []
+    token = None
+    while True:
+        page = table.scored_since(START, until=until, limit=4, page_token=token)
+        pages.append([item["image_key"] for item in page.items])
+        token = page.next_token
+        if token is None:
+            break
+    assert list(itertools.chain.from_iterable(pages)) == [f"s3://in/k{index}" for index in range(10)]
+    assert [len(page) for page in pages] == [4, 4, 2]
+    rejected = table.scored_since(START + timedelta(hours=1), until=until, status="REJECTED", limit=100)
+    assert [item["image_key"] for item in rejected.items] == ["s3://in/k3", "s3://in/k6", "s3://in/k9"]
+    assert rejected.next_token is None
+
+
+def test_a_foreign_page_token_is_refused(table: ResultsTable) -> None:
+    """A page token this command did not hand out is a clear error, not a crash or an empty page."""
+    with pytest.raises(InvalidPageTokenError):
+        table.scored_since(START, page_token="not-a-token")
+
+
+def test_event_detail_is_the_item_with_its_result_id(table: ResultsTable) -> None:
+    """The event feed's detail is the table item with plain JSON numbers and an id for deduplication."""
+    written = result("b", "01", START, confidence=0.75, pneumonia_probability=0.25, threshold=0.3)
+    table.put_once(written)
+    item = table.latest("s3://in/b")
+    assert item is not None
+    detail = result_detail(item)
+    assert detail == {**written.to_item(), "result_id": "s3://in/b#01"}
+    assert isinstance(detail["object_size"], int) and isinstance(detail["confidence"], float)
