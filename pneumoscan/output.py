@@ -11,7 +11,7 @@ from rich.table import Table
 
 from scoring.results import ResultsPage
 
-COLUMNS = ("image_key", "scored_at", "status", "label", "pneumonia_probability", "model_version", "trigger", "reason")
+VERDICT_COLUMNS = ("scored_at", "status", "label", "pneumonia_probability", "model_version", "trigger", "reason")
 
 
 def print_history(
@@ -21,7 +21,7 @@ def print_history(
     if output_format == "json":
         print(json.dumps({"image_key": image_key, "latest": latest, "history": list(history)}, default=_number))
         return
-    table = _table(f"{image_key}: {len(history)} result(s), latest marked *", history, latest)
+    table = _table(f"{image_key}: {len(history)} result(s), latest marked *", history, latest, VERDICT_COLUMNS)
     Console().print(table)
 
 
@@ -31,19 +31,20 @@ def print_page(page: ResultsPage, output_format: str) -> None:
         print(json.dumps({"items": page.items, "next_page_token": page.next_token}, default=_number))
         return
     console = Console()
-    console.print(_table(f"{len(page.items)} result(s)", page.items, None))
+    console.print(_table(f"{len(page.items)} result(s)", page.items, None, ("image_key", *VERDICT_COLUMNS)))
     if page.next_token:
         console.print(f"next page: --page-token {page.next_token}")
 
 
-def _table(title: str, items: Sequence[dict[str, Any]], latest: dict[str, Any] | None) -> Table:
+def _table(title: str, items: Sequence[dict[str, Any]], latest: dict[str, Any] | None, columns: Sequence[str]) -> Table:
     table = Table(title=title)
     table.add_column("")
-    for column in COLUMNS:
-        table.add_column(column)
+    for column in columns:
+        # Keys and timestamps wrap rather than lose their ends on a narrow terminal.
+        table.add_column(column.replace("_", " "), overflow="fold")
     for item in items:
         marker = "*" if latest is not None and item == latest else ""
-        table.add_row(marker, *(str(item.get(column, "")) for column in COLUMNS))
+        table.add_row(marker, *(str(item.get(column, "")) for column in columns))
     return table
 
 

@@ -154,6 +154,13 @@ def test_results_backfill_rescoring_heatmaps_and_events(
         assert document["latest"] == history[1]
         assert history[1]["object_sequence"] == f"{history[0]['object_sequence']}|{new_version}"
 
+    # The same for people: a table with the latest result marked.
+    capsys.readouterr()
+    key = next(iter(films))
+    assert main(["results", "--outputs", str(outputs), key, "--format", "table"]) == 0
+    table = " ".join(capsys.readouterr().out.split())  # Rich wraps the title to the terminal's width.
+    assert "2 result(s), latest marked *" in table and "backfill" in table and "upload" in table
+
     # Running it again resumes from its finished state; a fresh state re-sends, and nothing is scored twice.
     code, summary = cli_json(
         capsys, "backfill", "--outputs", str(outputs), "--prefix", "incoming/ops/", "--state", str(state)
