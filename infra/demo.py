@@ -4,7 +4,6 @@ result events a downstream subscriber of the results bus received are counted.""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
         outputs = stack.outputs
         print(f"local stack up at {outputs.endpoint_url} ({time.perf_counter() - started:.1f} s)")
         s3, dynamodb, sqs = stack.client("s3"), stack.client("dynamodb"), stack.client("sqs")
-        subscriber = _subscribe(stack.client("events"), sqs, outputs.event_bus)
+        subscriber = stack.subscribe("demo-downstream")
         registry = ModelRegistry(s3, outputs.model_bucket)
         registry.publish(model_dir)
         version = read_card(model_dir)["version"]
@@ -67,15 +66,6 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
         f"total {time.perf_counter() - started:.1f} s"
     )
     return 1 if missing else 0
-
-
-def _subscribe(events: Any, sqs: Any, bus: str) -> str:
-    """A downstream system: a queue that a rule on the results bus feeds with every result event."""
-    queue_url: str = sqs.create_queue(QueueName="demo-downstream")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    events.put_rule(Name="demo-downstream", EventBusName=bus, EventPattern=json.dumps({"source": ["pneumoscan"]}))
-    events.put_targets(Rule="demo-downstream", EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
-    return queue_url
 
 
 def _wait_for_events(sqs: Any, queue_url: str, expected: int, timeout_seconds: float) -> int:

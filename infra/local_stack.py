@@ -462,6 +462,17 @@ class LocalStack:
         policy: dict[str, Any] = json.loads(attributes["Attributes"]["RedrivePolicy"])
         return policy
 
+    def subscribe(self, name: str) -> str:
+        """A downstream system: a new queue that a rule on the results bus feeds with every result event."""
+        assert self.outputs is not None, "start() the stack first"
+        sqs, events = self.client("sqs"), self.client("events")
+        queue_url: str = sqs.create_queue(QueueName=name)["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        bus = self.outputs.event_bus
+        events.put_rule(Name=name, EventBusName=bus, EventPattern=json.dumps({"source": [publisher.EVENT_SOURCE]}))
+        events.put_targets(Rule=name, EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
+        return queue_url
+
     def client(self, service: str) -> Any:
         """A boto3 client for the local endpoint."""
         assert self.outputs is not None, "start() the stack first"

@@ -95,7 +95,7 @@ def run_soak(
         assert stack.outputs is not None and stack.emulator is not None
         outputs = stack.outputs
         s3, sqs, dynamodb = stack.client("s3"), stack.client("sqs"), stack.client("dynamodb")
-        subscriber = _subscribe(stack.client("events"), sqs, outputs.event_bus)
+        subscriber = stack.subscribe("soak-downstream")
         registry = ModelRegistry(s3, outputs.model_bucket)
         registry.publish(model_dir)
         version = read_card(model_dir)["version"]
@@ -212,15 +212,6 @@ def _wait_until_drained(sqs: Any, queue_url: str, deadline: float) -> None:
         )
         quiet = quiet + 1 if waiting == 0 else 0
         time.sleep(1.0)
-
-
-def _subscribe(events: Any, sqs: Any, bus: str) -> str:
-    """A downstream system: a queue that a rule on the results bus feeds with every result event."""
-    queue_url: str = sqs.create_queue(QueueName="soak-downstream")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    events.put_rule(Name="soak-downstream", EventBusName=bus, EventPattern=json.dumps({"source": ["pneumoscan"]}))
-    events.put_targets(Rule="soak-downstream", EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
-    return queue_url
 
 
 def _receive_events(sqs: Any, queue_url: str, expected: int, deadline: float) -> Counter[str]:

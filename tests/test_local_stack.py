@@ -142,7 +142,9 @@ def test_cli_talks_to_the_local_stack(
         while main(["result", "--outputs", str(outputs), "incoming/cli film.jpeg"]) != 0:
             assert time.monotonic() < deadline, "no result within 30 s"
             time.sleep(0.2)
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The stack's functions log to the same stdout (JSON lines too) while the command runs; pick the command's line.
+    lines = capsys.readouterr().out.splitlines()
+    result = json.loads(next(line for line in reversed(lines) if line.startswith('{"image_key"')))
     assert result["latest"]["status"] == "SCORED"
     assert result["image_key"].endswith("/incoming/cli film.jpeg")
     assert result["history"] == [result["latest"]]

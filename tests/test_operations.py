@@ -34,16 +34,8 @@ class Consumer:
     """A downstream system: an SQS queue subscribed by a rule to the results bus."""
 
     def __init__(self, stack: LocalStack) -> None:
-        assert stack.outputs is not None
         self._sqs = stack.client("sqs")
-        self.queue_url = self._sqs.create_queue(QueueName="downstream")["QueueUrl"]
-        arn = self._sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"][
-            "QueueArn"
-        ]
-        events = stack.client("events")
-        bus = stack.outputs.event_bus
-        events.put_rule(Name="all-results", EventBusName=bus, EventPattern=json.dumps({"source": ["pneumoscan"]}))
-        events.put_targets(Rule="all-results", EventBusName=bus, Targets=[{"Id": "downstream", "Arn": arn}])
+        self.queue_url = stack.subscribe("downstream")
         self.events: list[dict[str, Any]] = []
 
     def drain(self) -> list[dict[str, Any]]:
@@ -57,10 +49,13 @@ class Consumer:
 
 
 def cli_json(capsys: pytest.CaptureFixture[str], *arguments: str) -> tuple[int, Any]:
+    """Run a command; its exit code and the JSON document it printed last (the stack's own log lines, JSON too,
+    carry a "level" or "_aws" key and are passed over)."""
     capsys.readouterr()
     code = main(list(arguments))
-    lines = capsys.readouterr().out.strip().splitlines()
-    return code, json.loads(lines[-1]) if lines else None
+    documents = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    printed = [document for document in documents if not {"level", "_aws"} & document.keys()]
+    return code, printed[-1] if printed else None
 
 
 @pytest.fixture

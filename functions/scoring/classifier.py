@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
 
 from scoring.explainer import Explainer
+from scoring.litert import BatchedInterpreter
 from scoring.model_card import EXPLAINER_FILE, MODEL_FILE, ServingSpec, verify_artifact, verify_file
 
 
@@ -35,10 +35,7 @@ class Classifier:
         self.spec = spec
         self.directory = directory
         self._num_threads = num_threads
-        self._interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
-        self._input_index = self._interpreter.get_input_details()[0]["index"]
-        self._output_index = self._interpreter.get_output_details()[0]["index"]
-        self._batch_size = 0
+        self._model = BatchedInterpreter(model_path, num_threads=num_threads)
         self._explainer: Explainer | None = None
 
     @classmethod
@@ -66,15 +63,7 @@ class Classifier:
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """Raw PNEUMONIA logits of a ``(n, size, size, 1)`` uint8 batch."""
-        if pixels.ndim != 4 or pixels.shape[1:] != (self.input_size, self.input_size, 1):
-            raise ValueError(f"expected (n, {self.input_size}, {self.input_size}, 1) pixels, got {pixels.shape}")
-        if len(pixels) != self._batch_size:
-            self._interpreter.resize_tensor_input(self._input_index, list(pixels.shape))
-            self._interpreter.allocate_tensors()
-            self._batch_size = len(pixels)
-        self._interpreter.set_tensor(self._input_index, np.ascontiguousarray(pixels, dtype=np.uint8))
-        self._interpreter.invoke()
-        return np.asarray(self._interpreter.get_tensor(self._output_index), dtype=np.float64).reshape(-1)
+        return self._model.run(pixels, expected_size=self.input_size).reshape(-1)
 
     def predict(self, pixels: np.ndarray) -> list[Prediction]:
         """Calibrated predictions for a batch of preprocessed images."""

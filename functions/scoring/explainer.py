@@ -12,8 +12,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
 from PIL import Image, ImageOps
+
+from scoring.litert import BatchedInterpreter
 
 OVERLAY_MAX_SIDE = 512
 """Longer side of the overlay PNG; a film is never enlarged."""
@@ -33,28 +34,13 @@ class Explainer:
     """``explain.tflite`` loaded into a LiteRT interpreter, computing contribution maps of preprocessed images."""
 
     def __init__(self, model_path: Path, num_threads: int = 1) -> None:
-        self._interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
-        input_details = self._interpreter.get_input_details()[0]
-        output_details = self._interpreter.get_output_details()[0]
-        self._input_index = input_details["index"]
-        self._output_index = output_details["index"]
-        self.input_size = int(input_details["shape"][1])
-        self.grid = int(output_details["shape"][1])
-        self._batch_size = 0
+        self._model = BatchedInterpreter(model_path, num_threads=num_threads)
+        self.input_size = self._model.input_size
+        self.grid = self._model.output_shape[0]
 
     def maps(self, pixels: np.ndarray) -> np.ndarray:
         """``(n, grid, grid)`` float32 logit contributions of a ``(n, size, size, 1)`` uint8 batch."""
-        if pixels.ndim != 4 or pixels.shape[1:] != (self.input_size, self.input_size, 1):
-            raise ValueError(f"expected (n, {self.input_size}, {self.input_size}, 1) pixels, got {pixels.shape}")
-        if len(pixels) != self._batch_size:
-            # The interpreter is resized only when the batch size changes, as the classifier does.
-            self._interpreter.resize_tensor_input(self._input_index, list(pixels.shape))
-            self._interpreter.allocate_tensors()
-            self._batch_size = len(pixels)
-        self._interpreter.set_tensor(self._input_index, np.ascontiguousarray(pixels, dtype=np.uint8))
-        self._interpreter.invoke()
-        maps = np.array(self._interpreter.get_tensor(self._output_index), dtype=np.float32)
-        return maps.reshape(len(pixels), self.grid, self.grid)
+        return self._model.run(pixels).astype(np.float32).reshape(len(pixels), self.grid, self.grid)
 
 
 def render_overlay(image: Image.Image, contribution_map: np.ndarray, max_side: int = OVERLAY_MAX_SIDE) -> bytes:
