@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from scoring.events import MalformedMessageError, parse_message_body
+from scoring.events import BackfillRequest, MalformedMessageError, parse_message_body
+from scoring.heatmap_store import HeatmapStore
 
 EVENTS = Path(__file__).parent / "events"
 
@@ -66,3 +67,38 @@ def test_malformed_bodies_are_errors(body: str) -> None:
     """Bodies that are not S3 notifications raise, so their record is retried and then dead-lettered."""
     with pytest.raises(MalformedMessageError):
         parse_message_body(body)
+
+
+def test_backfill_request_round_trips() -> None:
+    """A backfill request names its object, the model pinned to score it, and whether a heatmap is wanted."""
+    body = BackfillRequest("uploads", "incoming/a b.jpeg", '"abc"', 12, "model-a", explain=True).to_json()
+    [ref] = parse_message_body(body)
+    assert (ref.image_key, ref.etag, ref.size, ref.backfill_model, ref.explain) == (
+        "s3://uploads/incoming/a b.jpeg",
+        "abc",
+        12,
+        "model-a",
+        True,
+    )
+    assert ref.is_backfill and ref.version_id is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"model_version": ""}, {"size": "twelve"}, {"etag": None}, {"unexpected": 1}],
+)
+def test_malformed_backfill_requests_are_errors(fields: dict[str, Any]) -> None:
+    """A backfill body with a missing, empty or unknown field raises, so it is retried and then dead-lettered."""
+    document = {**json.loads(BackfillRequest("uploads", "incoming/a.jpeg", "abc", 12, "model-a").to_json()), **fields}
+    with pytest.raises(MalformedMessageError):
+        parse_message_body(json.dumps(document))
+
+
+def test_heatmap_keys_stay_within_the_s3_limit() -> None:
+    """Heatmaps sit beside their image's key, unless that key is too long, when a digest names them."""
+    short = HeatmapStore.key_for("s3://uploads/incoming/a.jpeg", "01")
+    assert short.startswith("heatmaps/uploads/incoming/a.jpeg.") and short.endswith(".png")
+    longest = HeatmapStore.key_for("s3://uploads/incoming/" + "é" * 500 + ".jpeg", "01")
+    assert len(longest.encode()) <= 1024
+    assert longest.startswith("heatmaps/uploads/_long-keys/")
+    assert HeatmapStore.key_for("s3://uploads/incoming/a.jpeg", "02") != short

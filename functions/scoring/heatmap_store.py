@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 HEATMAP_PREFIX = "heatmaps/"
+MAX_KEY_BYTES = 1024
+"""S3's limit on the UTF-8 length of a key."""
 
 
 class HeatmapStore:
@@ -26,7 +28,12 @@ class HeatmapStore:
     def key_for(image_key: str, object_sequence: str) -> str:
         """Where the heatmap of one result goes: beside the image's other heatmaps, unique per result."""
         result_id = hashlib.sha256(object_sequence.encode()).hexdigest()[:16]
-        return f"{HEATMAP_PREFIX}{image_key.removeprefix('s3://')}.{result_id}.png"
+        key = f"{HEATMAP_PREFIX}{image_key.removeprefix('s3://')}.{result_id}.png"
+        if len(key.encode()) <= MAX_KEY_BYTES:
+            return key
+        # An input key near S3's limit leaves no room for the prefix: such heatmaps are named by a digest instead.
+        bucket = image_key.removeprefix("s3://").split("/", 1)[0]
+        return f"{HEATMAP_PREFIX}{bucket}/_long-keys/{hashlib.sha256(image_key.encode()).hexdigest()}.{result_id}.png"
 
     def put(self, image_key: str, object_sequence: str, png: bytes) -> str:
         """Write the overlay (idempotent: a retry writes the same key) and return its ``s3://`` address."""
