@@ -129,7 +129,7 @@ def _add_operations_commands(commands: Any) -> None:
     results.add_argument("--since", type=_timestamp, help="ISO 8601 time, e.g. 2026-11-28T08:00Z (UTC if no zone)")
     results.add_argument("--until", type=_timestamp, help="ISO 8601 time (default: now)")
     results.add_argument("--status", choices=("SCORED", "REJECTED"), help="only results of this status")
-    results.add_argument("--limit", type=int, default=100, help="results per page (default 100)")
+    results.add_argument("--limit", type=_positive(int), default=100, help="results per page (default 100)")
     results.add_argument("--page-token", help="continue a --since listing where the previous page ended")
     results.add_argument("--format", choices=("json", "table"), default="json", help="output format")
     results.set_defaults(run=_results)
@@ -143,7 +143,7 @@ def _add_operations_commands(commands: Any) -> None:
         "--model-version", help="the model that must score them: the promoted one (default: whichever is promoted)"
     )
     backfill.add_argument("--explain", action="store_true", help="store a heatmap for every image, not only PNEUMONIA")
-    backfill.add_argument("--rate", type=float, default=50.0, help="messages per second (default 50)")
+    backfill.add_argument("--rate", type=_positive(float), default=50.0, help="messages per second (default 50)")
     backfill.add_argument("--state", type=Path, help="resume file (default: .pneumoscan-backfill/<plan>.json)")
     backfill.set_defaults(run=_backfill)
 
@@ -301,6 +301,21 @@ def _promote(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number of ``kind`` above zero."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from error
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above zero: {text}")
+        return value
+
+    return parse
+
+
 def _timestamp(text: str) -> datetime:
     """An ISO 8601 time for --since and --until; UTC when it names no zone."""
     try:
@@ -314,7 +329,7 @@ def _results(arguments: argparse.Namespace) -> int:
     import boto3
 
     from pneumoscan.output import print_history, print_page
-    from scoring.results import InvalidPageTokenError, ResultsTable
+    from scoring.results import InvalidPageTokenError, ResultsTable, TransientResultsError
 
     if (arguments.image_key is None) == (arguments.since is None):
         raise SystemExit("give either KEY (one image) or --since (results scored since a time)")
@@ -335,7 +350,7 @@ def _results(arguments: argparse.Namespace) -> int:
                 limit=arguments.limit,
                 page_token=arguments.page_token,
             )
-        except InvalidPageTokenError as error:
+        except (InvalidPageTokenError, TransientResultsError) as error:
             raise SystemExit(str(error)) from error
         print_page(page, arguments.format)
         return 0
@@ -344,11 +359,15 @@ def _results(arguments: argparse.Namespace) -> int:
         if stack is None:
             raise SystemExit("give the full s3://bucket/key, or --stack-name / --outputs to name the input bucket")
         image_key = f"s3://{stack.input_bucket}/{image_key}"
-    history = table.history(image_key)
+    try:
+        history = table.history(image_key)
+        latest = table.latest(image_key)
+    except TransientResultsError as error:
+        raise SystemExit(str(error)) from error
     if not history:
         print(json.dumps({"image_key": image_key, "error": "no result yet"}))
         return 1
-    print_history(image_key, table.latest(image_key), history, arguments.format)
+    print_history(image_key, latest, history, arguments.format)
     return 0
 
 
