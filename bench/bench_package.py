@@ -1,4 +1,5 @@
-"""Deployment size: `sam build` (no Docker) of the scoring function, unzipped and zipped, and the model's size.
+"""Deployment size: `sam build` (no Docker) of the scoring function and the result publisher, unzipped and zipped,
+and the sizes of the model and its explainer.
 
 Run with `make bench`; merges its figures into bench/results.json.
 """
@@ -33,20 +34,28 @@ def main() -> dict[str, Any]:
             capture_output=True,
             env={**os.environ, "SAM_CLI_TELEMETRY": "0", "PATH": f"{SAM.parent}:{os.environ['PATH']}"},
         )
-        function = build / "ScoringFunction"
-        unzipped = folder_bytes(function)
-        archive = shutil.make_archive(str(Path(scratch) / "function"), "zip", function)
-        zipped = Path(archive).stat().st_size
+        sizes: dict[str, float] = {}
+        for name, function in (("function", "ScoringFunction"), ("publisher", "ResultPublisherFunction")):
+            sizes[f"{name}_unzipped_mb"] = round(folder_bytes(build / function) / 2**20, 1)
+            archive = shutil.make_archive(str(Path(scratch) / name), "zip", build / function)
+            sizes[f"{name}_zip_mb"] = round(Path(archive).stat().st_size / 2**20, 1)
+    release = ROOT / "models" / "release"
     figures = {
-        "function_unzipped_mb": round(unzipped / 2**20, 1),
-        "function_zip_mb": round(zipped / 2**20, 1),
+        **sizes,
         "lambda_unzipped_limit_mb": LAMBDA_UNZIPPED_LIMIT_MB,
-        "model_tflite_mb": round((ROOT / "models" / "release" / "model.tflite").stat().st_size / 2**20, 2),
+        "model_tflite_mb": round((release / "model.tflite").stat().st_size / 2**20, 2),
+        "explain_tflite_mb": round((release / "explain.tflite").stat().st_size / 2**20, 2),
     }
     print("| package | size |\n|---|---|")
     print(f"| scoring function, unzipped (`sam build`) | {figures['function_unzipped_mb']} MB (limit 250 MB) |")
     print(f"| scoring function, zip | {figures['function_zip_mb']} MB |")
+    print(
+        f"| result publisher, unzipped / zip | {figures['publisher_unzipped_mb']} / {figures['publisher_zip_mb']} MB |"
+    )
     print(f"| model.tflite | {figures['model_tflite_mb']} MB |")
+    print(
+        f"| explain.tflite (downloaded with the model, loaded on first heatmap) | {figures['explain_tflite_mb']} MB |"
+    )
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**existing, "package": figures}, indent=2) + "\n")
     return figures

@@ -424,6 +424,19 @@ class CrashingHandler:
         raise RuntimeError(f"injected crash in invocation {self.invocations}, after half of its batch")
 
 
+def _without_metrics(invoke: Handler, metrics: Any) -> Handler:
+    """The handler, dropping its metrics after every invocation. Powertools keeps disabled metrics instead of
+    flushing them, and prints them anyway once a metric holds 100 values, so a quiet stack clears them itself."""
+
+    def run(event: dict[str, Any], context: Any) -> Any:
+        try:
+            return invoke(event, context)
+        finally:
+            metrics.clear_metrics()
+
+    return run
+
+
 class LocalStack:
     """A moto server with the template's resources and the scoring handler attached to the queue."""
 
@@ -492,7 +505,8 @@ class LocalStack:
                 "metrics": os.environ.get("POWERTOOLS_METRICS_DISABLED"),
             }
             handler.logger.setLevel(logging.WARNING)
-            publisher.logger.setLevel(logging.WARNING)
+            # Failed publishes are retried by design (and injected by the soak): only errors are worth a line.
+            publisher.logger.setLevel(logging.ERROR)
             os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
         # Moto accepts any credentials; clients of this process sign with these unless real ones are set.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
@@ -536,7 +550,9 @@ class LocalStack:
         )
         self.fault_clients = [s3, dynamodb, events]
         handler.set_pipeline(handler.build_pipeline(settings, s3, dynamodb))
-        invoke: Handler = handler.lambda_handler
+        invoke: Handler = (
+            _without_metrics(handler.lambda_handler, handler.metrics) if self._quiet else handler.lambda_handler
+        )
         if self.faults.crash_on_invocation is not None:
             invoke = CrashingHandler(invoke, self.faults.crash_on_invocation)
         self.emulator = SqsEventSourceEmulator(
@@ -554,7 +570,7 @@ class LocalStack:
         self.stream_emulator = DynamoDbStreamEmulator(
             clients["dynamodbstreams"],
             table["LatestStreamArn"],
-            publisher.lambda_handler,
+            _without_metrics(publisher.lambda_handler, publisher.metrics) if self._quiet else publisher.lambda_handler,
             StreamEventSourceMapping.from_template(template),
             sqs=clients["sqs"],
             on_failure_queue_url=clients["sqs"].get_queue_url(
