@@ -40,8 +40,8 @@ def template() -> dict[str, Any]:
     return load_template()
 
 
-def _function_statements(template: dict[str, Any]) -> list[dict[str, Any]]:
-    policies = template["Resources"]["ScoringFunction"]["Properties"]["Policies"]
+def _function_statements(template: dict[str, Any], function: str = "ScoringFunction") -> list[dict[str, Any]]:
+    policies = template["Resources"][function]["Properties"]["Policies"]
     return [statement for policy in policies for statement in policy["Statement"]]
 
 
@@ -252,3 +252,18 @@ def test_dashboard_shows_the_metrics_the_functions_emit(template: dict[str, Any]
         ("AWS/Lambda", "Errors"),
         ("AWS/Lambda", "Duration"),
     } <= queue_metrics
+
+
+def test_batch_backfill_can_only_read_incoming_and_send_to_the_scoring_queue(template: dict[str, Any]) -> None:
+    """The Batch Operations function reads nothing outside incoming/, writes no object, and sends only to the queue."""
+    actions = set()
+    for statement in _function_statements(template, "BatchBackfillFunction"):
+        actions.update(statement["Action"])
+        text = _text(statement["Resource"])
+        if statement["Action"] == ["sqs:SendMessage"]:
+            assert statement["Resource"] == {"Fn::GetAtt": ["ScoringQueue", "Arn"]}
+        elif "s3:ListBucket" in statement["Action"]:
+            assert statement["Condition"]["StringLike"]["s3:prefix"] == {"Fn::Sub": "${InputPrefix}*"}
+        else:
+            assert text.endswith("${InputPrefix}*")
+    assert actions == {"s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket", "sqs:SendMessage"}
