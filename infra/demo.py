@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from infra.local_stack import LocalStack
-from scoring.model_card import read_card
-from scoring.model_registry import ModelRegistry
 from scoring.results import ResultsTable
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
@@ -32,12 +30,9 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
         assert stack.outputs is not None
         outputs = stack.outputs
         print(f"local stack up at {outputs.endpoint_url} ({time.perf_counter() - started:.1f} s)")
-        s3, dynamodb, sqs = stack.client("s3"), stack.client("dynamodb"), stack.client("sqs")
+        s3, dynamodb = stack.client("s3"), stack.client("dynamodb")
         subscriber = stack.subscribe("demo-downstream")
-        registry = ModelRegistry(s3, outputs.model_bucket)
-        registry.publish(model_dir)
-        version = read_card(model_dir)["version"]
-        registry.promote(version)
+        version = stack.serve(model_dir)
         print(f"published and promoted model {version}")
         keys = {}
         for path in paths:
@@ -48,7 +43,7 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
         results = _wait_for_results(
             ResultsTable(dynamodb, outputs.results_table), outputs.input_bucket, keys, timeout_seconds
         )
-        events = _wait_for_events(sqs, subscriber, len(keys), timeout_seconds=10)
+        events = len(stack.receive_events(subscriber, len(keys), timeout_seconds=10))
     _print_table(results)
     heatmaps = [r.item["heatmap_key"] for r in results if r.item is not None and "heatmap_key" in r.item]
     if heatmaps:
@@ -66,19 +61,6 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
         f"total {time.perf_counter() - started:.1f} s"
     )
     return 1 if missing else 0
-
-
-def _wait_for_events(sqs: Any, queue_url: str, expected: int, timeout_seconds: float) -> int:
-    deadline = time.monotonic() + timeout_seconds
-    received = 0
-    while received < expected and time.monotonic() < deadline:
-        messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
-        for message in messages:
-            received += 1
-            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-        if not messages:
-            time.sleep(0.2)
-    return received
 
 
 def _wait_for_results(

@@ -33,6 +33,8 @@ from moto.server import ThreadedMotoServer
 from infra.resources import StackOutputs, create_data_plane
 from infra.template import load_template, parameter_defaults
 from scoring import handler, publisher
+from scoring.model_card import read_card
+from scoring.model_registry import ModelRegistry
 from scoring.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,20 @@ class DeliveryStats:
     duplicates_sent: int = 0
 
 
-class SqsEventSourceEmulator:
+class _Poller:
+    """An event source that polls until stopped, resting while there is nothing to deliver."""
+
+    def poll_once(self) -> int:
+        raise NotImplementedError
+
+    def run(self, stop: threading.Event, idle_sleep: float = 0.1) -> None:
+        """Poll until ``stop`` is set."""
+        while not stop.is_set():
+            if self.poll_once() == 0:
+                stop.wait(idle_sleep)
+
+
+class SqsEventSourceEmulator(_Poller):
     """Polls the queue and invokes the handler with Lambda's SQS batch semantics."""
 
     def __init__(
@@ -209,12 +224,6 @@ class SqsEventSourceEmulator:
             "awsRegion": self._region,
         }
 
-    def run(self, stop: threading.Event, idle_sleep: float = 0.1) -> None:
-        """Poll until ``stop`` is set."""
-        while not stop.is_set():
-            if self.poll_once() == 0:
-                stop.wait(idle_sleep)
-
 
 @dataclass(frozen=True)
 class StreamEventSourceMapping:
@@ -241,7 +250,7 @@ class StreamEventSourceMapping:
         )
 
 
-class DynamoDbStreamEmulator:
+class DynamoDbStreamEmulator(_Poller):
     """Reads the table's stream from its start and invokes the handler with Lambda's stream batch semantics:
     in order per shard, and after a partial failure again from the first failed record, until the retry budget
     is spent (then the batch's description goes to the on-failure queue, as Lambda's destination does)."""
@@ -352,12 +361,6 @@ class DynamoDbStreamEmulator:
             "dynamodb": change,
             "eventSourceARN": self._stream_arn,
         }
-
-    def run(self, stop: threading.Event, idle_sleep: float = 0.1) -> None:
-        """Poll until ``stop`` is set."""
-        while not stop.is_set():
-            if self.poll_once() == 0:
-                stop.wait(idle_sleep)
 
 
 @dataclass(frozen=True)
@@ -485,6 +488,30 @@ class LocalStack:
         events.put_rule(Name=name, EventBusName=bus, EventPattern=json.dumps({"source": [publisher.EVENT_SOURCE]}))
         events.put_targets(Rule=name, EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}])
         return queue_url
+
+    def serve(self, model_dir: Path) -> str:
+        """Publish and promote an artifact in the stack's model registry; returns its version."""
+        assert self.outputs is not None, "start() the stack first"
+        registry = ModelRegistry(self.client("s3"), self.outputs.model_bucket)
+        registry.publish(model_dir)
+        return registry.promote(read_card(model_dir)["version"]).version
+
+    def receive_events(self, queue_url: str, expected: int, timeout_seconds: float) -> list[dict[str, Any]]:
+        """The result events a ``subscribe`` queue holds, waiting until ``expected`` distinct results have arrived
+        (delivery is at least once) or the timeout passes."""
+        sqs = self.client("sqs")
+        deadline = time.monotonic() + timeout_seconds
+        events: list[dict[str, Any]] = []
+        while True:
+            messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
+            for message in messages:
+                events.append(json.loads(message["Body"]))
+                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+            if messages:
+                continue
+            if len({event["detail"]["result_id"] for event in events}) >= expected or time.monotonic() >= deadline:
+                return events
+            time.sleep(0.2)
 
     def client(self, service: str) -> Any:
         """A boto3 client for the local endpoint."""

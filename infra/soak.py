@@ -22,8 +22,6 @@ from urllib.parse import unquote_plus
 
 from infra.corpus import CorpusFile, build_corpus
 from infra.local_stack import FaultPlan, LocalStack
-from scoring.model_card import read_card
-from scoring.model_registry import ModelRegistry
 
 SOAK_MAX_IMAGE_BYTES = 4 * 1024 * 1024
 """The soak's input limit, small so the oversized hostile file stays cheap to upload."""
@@ -96,16 +94,13 @@ def run_soak(
         outputs = stack.outputs
         s3, sqs, dynamodb = stack.client("s3"), stack.client("sqs"), stack.client("dynamodb")
         subscriber = stack.subscribe("soak-downstream")
-        registry = ModelRegistry(s3, outputs.model_bucket)
-        registry.publish(model_dir)
-        version = read_card(model_dir)["version"]
-        registry.promote(version)
+        version = stack.serve(model_dir)
         for key in keys:
             s3.put_object(Bucket=outputs.input_bucket, Key=key, Body=files[key].body)
         _wait_until_drained(sqs, outputs.queue_url, time.monotonic() + timeout_seconds)
         wall = time.perf_counter() - started
         items = _scan(dynamodb, outputs.results_table)
-        events = _receive_events(sqs, subscriber, len(items), time.monotonic() + 120)
+        events = Counter(event["detail"]["result_id"] for event in stack.receive_events(subscriber, len(items), 120))
         heatmap_keys = {
             f"s3://{outputs.heatmap_bucket}/{item['Key']}"
             for page in s3.get_paginator("list_objects_v2").paginate(Bucket=outputs.heatmap_bucket)
@@ -212,18 +207,6 @@ def _wait_until_drained(sqs: Any, queue_url: str, deadline: float) -> None:
         )
         quiet = quiet + 1 if waiting == 0 else 0
         time.sleep(1.0)
-
-
-def _receive_events(sqs: Any, queue_url: str, expected: int, deadline: float) -> Counter[str]:
-    """How often each result id arrived, until every one of ``expected`` results has or the deadline passes."""
-    received: Counter[str] = Counter()
-    while len(received) < expected and time.monotonic() < deadline:
-        for body in _drain(sqs, queue_url):
-            received[json.loads(body)["detail"]["result_id"]] += 1
-        time.sleep(0.5)
-    for body in _drain(sqs, queue_url):
-        received[json.loads(body)["detail"]["result_id"]] += 1
-    return received
 
 
 def _scan(dynamodb: Any, table: str) -> list[dict[str, Any]]:

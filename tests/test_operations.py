@@ -30,24 +30,6 @@ def wait_for(condition: Callable[[], bool], what: str, seconds: float = 60) -> N
         time.sleep(0.2)
 
 
-class Consumer:
-    """A downstream system: an SQS queue subscribed by a rule to the results bus."""
-
-    def __init__(self, stack: LocalStack) -> None:
-        self._sqs = stack.client("sqs")
-        self.queue_url = stack.subscribe("downstream")
-        self.events: list[dict[str, Any]] = []
-
-    def drain(self) -> list[dict[str, Any]]:
-        while True:
-            messages = self._sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10).get("Messages", [])
-            if not messages:
-                return self.events
-            for message in messages:
-                self.events.append(json.loads(message["Body"]))
-                self._sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
-
-
 def cli_json(capsys: pytest.CaptureFixture[str], *arguments: str) -> tuple[int, Any]:
     """Run a command; its exit code and the JSON document it printed last (the stack's own log lines, JSON too,
     carry a "level" or "_aws" key and are passed over)."""
@@ -87,7 +69,7 @@ def test_results_backfill_rescoring_heatmaps_and_events(
     """Uploads are scored, queried and published; a backfill re-scores them with a new model, keeping history."""
     stack, outputs = running
     assert stack.outputs is not None and stack.stream_emulator is not None
-    consumer = Consumer(stack)
+    downstream = stack.subscribe("downstream")
     s3 = stack.client("s3")
     started = datetime.now(UTC) - timedelta(seconds=1)
     films = {
@@ -118,11 +100,12 @@ def test_results_backfill_rescoring_heatmaps_and_events(
     assert "QueueConfigurations" not in s3.get_bucket_notification_configuration(Bucket=heatmap_bucket)
 
     # The event feed: one schema-valid event per result, matching the table.
-    wait_for(lambda: len(consumer.drain()) >= 5, "five result events")
-    for event in consumer.events:
+    events = stack.receive_events(downstream, expected=5, timeout_seconds=60)
+    assert len({event["detail"]["result_id"] for event in events}) == 5
+    for event in events:
         assert event["source"] == "pneumoscan" and event["detail-type"] == "pneumoscan.result"
         jsonschema.validate(event["detail"], RESULT_EVENT_SCHEMA)
-    by_key = {event["detail"]["image_key"]: event["detail"] for event in consumer.events}
+    by_key = {event["detail"]["image_key"]: event["detail"] for event in events}
     for item in first.values():
         assert by_key[item["image_key"]] == {**item, "result_id": f"{item['image_key']}#{item['object_sequence']}"}
 
@@ -193,8 +176,8 @@ def test_results_backfill_rescoring_heatmaps_and_events(
     )
     assert [item["image_key"].rsplit("/", 1)[-1] for item in page["items"]] == ["notes.txt", "notes.txt"]
 
-    wait_for(lambda: len(consumer.drain()) >= 10, "ten result events")
-    assert len({event["detail"]["result_id"] for event in consumer.events}) == 10
+    events += stack.receive_events(downstream, expected=5, timeout_seconds=60)
+    assert len({event["detail"]["result_id"] for event in events}) == 10
 
 
 def test_backfill_refuses_a_model_that_is_not_promoted(
