@@ -329,7 +329,7 @@ def _results(arguments: argparse.Namespace) -> int:
     import boto3
 
     from pneumoscan.output import print_history, print_page
-    from scoring.results import InvalidPageTokenError, ResultsTable, TransientResultsError
+    from scoring.results import InvalidPageTokenError, ResultsTable, TransientResultsError, latest_of
 
     if (arguments.image_key is None) == (arguments.since is None):
         raise SystemExit("give either KEY (one image) or --since (results scored since a time)")
@@ -361,13 +361,12 @@ def _results(arguments: argparse.Namespace) -> int:
         image_key = f"s3://{stack.input_bucket}/{image_key}"
     try:
         history = table.history(image_key)
-        latest = table.latest(image_key)
     except TransientResultsError as error:
         raise SystemExit(str(error)) from error
     if not history:
         print(json.dumps({"image_key": image_key, "error": "no result yet"}))
         return 1
-    print_history(image_key, latest, history, arguments.format)
+    print_history(image_key, latest_of(history), history, arguments.format)
     return 0
 
 

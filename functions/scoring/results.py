@@ -134,9 +134,9 @@ class ResultsTable:
         newest_version: list[dict[str, Any]] = []
         for item in self._query_image(image_key, newest_first=True, page_size=10):
             if newest_version and _version_of(item) != _version_of(newest_version[0]):
-                break
+                break  # Newest first: the newest version's results are all read.
             newest_version.append(item)
-        return max(newest_version, key=lambda item: str(item.get("scored_at", ""))) if newest_version else None
+        return latest_of(newest_version)
 
     def scored_since(
         self,
@@ -205,6 +205,16 @@ class ResultsTable:
             return operation()
         except (ClientError, BotoCoreError) as error:
             raise TransientResultsError(f"cannot {action}: {error}") from error
+
+
+def latest_of(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Among results of one image, the newest scoring of its newest object version, or None."""
+    if not results:
+        return None
+    newest = max(_version_of(item) for item in results)
+    return max(
+        (item for item in results if _version_of(item) == newest), key=lambda item: str(item.get("scored_at", ""))
+    )
 
 
 def _version_of(item: dict[str, Any]) -> str:
