@@ -27,12 +27,11 @@ import keras
 import numpy as np
 from keras import layers
 
-from scoring.classifier import Classifier
 from scoring.explainer import Explainer
+from scoring.litert import BatchedInterpreter
 from scoring.model_card import (
     EXPLAINER_FILE,
     MODEL_FILE,
-    ServingSpec,
     read_card,
     sha256_of,
     verify_artifact,
@@ -176,14 +175,12 @@ def max_logit_difference(explainer_path: Path, served_model: Path, bias: float, 
     if len(images) == 0:
         raise ValueError("the parity check needs at least one image")
     explainer = Explainer(explainer_path)
-    size = images.shape[1]
-    spec = ServingSpec("explainer-check", size, ("NORMAL", "PNEUMONIA"), 1.0, 0.5, "", None)
-    served = Classifier(served_model, spec)
+    served = BatchedInterpreter(served_model)
     differences = []
     for start in range(0, len(images), 32):
         batch = images[start : start + 32]
         reconstructed = bias + explainer.maps(batch).astype(np.float64).mean(axis=(1, 2))
-        differences.append(np.abs(reconstructed - served.logits(batch)))
+        differences.append(np.abs(reconstructed - served.run(batch).reshape(-1)))
     return float(np.max(np.concatenate(differences)))
 
 

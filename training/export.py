@@ -13,8 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from scoring.classifier import Classifier
-from scoring.model_card import ServingSpec
+from scoring.litert import BatchedInterpreter
 from training.calibration import sigmoid
 
 logger = logging.getLogger(__name__)
@@ -85,15 +84,14 @@ def measure(
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.tflite"
         path.write_bytes(model_bytes)
-        spec = ServingSpec("candidate", images.shape[1], ("NORMAL", "PNEUMONIA"), temperature, threshold, "", None)
-        classifier = Classifier(path, spec)
-        logits = np.concatenate([classifier.logits(images[i : i + 32]) for i in range(0, len(images), 32)])
+        model = BatchedInterpreter(path)
+        logits = np.concatenate([model.run(images[i : i + 32]).reshape(-1) for i in range(0, len(images), 32)])
         single = images[:1]
-        classifier.logits(single)
+        model.run(single)
         started = time.perf_counter()
         repeats = 20
         for _ in range(repeats):
-            classifier.logits(single)
+            model.run(single)
         milliseconds = (time.perf_counter() - started) * 1000 / repeats
     probabilities = sigmoid(logits, temperature)
     return ExportCandidate(
