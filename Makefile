@@ -43,11 +43,19 @@ format: $(VENV)/.dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Reproduces the committed release model from the full training data (about 40 minutes on 2 CPU cores).
-# The Keras form is moved beside the served artifact: only the benchmark's TensorFlow comparison uses it.
+# Reproduces the committed release model from the full training data (the teacher, the student distilled from it,
+# and the choice between them; about 40 minutes on 2 CPU cores). The model of the two that is not served is kept,
+# complete, beside the release for the side-by-side comparison; the served model's Keras form is moved beside it
+# too: only the benchmark's TensorFlow comparison uses it.
 release-model: $(VENV)/.dev
-	rm -rf models/release models/release-keras
+	rm -rf models/release models/release-keras models/release-teacher models/release-student
 	$(BIN)/pneumoscan train --data $(PNEUMOSCAN_DATA) --output models/release
+	for role in teacher student; do \
+		if [ -d models/release/alternatives/$$role ]; then \
+			mv models/release/alternatives/$$role models/release-$$role && rm models/release-$$role/model.keras; \
+		fi; \
+	done
+	rm -rf models/release/alternatives
 	mkdir -p models/release-keras
 	mv models/release/model.keras models/release-keras/model.keras
 

@@ -20,7 +20,14 @@ from training.metrics import METRIC_NAMES, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE_MODEL = ROOT / "models" / "release"
+COMPARED_MODELS = {
+    "teacher": ROOT / "models" / "release-teacher",
+    "student": ROOT / "models" / "release-student",
+    "previous release": ROOT / "models" / "previous-release",
+}
+"""Artifacts shown beside the served one: the model of the pair not served, and the release it replaced."""
 RESULTS = ROOT / "bench" / "results.json"
+HEADLINE = ("accuracy", "auc", "sensitivity", "specificity", "expected_calibration_error")
 
 
 def score_with_cli(model: Path, paths: list[Path]) -> list[dict[str, Any]]:
@@ -30,20 +37,26 @@ def score_with_cli(model: Path, paths: list[Path]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in output.splitlines()]
 
 
+def measure_artifact(model: Path, paths: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The artifact's card and its test metrics recomputed through `pneumoscan score`."""
+    lines = score_with_cli(model, paths)
+    errors = [line for line in lines if "error" in line]
+    if errors or len(lines) != len(paths):
+        raise SystemExit(f"{len(errors)} test images could not be scored by {model}: {errors[:3]}")
+    labels = np.array([Path(line["path"]).parent.name == "PNEUMONIA" for line in lines], dtype=int)
+    probabilities = np.array([line["pneumonia_probability"] for line in lines])
+    card = read_card(model)
+    threshold = float(card["calibration"]["threshold"])
+    return card, evaluate(labels, probabilities, threshold, resamples=2000).to_dict()
+
+
 def main() -> dict[str, Any]:
     data = Path(os.environ.get("PNEUMOSCAN_DATA", ROOT.parent / "shared" / "data" / "chest_xray"))
     paths = sorted((data / "test").glob("*/*"))
-    lines = score_with_cli(RELEASE_MODEL, paths)
-    errors = [line for line in lines if "error" in line]
-    if errors or len(lines) != len(paths):
-        raise SystemExit(f"{len(errors)} test images could not be scored: {errors[:3]}")
-    labels = np.array([Path(line["path"]).parent.name == "PNEUMONIA" for line in lines], dtype=int)
-    probabilities = np.array([line["pneumonia_probability"] for line in lines])
-    card = read_card(RELEASE_MODEL)
+    card, measured = measure_artifact(RELEASE_MODEL, paths)
     threshold = float(card["calibration"]["threshold"])
-    measured: dict[str, Any] = evaluate(labels, probabilities, threshold, resamples=2000).to_dict()
     claimed = card["metrics"]["test"]
-    print(f"model {card['version']} on {len(lines)} test images, threshold {threshold:.4f} (chosen on validation)\n")
+    print(f"model {card['version']} on {len(paths)} test images, threshold {threshold:.4f} (chosen on validation)\n")
     print("| metric | recomputed (95% CI) | model card |")
     print("|---|---|---|")
     for name in METRIC_NAMES:
@@ -52,7 +65,27 @@ def main() -> dict[str, Any]:
             f"| {name} | {value['value']:.4f} ({value['low']:.4f}-{value['high']:.4f}) | {claimed[name]['value']:.4f} |"
         )
     print(f"\nconfusion matrix: {measured['confusion_matrix']}")
-    figures = {"model_version": card["version"], "test_images": len(lines), "recomputed": measured, "card": claimed}
+    figures = {"model_version": card["version"], "test_images": len(paths), "recomputed": measured, "card": claimed}
+
+    rows = {f"served: {card.get('role', 'release')} ({card['architecture']})": (card, measured)}
+    for name, folder in COMPARED_MODELS.items():
+        if (folder / "model_card.json").is_file():
+            other_card, other_measured = measure_artifact(folder, paths)
+            rows[f"{name} ({other_card['architecture']})"] = (other_card, other_measured)
+    print("\nSide by side on the test split, each at its own validation-chosen threshold, via `pneumoscan score`:\n")
+    print("| model | size MB | " + " | ".join(HEADLINE) + " |")
+    print("|---|---|" + "---|" * len(HEADLINE))
+    comparison: dict[str, Any] = {}
+    for name, (row_card, row_measured) in rows.items():
+        values = " | ".join(f"{row_measured[metric]['value']:.3f}" for metric in HEADLINE)
+        print(f"| {name} {row_card['version']} | {row_card['model_size_bytes'] / 1e6:.1f} | {values} |")
+        comparison[name] = {
+            "version": row_card["version"],
+            "model_size_bytes": row_card["model_size_bytes"],
+            **{metric: row_measured[metric]["value"] for metric in HEADLINE},
+            "validation": {metric: row_card["metrics"]["validation"][metric]["value"] for metric in HEADLINE},
+        }
+    figures["comparison"] = comparison
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**existing, "quality": figures}, indent=2) + "\n")
     return figures

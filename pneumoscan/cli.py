@@ -6,13 +6,14 @@ Each subcommand imports what it needs when it runs, so scoring and the demo neve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("architecture", str), ("image-size", int), ("epochs", int), ("batch-size", int), ("learning-rate", float),
         ("weight-decay", float), ("dropout", float), ("validation-fraction", float), ("patience", int), ("seed", int),
         ("weights", str), ("quantization", str), ("limit-per-class", int), ("bootstrap-resamples", int),
-        ("ensemble-size", int),
+        ("ensemble-size", int), ("head-epochs", int), ("head-learning-rate", float), ("student-architecture", str),
+        ("student-image-size", int), ("student-epochs", int), ("student-learning-rate", float),
+        ("distillation-weight", float), ("distillation-temperature", float), ("serve", str), ("evaluate-test", str),
     ):  # fmt: skip
         train.add_argument(f"--{name}", type=kind, dest=f"hp_{name.replace('-', '_')}", help="hyper-parameter")
     train.add_argument("--arch", type=str, dest="hp_architecture", help="alias of --architecture")
@@ -195,17 +198,36 @@ def _train(arguments: argparse.Namespace) -> int:
         for key, value in vars(arguments).items()
         if key.startswith("hp_") and value is not None
     }
-    card = run_job(arguments.data, arguments.output, overrides)
+    # Keras's progress lines and the LiteRT converter's native output go to stderr, so stdout holds only the JSON.
+    with _stdout_to_stderr():
+        card = run_job(arguments.data, arguments.output, overrides)
     print(
         json.dumps(
             {
                 "version": card["version"],
-                "test": _headline(card["metrics"]["test"]),
+                **{split: _headline(metrics) for split, metrics in card["metrics"].items()},
+                "served": card["serving"]["served"],
+                "comparison": card.get("comparison", {}),
                 "training_seconds": card["training_seconds"],
             }
         )
     )
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to standard output, by Python or by native libraries, to standard error."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, float]:

@@ -11,6 +11,7 @@ import pytest
 from training.data import (
     DataLayoutError,
     class_weights,
+    image_family,
     list_split,
     load_images,
     manifest_sha256,
@@ -40,7 +41,7 @@ def test_validation_split_has_no_patient_on_both_sides(data_root: Path) -> None:
     fit, validation = patient_level_split(files, 0.15, seed=42)
     assert len(fit) + len(validation) == len(files) == 5216
     assert not {f.patient_id for f in fit} & {f.patient_id for f in validation}
-    assert 0.12 < len(validation) / len(files) < 0.18
+    assert 0.13 < len(validation) / len(files) < 0.17
 
 
 def test_validation_split_is_stratified_and_deterministic(data_root: Path) -> None:
@@ -51,6 +52,29 @@ def test_validation_split_is_stratified_and_deterministic(data_root: Path) -> No
     overall = np.mean([f.label for f in files])
     assert abs(np.mean([f.label for f in validation]) - overall) < 0.03
     assert [f.path for f in validation] == [f.path for f in again]
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.15, 0.25, 0.4])
+def test_validation_share_is_the_one_requested(data_root: Path, fraction: float) -> None:
+    """The held-out share of images follows the requested fraction (0.4 gives 40%, not 50%)."""
+    files = list_split(data_root / "train")
+    _, validation = patient_level_split(files, fraction, seed=42)
+    assert len(validation) / len(files) == pytest.approx(fraction, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    ("file_name", "family"),
+    [
+        ("person1_bacteria_1.jpeg", "bacteria"),
+        ("person1_virus_6.jpeg", "virus"),
+        ("IM-0001-0001.jpeg", "IM"),
+        ("NORMAL2-IM-0095-0001.jpeg", "NORMAL2"),
+        ("upload.png", "other"),
+    ],
+)
+def test_image_family_from_file_name(file_name: str, family: str) -> None:
+    """Validation is also reported per source family of the Kaggle files."""
+    assert image_family(file_name) == family
 
 
 def _copy_layout(data_root: Path, destination: Path, per_class: int = 3) -> Path:

