@@ -301,6 +301,16 @@ def sample_weights(labels: np.ndarray) -> np.ndarray:
     return np.array([weights[int(label)] for label in labels], dtype=np.float32)
 
 
+@keras.saving.register_keras_serializable(package="pneumoscan")
+class HardLabelAUC(keras.metrics.AUC):  # type: ignore[misc]  # Keras ships no type information.
+    """AUC against the targets rounded at 0.5: the true labels, both for labels and for a student's soft targets
+    (while the true label's share of a target is at least half, which the default distillation weight keeps)."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):  # type: ignore[no-untyped-def]  # Keras tensors.
+        hard_labels = keras.ops.cast(keras.ops.greater_equal(y_true, 0.5), "float32")
+        return super().update_state(hard_labels, y_pred, sample_weight=sample_weight)
+
+
 def fit(
     classifier: keras.Model,
     images: np.ndarray,
@@ -326,7 +336,7 @@ def fit(
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
-        metrics=[keras.metrics.AUC(from_logits=True, name="auc")],
+        metrics=[HardLabelAUC(from_logits=True, name="auc")],
     )
     training_data = (
         tf.data.Dataset.from_tensor_slices((images, targets.astype("float32"), sample_weights(splits.fit.labels)))
