@@ -6,6 +6,7 @@ bootstrap 95% intervals) are printed next to what the model card claims. Run wit
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -14,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from scoring.classifier import Classifier
 from scoring.model_card import read_card
+from scoring.preprocessing import preprocess
+from training.data import list_split, patient_level_split
 from training.metrics import METRIC_NAMES, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +53,36 @@ def measure_artifact(model: Path, paths: list[Path]) -> tuple[dict[str, Any], di
     card = read_card(model)
     threshold = float(card["calibration"]["threshold"])
     return card, evaluate(labels, probabilities, threshold, resamples=2000).to_dict()
+
+
+def full_resolution_consistency(model: Path, data: Path, every: int = 7, limit: int = 100) -> dict[str, Any]:
+    """How far a film's probability moves when it arrives as a ~2,000 px JPEG instead of the data set's copy.
+
+    Measured on validation films (every ``every``-th of the patient-level validation split), never on the test
+    split: the copy and its bicubic enlargement, re-encoded at quality 90 as real uploads are, both go through
+    the served preprocessing and model."""
+    classifier = Classifier.from_directory(model)
+    _, validation = patient_level_split(list_split(data / "train"), 0.15, seed=42)
+    chosen = validation[::every][:limit]
+    copies, uploads = [], []
+    for item in chosen:
+        data_bytes = item.path.read_bytes()
+        film = Image.open(io.BytesIO(data_bytes)).convert("L").resize((2048, 1856), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        film.save(buffer, format="JPEG", quality=90)
+        copies.append(preprocess(data_bytes, size=classifier.input_size).pixels)
+        uploads.append(preprocess(buffer.getvalue(), size=classifier.input_size).pixels)
+    copy_probabilities = np.array([p.pneumonia_probability for p in classifier.predict(np.stack(copies))])
+    upload_probabilities = np.array([p.pneumonia_probability for p in classifier.predict(np.stack(uploads))])
+    threshold = classifier.spec.threshold
+    moved = np.abs(copy_probabilities - upload_probabilities)
+    flips = (copy_probabilities >= threshold) != (upload_probabilities >= threshold)
+    return {
+        "films": len(chosen),
+        "max_probability_change": round(float(moved.max()), 4),
+        "mean_probability_change": round(float(moved.mean()), 4),
+        "labels_changed": int(flips.sum()),
+    }
 
 
 def main() -> dict[str, Any]:
@@ -86,6 +121,16 @@ def main() -> dict[str, Any]:
             "validation": {metric: row_card["metrics"]["validation"][metric]["value"] for metric in HEADLINE},
         }
     figures["comparison"] = comparison
+    print("\nFull-resolution consistency on validation films (copy vs the same film as a ~2,000 px JPEG):\n")
+    print("| model | films | max change | mean change | labels changed |\n|---|---|---|---|---|")
+    folders = {"served": RELEASE_MODEL, **{n: f for n, f in COMPARED_MODELS.items() if f.is_dir()}}
+    consistency = {name: full_resolution_consistency(folder, data) for name, folder in folders.items()}
+    for name, row in consistency.items():
+        print(
+            f"| {name} | {row['films']} | {row['max_probability_change']} | {row['mean_probability_change']} "
+            f"| {row['labels_changed']} |"
+        )
+    figures["full_resolution_consistency"] = consistency
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**existing, "quality": figures}, indent=2) + "\n")
     return figures

@@ -225,9 +225,34 @@ def main() -> dict[str, Any]:
         },
     }
     print_tables(litert, keras_figures, explained)
+    figures["bars"] = check_bars(litert, figures["model_bytes"]["model.tflite"])
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**existing, "scoring": figures}, indent=2) + "\n")
     return figures
+
+
+SPEED_BARS = {
+    "warm full-resolution JPEG to result, p50 (ms)": 15.0,
+    "cold start to first result (s)": 1.0,
+    "served model file (MB)": 20.0,
+}
+"""The speed and size targets of the served model, one thread."""
+
+
+def check_bars(litert: dict[str, Any], model_bytes: int) -> dict[str, dict[str, Any]]:
+    """Each target beside its measured figure, printed and returned for results.json."""
+    measured = {
+        "warm full-resolution JPEG to result, p50 (ms)": litert["warm_2048px_jpeg"]["total"]["p50_ms"],
+        "cold start to first result (s)": litert["cold_start"]["total_s"],
+        "served model file (MB)": round(model_bytes / 1e6, 2),
+    }
+    print("\n| target | bar | measured | met |\n|---|---|---|---|")
+    bars = {}
+    for name, bar in SPEED_BARS.items():
+        met = measured[name] <= bar
+        print(f"| {name} | <= {bar} | {measured[name]} | {'yes' if met else 'NO'} |")
+        bars[name] = {"bar": bar, "measured": measured[name], "met": met}
+    return bars
 
 
 def print_tables(litert: dict[str, Any], keras_figures: dict[str, Any], explained: dict[str, Any]) -> None:
