@@ -174,7 +174,8 @@ def test_explainer_of_another_model_fails_the_gate(tmp_path: Path) -> None:
 
 
 def test_release_explainer_reproduces_the_release_logits(sample_paths: list[Path]) -> None:
-    """The release artifact's explainer gives 3 x 3 maps whose mean plus bias is the served logit on the samples."""
+    """The release artifact's explainer gives maps of its card's grid (the backbone's stride-32 feature map: 6 x 6
+    at 192 px) whose mean plus bias is the served logit on the samples."""
     classifier = Classifier.from_directory(RELEASE_MODEL)
     explainer = classifier.explainer
     assert explainer is not None
@@ -182,7 +183,9 @@ def test_release_explainer_reproduces_the_release_logits(sample_paths: list[Path
     assert classifier.spec.explainer_bias is not None
     pixels = _sample_pixels(sample_paths, classifier.input_size)
     maps = explainer.maps(pixels)
-    assert maps.shape == (len(sample_paths), 3, 3)
+    grid = read_card(RELEASE_MODEL)["explainer"]["grid"]
+    assert grid == classifier.input_size // 32
+    assert maps.shape == (len(sample_paths), grid, grid)
     reconstructed = classifier.spec.explainer_bias + maps.astype(np.float64).mean(axis=(1, 2))
     assert np.max(np.abs(reconstructed - classifier.logits(pixels))) <= 1e-3
     assert read_card(RELEASE_MODEL)["explainer"]["max_logit_difference"] <= 1e-3
