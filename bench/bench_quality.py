@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from core.model_card import read_card
+from core.preprocessing import preprocess
 from scoring.classifier import Classifier
-from scoring.model_card import read_card
-from scoring.preprocessing import preprocess
 from training.data import list_split, patient_level_split
 from training.metrics import METRIC_NAMES, evaluate
 

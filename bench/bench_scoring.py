@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from core.model_card import EXPLAINER_FILE
+from core.preprocessing import decode, resize_for_model
 from scoring.classifier import Classifier
 from scoring.explainer import render_overlay
-from scoring.model_card import EXPLAINER_FILE
-from scoring.preprocessing import decode, resize_for_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE_MODEL = ROOT / "models" / "release"
@@ -59,7 +59,7 @@ import keras, tensorflow as tf
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 import training.models  # Registers the custom layer of the saved model.
-from scoring.preprocessing import preprocess
+from core.preprocessing import preprocess
 imported = time.perf_counter()
 model = keras.saving.load_model(sys.argv[3], compile=False)
 infer = tf.function(lambda pixels: model(pixels, training=False), reduce_retracing=True)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scoring.events import BackfillRequest
+from core.events import BackfillRequest
 
 SQS_BATCH_LIMIT = 10
 SEND_ATTEMPTS = 5

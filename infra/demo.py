@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.results import ResultsTable
 from infra.local_stack import LocalStack
-from scoring.results import ResultsTable
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 

@@ -30,11 +30,12 @@ import boto3
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
+from core.model_card import read_card
+from core.model_registry import ModelRegistry
 from infra.resources import StackOutputs, create_data_plane
 from infra.template import load_template, parameter_defaults
-from scoring import handler, publisher
-from scoring.model_card import read_card
-from scoring.model_registry import ModelRegistry
+from publisher import handler as publisher
+from scoring import handler
 from scoring.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -576,7 +577,7 @@ class LocalStack:
             clients["events"], {"put_events": (self.faults.put_events_failure_rate, "InternalException")}, rng
         )
         self.fault_clients = [s3, dynamodb, events]
-        handler.set_pipeline(handler.build_pipeline(settings, s3, dynamodb))
+        handler.pipeline.set(handler.build_pipeline(settings, s3, dynamodb))
         invoke: Handler = (
             _without_metrics(handler.lambda_handler, handler.metrics) if self._quiet else handler.lambda_handler
         )
@@ -592,7 +593,7 @@ class LocalStack:
             rng=rng,
             region=self._region,
         )
-        publisher.set_feed(publisher.EventFeed(events, self.outputs.event_bus))
+        publisher.feed.set(publisher.EventFeed(events, self.outputs.event_bus))
         table = clients["dynamodb"].describe_table(TableName=self.outputs.results_table)["Table"]
         self.stream_emulator = DynamoDbStreamEmulator(
             clients["dynamodbstreams"],
@@ -623,8 +624,8 @@ class LocalStack:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=30)
-        handler.set_pipeline(None)
-        publisher.set_feed(None)
+        handler.pipeline.set(None)
+        publisher.feed.set(None)
         if self._restore:
             # Disabled metrics are never flushed, so they are dropped here rather than leak into a later flush.
             handler.metrics.clear_metrics()

@@ -246,8 +246,8 @@ def _evaluate(arguments: argparse.Namespace) -> int:
 
 
 def _score(arguments: argparse.Namespace) -> int:
+    from core.rejections import InvalidImageError
     from scoring.classifier import Classifier
-    from scoring.preprocessing import InvalidImageError
     from scoring.scorer import score_files
 
     classifier = Classifier.from_directory(_local_model(arguments.model, arguments))
@@ -280,7 +280,8 @@ def _local_model(model: str, arguments: argparse.Namespace) -> Path:
     """A local artifact folder for ``model``, downloading from S3 when it is an s3:// URL."""
     if not model.startswith("s3://"):
         return Path(model)
-    from scoring.model_registry import ModelRegistry, S3Location
+    from core.model_registry import ModelRegistry
+    from core.s3 import S3Location
 
     location = S3Location.parse(model)
     registry = ModelRegistry(_s3_client(arguments), location.bucket)
@@ -301,7 +302,7 @@ def _s3_client(arguments: argparse.Namespace) -> Any:
 
 
 def _publish(arguments: argparse.Namespace) -> int:
-    from scoring.model_registry import ModelRegistry
+    from core.model_registry import ModelRegistry
 
     bucket = _model_bucket(arguments)
     prefix = ModelRegistry(_s3_client(arguments), bucket).publish(arguments.model)
@@ -310,7 +311,7 @@ def _publish(arguments: argparse.Namespace) -> int:
 
 
 def _promote(arguments: argparse.Namespace) -> int:
-    from scoring.model_registry import ModelRegistry, PromotionRefusedError
+    from core.model_registry import ModelRegistry, PromotionRefusedError
 
     bucket = _model_bucket(arguments)  # Resolved first: an outputs file also names the endpoint.
     registry = ModelRegistry(_s3_client(arguments), bucket)
@@ -350,8 +351,8 @@ def _timestamp(text: str) -> datetime:
 def _results(arguments: argparse.Namespace) -> int:
     import boto3
 
+    from core.results import InvalidPageTokenError, ResultsTable, TransientResultsError, latest_of
     from pneumoscan.output import print_history, print_page
-    from scoring.results import InvalidPageTokenError, ResultsTable, TransientResultsError, latest_of
 
     if (arguments.image_key is None) == (arguments.since is None):
         raise SystemExit("give either KEY (one image) or --since (results scored since a time)")
@@ -396,8 +397,8 @@ def _backfill(arguments: argparse.Namespace) -> int:
     import boto3
     from tqdm import tqdm
 
+    from core.model_registry import ModelRegistry, RegistryError
     from infra.backfill import Backfill, BackfillError, BackfillPlan, default_state_path
-    from scoring.model_registry import ModelRegistry, RegistryError
 
     stack = _stack(arguments)
     if stack is None:

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from scoring.results import ResultsPage
+from core.results import ResultsPage
 
 VERDICT_COLUMNS = ("scored_at", "status", "label", "pneumonia_probability", "model_version", "trigger", "reason")
 

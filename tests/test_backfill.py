@@ -12,9 +12,9 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from core.events import parse_message_body
 from infra.backfill import Backfill, BackfillError, BackfillPlan, BackfillState, RateLimiter
 from infra.local_stack import FaultInjectingClient
-from scoring.events import parse_message_body
 
 REGION = "us-east-1"
 BUCKET = "uploads"

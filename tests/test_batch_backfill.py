@@ -14,11 +14,11 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from batch_backfill import handler as batch_backfill
+from batch_backfill.handler import BackfillEnqueuer, BatchBackfillSettings
+from core.events import parse_message_body
 from infra.local_stack import FaultInjectingClient, LocalContext
 from infra.resources import create_data_plane
-from scoring import batch_backfill
-from scoring.batch_backfill import BackfillEnqueuer, BatchBackfillSettings
-from scoring.events import parse_message_body
 
 EVENT = json.loads((Path(__file__).parent / "events" / "s3_batch_operation.json").read_text())
 REGION = "us-east-1"
@@ -33,9 +33,9 @@ def stack(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any, Any]]:
         outputs = create_data_plane(*clients, region=REGION)
         s3, sqs = clients[0], clients[1]
         settings = BatchBackfillSettings(outputs.queue_url, outputs.input_bucket, outputs.input_prefix)
-        batch_backfill.set_enqueuer(BackfillEnqueuer(s3, sqs, settings))
+        batch_backfill.enqueuer.set(BackfillEnqueuer(s3, sqs, settings))
         yield s3, sqs, outputs
-        batch_backfill.set_enqueuer(None)
+        batch_backfill.enqueuer.set(None)
 
 
 def invoke(bucket: str, key: str, model_version: str = "model-a") -> dict[str, Any]:
@@ -93,6 +93,6 @@ def test_a_queue_fault_is_a_temporary_failure(stack: tuple[Any, Any, Any]) -> No
     s3.put_object(Bucket=outputs.input_bucket, Key="incoming/film.jpeg", Body=b"x")
     refusing = FaultInjectingClient(sqs, {"send_message": (1.0, "ThrottlingException")}, random.Random(0))
     settings = BatchBackfillSettings(outputs.queue_url, outputs.input_bucket, outputs.input_prefix)
-    batch_backfill.set_enqueuer(BackfillEnqueuer(s3, refusing, settings))
+    batch_backfill.enqueuer.set(BackfillEnqueuer(s3, refusing, settings))
     result = invoke(outputs.input_bucket, "incoming/film.jpeg")
     assert result["resultCode"] == "TemporaryFailure"

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from scoring.events import BackfillRequest, MalformedMessageError, parse_message_body
-from scoring.heatmap_store import HeatmapStore
+from core.events import BackfillRequest, MalformedMessageError, parse_message_body
+from scoring.heatmaps import HeatmapStore
 
 EVENTS = Path(__file__).parent / "events"
 

@@ -14,9 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from scoring.classifier import Classifier
-from scoring.explainer import Explainer, render_overlay
-from scoring.model_card import (
+from core.model_card import (
     CARD_FILE,
     EXPLAINER_FILE,
     MODEL_FILE,
@@ -26,8 +24,10 @@ from scoring.model_card import (
     sha256_of,
     verify_artifact,
 )
-from scoring.model_registry import ModelRegistry
-from scoring.preprocessing import preprocess
+from core.model_registry import ModelRegistry
+from core.preprocessing import preprocess
+from scoring.classifier import Classifier
+from scoring.explainer import Explainer, render_overlay
 from tests.conftest import MODEL_BUCKET, RELEASE_MODEL, noise_image
 from training.explain import ExplainerParityError, build_cam_model, cam_bias, export_explainer
 from training.export import convert

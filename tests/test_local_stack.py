@@ -125,9 +125,9 @@ def test_cli_talks_to_the_local_stack(
     tmp_path: Path, sample_paths: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`local up`'s outputs file lets publish, promote and result reach the stack like a deployed one."""
+    from core.model_card import read_card  # noqa: PLC0415
     from infra.local_stack import LocalStack  # noqa: PLC0415
     from pneumoscan.cli import main  # noqa: PLC0415
-    from scoring.model_card import read_card  # noqa: PLC0415
 
     with LocalStack() as stack:
         assert stack.outputs is not None

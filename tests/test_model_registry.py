@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-from pneumoscan.cli import main
-from scoring.model_card import CARD_FILE, read_card, sha256_of
-from scoring.model_registry import (
+from core.model_card import CARD_FILE, read_card, sha256_of
+from core.model_registry import (
     POINTER_KEY,
     ModelRegistry,
     NoCurrentModelError,
     PromotionRefusedError,
     RegistryError,
 )
+from pneumoscan.cli import main
 from tests.conftest import MODEL_BUCKET
 
 BUCKET = MODEL_BUCKET

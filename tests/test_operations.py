@@ -14,9 +14,9 @@ from typing import Any
 import jsonschema
 import pytest
 
+from core.model_card import CARD_FILE, read_card
 from infra.local_stack import LocalStack
 from pneumoscan.cli import main
-from scoring.model_card import CARD_FILE, read_card
 from tests.conftest import RELEASE_MODEL, REPOSITORY_ROOT
 
 RESULT_EVENT_SCHEMA = json.loads((REPOSITORY_ROOT / "schemas" / "result-event.schema.json").read_text())

@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.preprocessing import INPUT_SIZE, ImageFormat, detect_format, preprocess
+from core.rejections import MAX_PIXELS, InvalidImageError, RejectionReason
 from infra.corpus import dicom_bytes
-from scoring.preprocessing import (
-    INPUT_SIZE,
-    MAX_PIXELS,
-    ImageFormat,
-    InvalidImageError,
-    RejectionReason,
-    detect_format,
-    preprocess,
-)
 from tests.conftest import noise_image
 
 Encoder = Callable[..., bytes]

@@ -8,9 +8,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from scoring.model_card import CARD_FILE, read_card
-from scoring.model_registry import ModelRegistry
-from scoring.promotion import publish_and_promote
+from core.model_card import CARD_FILE, read_card
+from core.model_registry import ModelRegistry
+from promotion.handler import publish_and_promote
 from tests.conftest import MODEL_BUCKET, RELEASE_MODEL
 
 BUCKET = MODEL_BUCKET

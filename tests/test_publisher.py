@@ -10,7 +10,7 @@ import pytest
 
 from infra.local_stack import DynamoDbStreamEmulator, LocalContext, StreamEventSourceMapping
 from infra.template import load_template
-from scoring import publisher
+from publisher import handler as publisher
 
 
 def stream_record(sequence: str, key: str) -> dict[str, Any]:
@@ -53,9 +53,9 @@ class EventsClient:
 def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[EventsClient]:
     monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "pneumoscan")
     client = EventsClient(refuse=set())
-    publisher.set_feed(publisher.EventFeed(client, "results-bus"))
+    publisher.feed.set(publisher.EventFeed(client, "results-bus"))
     yield client
-    publisher.set_feed(None)
+    publisher.feed.set(None)
 
 
 def test_every_new_result_becomes_one_event(events: EventsClient) -> None:

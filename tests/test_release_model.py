@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.model_card import EXPLAINER_FILE, MODEL_FILE, read_card, verify_artifact
+from core.preprocessing import preprocess
 from infra.corpus import dicom_bytes
 from scoring.classifier import Classifier
-from scoring.model_card import EXPLAINER_FILE, MODEL_FILE, read_card, verify_artifact
-from scoring.preprocessing import preprocess
 from tests.conftest import RELEASE_MODEL
 
 

@@ -11,9 +11,9 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from core.results import InvalidPageTokenError, ResultsTable, ScoringResult
 from infra.resources import create_data_plane
-from scoring.publisher import result_detail
-from scoring.results import InvalidPageTokenError, ResultsTable, ScoringResult
+from publisher.handler import result_detail
 
 REGION = "us-east-1"
 START = datetime(2026, 11, 26, 22, 0, tzinfo=UTC)

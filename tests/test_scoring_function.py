@@ -23,15 +23,14 @@ import pytest
 from moto import mock_aws
 from PIL import Image
 
+from core.events import BackfillRequest
+from core.model_card import read_card
+from core.model_registry import ModelRegistry
+from core.results import NEVER_NOTIFIED, ResultsTable
 from infra.corpus import hostile_files, valid_variants
 from infra.local_stack import FaultInjectingClient, LocalContext
 from infra.resources import StackOutputs, create_data_plane
 from scoring import handler
-from scoring.events import BackfillRequest
-from scoring.model_card import read_card
-from scoring.model_registry import ModelRegistry
-from scoring.pipeline import NEVER_NOTIFIED
-from scoring.results import ResultsTable
 from scoring.settings import Settings
 from tests.conftest import RELEASE_MODEL, SAMPLES
 
@@ -124,11 +123,12 @@ def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Stack]:
                 "HEATMAP_BUCKET": outputs.heatmap_bucket,
             }
         )
-        monkeypatch.setattr(handler, "_pipeline", handler.build_pipeline(settings, s3, dynamodb))
+        handler.pipeline.set(handler.build_pipeline(settings, s3, dynamodb))
         stack = Stack(outputs, s3, sqs, dynamodb)
         # Configuring the notification made S3 send its s3:TestEvent; each test starts from an empty queue.
         assert [json.loads(r["body"]).get("Event") for r in stack.receive()] == ["s3:TestEvent"]
         yield stack
+        handler.pipeline.set(None)
 
 
 def rewire(stack: Stack, monkeypatch: pytest.MonkeyPatch, s3: Any = None, dynamodb: Any = None, **env: str) -> None:
@@ -142,8 +142,7 @@ def rewire(stack: Stack, monkeypatch: pytest.MonkeyPatch, s3: Any = None, dynamo
             **env,
         }
     )
-    pipeline = handler.build_pipeline(settings, s3 or stack.s3, dynamodb or stack.dynamodb)
-    monkeypatch.setattr(handler, "_pipeline", pipeline)
+    handler.pipeline.set(handler.build_pipeline(settings, s3 or stack.s3, dynamodb or stack.dynamodb))
 
 
 def test_upload_is_scored_into_the_results_table(stack: Stack, sample_paths: list[Path]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,9 @@ def test_checkov_passes() -> None:
 
 
 @pytest.mark.slow
-def test_sam_build_without_docker_fits_lambda(tmp_path: Path) -> None:
-    """`sam build` succeeds without Docker and the unzipped function stays under Lambda's 250 MB."""
+def test_sam_build_without_docker_fits_lambda(template: dict[str, Any], tmp_path: Path) -> None:
+    """`sam build` succeeds without Docker, the unzipped function stays under Lambda's 250 MB, and every built
+    function ships the core and its own package only, importing its handler from there."""
     build_dir = tmp_path / "build"
     result = _run(
         _tool("sam"),
@@ -97,20 +99,72 @@ def test_sam_build_without_docker_fits_lambda(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     function_dir = build_dir / "ScoringFunction"
-    size = sum(p.stat().st_size for p in function_dir.rglob("*") if p.is_file())
+    size = _size(function_dir)
     print(f"\nunzipped function size: {size / 1024 / 1024:.1f} MB")
     assert size < LAMBDA_UNZIPPED_LIMIT
     assert (function_dir / "scoring" / "handler.py").is_file()
     assert any(function_dir.glob("ai_edge_litert*"))
     publisher_dir = build_dir / "ResultPublisherFunction"
-    publisher_size = sum(p.stat().st_size for p in publisher_dir.rglob("*") if p.is_file())
+    publisher_size = _size(publisher_dir)
     print(f"unzipped publisher size: {publisher_size / 1024 / 1024:.1f} MB")
-    assert (publisher_dir / "scoring" / "publisher.py").is_file()
+    assert (publisher_dir / "publisher" / "handler.py").is_file()
     assert not any(publisher_dir.glob("ai_edge_litert*"))
+    for logical_id in LIGHT_FUNCTIONS:
+        print(f"unzipped {logical_id} size: {_size(build_dir / logical_id) / 1024 / 1024:.1f} MB")
+    _import_built_handlers(template, build_dir)
+
+
+LIGHT_FUNCTIONS = ("ResultPublisherFunction", "BatchBackfillFunction", "PromotionFunction")
+"""The functions that need no LiteRT, numpy, Pillow or pydicom."""
+HEAVY_MODULES = ("ai_edge_litert", "numpy", "PIL", "pydicom")
+
+_IMPORT_CHECK = """
+import importlib, json, sys
+build_dir, module = sys.argv[1], sys.argv[2]
+sys.path.append(build_dir)
+handler = getattr(importlib.import_module(module), "lambda_handler")
+loaded = {name: getattr(sys.modules[name], "__file__", None) for name in sys.modules}
+print(json.dumps({"callable": callable(handler), "loaded": loaded}))
+"""
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _import_built_handlers(template: dict[str, Any], build_dir: Path) -> None:
+    """Every function's handler imports from its built folder: its own package and the core come from there (no
+    module is missing from the zip), and the light functions load none of LiteRT, numpy, Pillow or pydicom.
+
+    The folder's wheels are built for Lambda's Python 3.12, so it comes last on the path of an isolated interpreter:
+    third-party packages come from the test environment where it has them, and the project's packages, which
+    no other path entry holds, from the folder. Neither check is weakened: a module missing from the zip is not
+    found, and a heavy package the test environment has would be seen loaded."""
+    first_party = {path.name for path in (REPOSITORY_ROOT / "functions").iterdir() if (path / "__init__.py").is_file()}
+    functions = {
+        logical_id: resource["Properties"]["Handler"].rsplit(".", 1)[0]
+        for logical_id, resource in template["Resources"].items()
+        if resource["Type"] == "AWS::Serverless::Function"
+    }
+    assert set(LIGHT_FUNCTIONS) < set(functions)
+    for logical_id, module in functions.items():
+        function_dir = build_dir / logical_id
+        shipped = {path.name for path in function_dir.iterdir() if path.name in first_party}
+        assert shipped == {"core", module.split(".")[0]}, logical_id
+        result = _run(str(Path(sys.executable)), "-I", "-c", _IMPORT_CHECK, str(function_dir), module)
+        assert result.returncode == 0, result.stdout + result.stderr
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["callable"], logical_id
+        ours = {name: path for name, path in report["loaded"].items() if name.split(".")[0] in first_party}
+        assert ours, logical_id
+        assert all(path and path.startswith(str(function_dir)) for path in ours.values()), (logical_id, ours)
+        if logical_id in LIGHT_FUNCTIONS:
+            assert not any(name.split(".")[0] in HEAVY_MODULES for name in report["loaded"]), logical_id
 
 
 def test_function_requirements_match_the_scoring_extra() -> None:
-    """functions/requirements.txt ships the scoring extra's packages (boto3 comes with the runtime)."""
+    """functions/requirements.txt and functions/scoring/requirements.txt ship the scoring extra's packages (boto3
+    comes with the runtime)."""
     extra = tomllib.loads((REPOSITORY_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][
         "scoring"
     ]
@@ -120,7 +174,8 @@ def test_function_requirements_match_the_scoring_extra() -> None:
 
     shipped = [
         line
-        for line in (REPOSITORY_ROOT / "functions" / "requirements.txt").read_text().splitlines()
+        for folder in (REPOSITORY_ROOT / "functions", REPOSITORY_ROOT / "functions" / "scoring")
+        for line in (folder / "requirements.txt").read_text().splitlines()
         if line and not line.startswith("#")
     ]
     assert names(shipped) == names(extra) - {"boto3"}
@@ -231,7 +286,7 @@ def test_dashboard_shows_the_metrics_the_functions_emit(template: dict[str, Any]
         if isinstance(metric[0], dict)
     ]
     searched = {re.search(r'MetricName="(\w+)"', expression).group(1) for expression in expressions}  # type: ignore[union-attr]
-    sources = (REPOSITORY_ROOT / "functions" / "scoring" / name for name in ("handler.py", "publisher.py"))
+    sources = (REPOSITORY_ROOT / "functions" / name / "handler.py" for name in ("scoring", "publisher"))
     emitted = set(re.findall(r'name="(\w+)"', " ".join(path.read_text() for path in sources)))
     assert searched <= emitted, searched - emitted
     drift = [

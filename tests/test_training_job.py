@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.model_card import MODEL_FILE, ModelArtifactError, read_card, sha256_of, verify_artifact
+from core.preprocessing import preprocess
 from scoring.classifier import Classifier
-from scoring.model_card import MODEL_FILE, ModelArtifactError, read_card, sha256_of, verify_artifact
-from scoring.preprocessing import preprocess
 from tests.conftest import SmokeRun
 from training import train
 from training.config import TrainingConfig

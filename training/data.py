@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from scoring.preprocessing import INPUT_SIZE, InvalidImageError, preprocess
+from core.preprocessing import INPUT_SIZE, preprocess
+from core.rejections import InvalidImageError
 
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 """Class index order: 0 is NORMAL, 1 is PNEUMONIA (the positive class)."""

@@ -27,9 +27,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from scoring.explainer import Explainer
-from scoring.litert import BatchedInterpreter
-from scoring.model_card import (
+from core.model_card import (
     EXPLAINER_FILE,
     MODEL_FILE,
     read_card,
@@ -37,7 +35,9 @@ from scoring.model_card import (
     verify_artifact,
     write_card,
 )
-from scoring.preprocessing import preprocess
+from core.preprocessing import preprocess
+from scoring.explainer import Explainer
+from scoring.litert import BatchedInterpreter
 from training.export import convert
 from training.models import PerImageStandardization  # noqa: F401  # Registered for the saved models that use it.
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import boto3
 
-from scoring.model_registry import S3Location
+from core.s3 import S3Location
 from training.config import TrainingConfig, read_hyperparameters
 from training.train import DataSplits, train_and_export
 

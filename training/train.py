@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from core.model_card import MODEL_FILE, read_card, write_card
 from scoring.classifier import Classifier
-from scoring.model_card import MODEL_FILE, read_card, write_card
 from training.calibration import TARGET_SENSITIVITY, choose_threshold, fit_temperature, sigmoid
 from training.config import TrainingConfig
 from training.data import (

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.model_card import EXPLAINER_FILE, MODEL_FILE, ServingSpec, verify_artifact, verify_file
 from scoring.explainer import Explainer
 from scoring.litert import BatchedInterpreter
-from scoring.model_card import EXPLAINER_FILE, MODEL_FILE, ServingSpec, verify_artifact, verify_file
 
 
 @dataclass(frozen=True)

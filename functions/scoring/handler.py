@@ -17,12 +17,13 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from scoring.heatmap_store import HeatmapStore
+from core.model_registry import ModelRegistry
+from core.provider import Provider
+from core.results import ResultsTable, ScoringResult
+from scoring.heatmaps import HeatmapStage, HeatmapStore
 from scoring.image_store import ImageStore
 from scoring.model_provider import ModelProvider
-from scoring.model_registry import ModelRegistry
 from scoring.pipeline import ScoringPipeline
-from scoring.results import ResultsTable, ScoringResult
 from scoring.settings import Settings
 
 NAMESPACE = "pneumoscan"
@@ -95,46 +96,34 @@ def build_pipeline(settings: Settings, s3_client: Any = None, dynamodb_client: A
         refresh_seconds=settings.model_refresh_seconds,
         local_model=settings.model_path,
     )
+    observer = PowertoolsObserver()
     return ScoringPipeline(
         images=ImageStore(s3),
         results=ResultsTable(dynamodb, settings.results_table),
         models=models,
-        observer=PowertoolsObserver(),
+        observer=observer,
         max_image_bytes=settings.max_image_bytes,
-        heatmaps=HeatmapStore(s3, settings.heatmap_bucket) if settings.heatmap_bucket else None,
+        heatmaps=HeatmapStage(HeatmapStore(s3, settings.heatmap_bucket), observer) if settings.heatmap_bucket else None,
     )
 
 
-_pipeline: ScoringPipeline | None = None
-
-
-def get_pipeline() -> ScoringPipeline:
-    """The pipeline of this execution environment, built on first use from the environment."""
-    global _pipeline  # noqa: PLW0603  # One pipeline per Lambda execution environment, reused across invocations.
-    if _pipeline is None:
-        _pipeline = build_pipeline(Settings.from_environment())
-    return _pipeline
-
-
-def set_pipeline(pipeline: ScoringPipeline | None) -> None:
-    """Replace the execution environment's pipeline (the local stack and tests wire their own clients)."""
-    global _pipeline  # noqa: PLW0603  # See get_pipeline.
-    _pipeline = pipeline
+pipeline = Provider(lambda: build_pipeline(Settings.from_environment()))
+"""The pipeline of this execution environment; the local stack and tests wire their own clients."""
 
 
 @logger.inject_lambda_context(correlation_id_path="Records[0].messageId")
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
-    pipeline = get_pipeline()
-    plans = pipeline.prepare([SQSRecord(record) for record in event.get("Records", [])])
+    scoring = pipeline.get()
+    plans = scoring.prepare([SQSRecord(record) for record in event.get("Records", [])])
     if any(plan.results for plan in plans.values()):
         # Every metric of the invocation is broken down by the model that served it. (Only when there will be
         # metrics: Powertools keeps the dimensions of an invocation that flushed none.)
-        metrics.add_dimension(name="model_version", value=pipeline.model_version or "none")
+        metrics.add_dimension(name="model_version", value=scoring.model_version or "none")
     return process_partial_response(
         event=event,
-        record_handler=lambda record: pipeline.commit(plans[record.message_id]),
+        record_handler=lambda record: scoring.commit(plans[record.message_id]),
         processor=processor,
         context=context,
     )

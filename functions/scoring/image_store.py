@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scoring.events import ObjectRef
+from core.events import ObjectRef
+from core.s3 import GONE_CODES, error_code
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-_GONE = {"NoSuchKey", "404", "NotFound", "NoSuchVersion"}
 _CHANGED = {"PreconditionFailed", "412"}
 EXPLAIN_METADATA = "pneumoscan-explain"
 """User metadata (``x-amz-meta-pneumoscan-explain``) that requests a heatmap for any verdict."""
@@ -80,8 +80,8 @@ class ImageStore:
 
     @staticmethod
     def _domain_error(ref: ObjectRef, error: Exception) -> Exception:
-        code = error.response.get("Error", {}).get("Code", "") if isinstance(error, ClientError) else ""
-        if code in _GONE:
+        code = error_code(error) if isinstance(error, ClientError) else ""
+        if code in GONE_CODES:
             return ObjectGoneError(f"{ref.image_key} no longer exists")
         if code in _CHANGED:
             return ObjectReplacedError(f"{ref.image_key} was replaced after this notification")

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from core.model_registry import ModelRegistry, RegistryError
 from scoring.classifier import Classifier
-from scoring.model_registry import ModelRegistry, RegistryError
 
 
 class ModelUnavailableError(RuntimeError):

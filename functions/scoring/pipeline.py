@@ -6,8 +6,7 @@ goes through Powertools' batch processor: ``prepare`` does the reading and scori
 the results to write or the transient fault to report; ``commit`` then writes one record's results, or raises its
 fault so that the record comes back in ``batchItemFailures`` and SQS retries it.
 
-Images scored PNEUMONIA, and those whose uploader or backfill asked for one, get a heatmap overlay stored before
-their result is written, so a result never points to a heatmap that does not exist.
+Between the two, the heatmap stage (``scoring.heatmaps``) stores the overlays the scored images need.
 """
 
 from __future__ import annotations
@@ -21,36 +20,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from core.events import ObjectRef, parse_message_body
+from core.preprocessing import DecodedImage, decode, resize_for_model
+from core.rejections import InvalidImageError, RejectionReason
+from core.results import AlreadyScoredError, ResultsTable, ScoringResult, Status, Trigger, rescoring_sequence
 from scoring.classifier import Classifier, Prediction
-from scoring.events import SEQUENCER_WIDTH, ObjectRef, parse_message_body
-from scoring.explainer import render_overlay
-from scoring.heatmap_store import HeatmapStore
-from scoring.image_store import ImageStore, ObjectGoneError, ObjectReplacedError, TransientStorageError
+from scoring.heatmaps import HeatmapOutcome, HeatmapStage
+from scoring.image_store import ImageStore, ObjectGoneError, ObjectReplacedError
 from scoring.model_provider import ModelProvider
-from scoring.preprocessing import DecodedImage, InvalidImageError, RejectionReason, decode, resize_for_model
-from scoring.results import (
-    BACKFILL,
-    REJECTED,
-    RESCORE_SEPARATOR,
-    SCORED,
-    UPLOAD,
-    ResultsTable,
-    ScoringResult,
-    version_sequence_of,
-)
-
-OBJECT_GONE = "OBJECT_NOT_FOUND"
-NEVER_NOTIFIED = "0" * SEQUENCER_WIDTH + "~"
-"""Version sequence of an object that no notification ever scored (it predates the stack): it sorts before
-every S3 sequencer, so a later upload of the key is its newer version."""
 
 
 class ModelVersionMismatchError(RuntimeError):
     """A backfill asks for a model other than the one served; retried once the function has refreshed."""
-
-
-class _AlreadyScoredError(Exception):
-    """A backfill names an object version the requested model has already scored."""
 
 
 class Message(Protocol):
@@ -104,7 +85,7 @@ class ScoringPipeline:
         models: ModelProvider,
         observer: Observer,
         max_image_bytes: int,
-        heatmaps: HeatmapStore | None = None,
+        heatmaps: HeatmapStage | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """Without a ``heatmaps`` store no heatmap is made."""
@@ -148,7 +129,7 @@ class ScoringPipeline:
             if not self._results.put_once(result):
                 self._observer.skipped(result.image_key, result.object_sequence, "duplicate: a result already exists")
                 continue
-            if result.status == SCORED:
+            if result.status is Status.SCORED:
                 self._observer.scored(result)
             else:
                 self._observer.rejected(result)
@@ -160,7 +141,7 @@ class ScoringPipeline:
         if ref.is_backfill:
             try:
                 ref = self._backfill_ref(ref, classifier().spec.version)
-            except _AlreadyScoredError as already:
+            except AlreadyScoredError as already:
                 self._observer.skipped(ref.image_key, ref.etag, str(already))
                 return None
         try:
@@ -175,10 +156,10 @@ class ScoringPipeline:
             decoded = decode(self._images.read(ref), size)
             pixels = resize_for_model(decoded, size).pixels
         except InvalidImageError as rejection:
-            plan.results.append(self._rejection(ref, rejection.reason.value, rejection.detail, started))
+            plan.results.append(self._rejection(ref, rejection.reason, rejection.detail, started))
             return None
         except ObjectGoneError as gone:
-            plan.results.append(self._rejection(ref, OBJECT_GONE, str(gone), started))
+            plan.results.append(self._rejection(ref, RejectionReason.OBJECT_GONE, str(gone), started))
             return None
         except ObjectReplacedError as replaced:
             self._observer.skipped(ref.image_key, ref.sequencer, str(replaced))
@@ -193,12 +174,8 @@ class ScoringPipeline:
                 f"the backfill asks for model {ref.backfill_model} but {served_version} is served; "
                 "retried after the function re-reads the promoted model"
             )
-        same_version = [item for item in self._results.history(ref.image_key) if item.get("object_etag") == ref.etag]
-        if any(item.get("model_version") == served_version for item in same_version):
-            raise _AlreadyScoredError(f"backfill: this version already has a result of model {served_version}")
-        versions = [version_sequence_of(str(item["object_sequence"])) for item in same_version]
-        version = max(versions) if versions else NEVER_NOTIFIED + ref.etag
-        return replace(ref, sequencer=f"{version}{RESCORE_SEPARATOR}{served_version}")
+        history = self._results.history(ref.image_key)
+        return replace(ref, sequencer=rescoring_sequence(history, ref.etag, served_version))
 
     def _score(
         self, pending: list[_PendingImage], plans: dict[str, RecordPlan], classifier: Callable[[], Classifier]
@@ -213,54 +190,20 @@ class ScoringPipeline:
             for image in live:
                 plans[image.message_id].fault = fault
             return
-        heatmaps = self._heatmap_keys(live, predictions, plans, classifier())
+        heatmaps = self._heatmaps.run(live, predictions, classifier()) if self._heatmaps else HeatmapOutcome()
+        for image in live:
+            if id(image) in heatmaps.faults:
+                plans[image.message_id].fault = heatmaps.faults[id(image)]
         for image, prediction in zip(live, predictions, strict=True):
             if plans[image.message_id].fault is None:
-                plans[image.message_id].results.append(self._scored(image, prediction, heatmaps.get(id(image))))
-
-    def _heatmap_keys(
-        self,
-        live: list[_PendingImage],
-        predictions: list[Prediction],
-        plans: dict[str, RecordPlan],
-        classifier: Classifier,
-    ) -> dict[int, str]:
-        """Compute, render and store the heatmaps of the images that need one; their addresses by image."""
-        wanted = [
-            image
-            for image, prediction in zip(live, predictions, strict=True)
-            if image.explain or prediction.label == classifier.spec.class_names[1]
-        ]
-        if self._heatmaps is None or not wanted:
-            return {}
-        try:
-            explainer = classifier.explainer
-            if explainer is None:
-                raise ValueError(f"model {classifier.spec.version} has no explainer")
-            maps = explainer.maps(np.stack([image.pixels for image in wanted]))
-        except (ValueError, RuntimeError, OSError) as error:
-            # The verdicts stand without heatmaps: a missing explanation never holds a result back.
-            for image in wanted:
-                self._observer.heatmap_failed(image.ref.image_key, str(error))
-            return {}
-        addresses: dict[int, str] = {}
-        for image, contribution_map in zip(wanted, maps, strict=True):
-            try:
-                png = render_overlay(image.decoded.grayscale, contribution_map)
-            except (ValueError, OSError) as error:
-                self._observer.heatmap_failed(image.ref.image_key, str(error))
-                continue
-            try:
-                addresses[id(image)] = self._heatmaps.put(image.ref.image_key, image.ref.sequencer, png)
-            except TransientStorageError as fault:
-                # The record is retried and stores the heatmap again under the same key.
-                plans[image.message_id].fault = fault
-        return addresses
+                plans[image.message_id].results.append(
+                    self._scored(image, prediction, heatmaps.addresses.get(id(image)))
+                )
 
     def _scored(self, image: _PendingImage, prediction: Prediction, heatmap_key: str | None) -> ScoringResult:
         return self._result(
             image.ref,
-            SCORED,
+            Status.SCORED,
             image.started,
             heatmap_key=heatmap_key,
             model_version=prediction.model_version,
@@ -270,10 +213,10 @@ class ScoringPipeline:
             threshold=round(prediction.threshold, 6),
         )
 
-    def _rejection(self, ref: ObjectRef, reason: str, detail: str, started: float) -> ScoringResult:
-        return self._result(ref, REJECTED, started, reason=reason, reason_detail=detail[:500])
+    def _rejection(self, ref: ObjectRef, reason: RejectionReason, detail: str, started: float) -> ScoringResult:
+        return self._result(ref, Status.REJECTED, started, reason=reason.value, reason_detail=detail[:500])
 
-    def _result(self, ref: ObjectRef, status: str, started: float, **verdict: Any) -> ScoringResult:
+    def _result(self, ref: ObjectRef, status: Status, started: float, **verdict: Any) -> ScoringResult:
         """A result item for the notified object version, timed from when its processing started."""
         return ScoringResult(
             image_key=ref.image_key,
@@ -282,7 +225,7 @@ class ScoringPipeline:
             object_etag=ref.etag,
             object_size=ref.size,
             object_version_id=ref.version_id,
-            trigger=BACKFILL if ref.is_backfill else UPLOAD,
+            trigger=Trigger.BACKFILL if ref.is_backfill else Trigger.UPLOAD,
             scored_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             latency_ms=round((self._clock() - started) * 1000, 2),
             **verdict,

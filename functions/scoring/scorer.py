@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.preprocessing import preprocess
+from core.rejections import InvalidImageError
 from scoring.classifier import Classifier, Prediction
-from scoring.preprocessing import InvalidImageError, preprocess
 
 
 def score_files(classifier: Classifier, payloads: Sequence[bytes]) -> list[Prediction | InvalidImageError]:

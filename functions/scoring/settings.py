@@ -7,11 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.config import ConfigurationError
+
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
-
-
-class ConfigurationError(RuntimeError):
-    """A required setting is missing or malformed."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scoring.settings import ConfigurationError
+from core.config import ConfigurationError
+from core.provider import Provider
 
 EVENT_SOURCE = "pneumoscan"
 DETAIL_TYPE = "pneumoscan.result"
@@ -99,21 +100,8 @@ class EventFeed:
         return outcomes
 
 
-_feed: EventFeed | None = None
-
-
-def get_feed() -> EventFeed:
-    """The feed of this execution environment, built on first use from the environment."""
-    global _feed  # noqa: PLW0603  # One client per Lambda execution environment, reused across invocations.
-    if _feed is None:
-        _feed = EventFeed(boto3.client("events"), PublisherSettings.from_environment().event_bus_name)
-    return _feed
-
-
-def set_feed(feed: EventFeed | None) -> None:
-    """Replace the execution environment's feed (the local stack wires its own client)."""
-    global _feed  # noqa: PLW0603  # See get_feed.
-    _feed = feed
+feed = Provider(lambda: EventFeed(boto3.client("events"), PublisherSettings.from_environment().event_bus_name))
+"""The feed of this execution environment; the local stack wires its own client."""
 
 
 @logger.inject_lambda_context
@@ -126,7 +114,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItem
         for record in (DynamoDBRecord(raw) for raw in event.get("Records", []))
         if record.dynamodb is not None and record.dynamodb.new_image
     }
-    outcomes = get_feed().publish([result_detail(image) for image in new_images.values()])
+    outcomes = feed.get().publish([result_detail(image) for image in new_images.values()])
     failures = {sequence: why for sequence, why in zip(new_images, outcomes, strict=True) if why}
     metrics.add_metric(name="ResultEventsPublished", unit=MetricUnit.Count, value=len(new_images) - len(failures))
     if failures:

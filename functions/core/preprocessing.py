@@ -16,34 +16,10 @@ from enum import StrEnum
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from core.rejections import MAX_PIXELS, MIN_SIDE, InvalidImageError, RejectionReason
+
 INPUT_SIZE = 224
 """Side of the square grayscale image the model reads."""
-
-MIN_SIDE = 64
-"""Images whose shorter side is below this many pixels cannot be a chest X-ray and are rejected."""
-
-MAX_PIXELS = 80_000_000
-"""Images above this many pixels are treated as decompression bombs (a 9,000 x 9,000 X-ray still passes)."""
-
-
-class RejectionReason(StrEnum):
-    """Why an input file can never be scored, however often it is retried."""
-
-    EMPTY = "EMPTY_FILE"
-    TOO_LARGE = "FILE_TOO_LARGE"
-    UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
-    CORRUPT = "CORRUPT_IMAGE"
-    TOO_SMALL = "IMAGE_TOO_SMALL"
-    DECOMPRESSION_BOMB = "DECOMPRESSION_BOMB"
-
-
-class InvalidImageError(ValueError):
-    """A permanent fault in an input file: it is rejected with a specific reason, never retried."""
-
-    def __init__(self, reason: RejectionReason, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class ImageFormat(StrEnum):
@@ -99,7 +75,7 @@ def decode(data: bytes, size: int = INPUT_SIZE) -> DecodedImage:
     image_format = detect_format(data)
     if image_format is ImageFormat.DICOM:
         # pydicom is imported only when a DICOM file arrives, so JPEG and PNG scoring never pay for it.
-        from scoring.dicom import decode_dicom  # noqa: PLC0415
+        from core.dicom import decode_dicom  # noqa: PLC0415
 
         grayscale = decode_dicom(data)
         width, height = grayscale.size

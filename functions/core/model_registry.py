@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scoring.model_card import CARD_FILE, EXPLAINER_FILE, MODEL_FILE, ServingSpec, read_card, verify_artifact
+from core.model_card import CARD_FILE, EXPLAINER_FILE, MODEL_FILE, ServingSpec, read_card, verify_artifact
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -48,23 +48,6 @@ class ModelPointer:
     model_sha256: str
     test_auc: float | None
     promoted_at: str
-
-
-@dataclass(frozen=True)
-class S3Location:
-    """A bucket and key prefix parsed from ``s3://bucket/prefix``."""
-
-    bucket: str
-    prefix: str
-
-    @classmethod
-    def parse(cls, url: str) -> S3Location:
-        if not url.startswith("s3://"):
-            raise ValueError(f"not an s3:// URL: {url!r}")
-        bucket, _, prefix = url[len("s3://") :].partition("/")
-        if not bucket:
-            raise ValueError(f"no bucket in {url!r}")
-        return cls(bucket=bucket, prefix=prefix)
 
 
 class ModelRegistry:

@@ -10,7 +10,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
-from scoring.preprocessing import MAX_PIXELS, InvalidImageError, RejectionReason
+from core.rejections import MAX_PIXELS, InvalidImageError, RejectionReason
 
 
 def decode_dicom(data: bytes) -> Image.Image:

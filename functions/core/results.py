@@ -15,25 +15,42 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import BotoCoreError, ClientError
 
+from core.events import SEQUENCER_WIDTH
+
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
 
-SCORED = "SCORED"
-REJECTED = "REJECTED"
-UPLOAD = "upload"
-BACKFILL = "backfill"
+
+class Status(StrEnum):
+    """What became of one scoring of an image."""
+
+    SCORED = "SCORED"
+    REJECTED = "REJECTED"
+
+
+class Trigger(StrEnum):
+    """What asked for the scoring: the upload's notification or a backfill request."""
+
+    UPLOAD = "upload"
+    BACKFILL = "backfill"
+
+
 RESCORE_SEPARATOR = "|"
 """Separates an object version's sequence from the model version in a re-scoring's sort key; it occurs in
 neither S3 sequencers nor model versions."""
+NEVER_NOTIFIED = "0" * SEQUENCER_WIDTH + "~"
+"""Version sequence of an object that no notification ever scored (it predates the stack): it sorts before
+every S3 sequencer, so a later upload of the key is its newer version."""
 BY_DAY_INDEX = "ResultsByDay"
 
 
@@ -45,19 +62,23 @@ class InvalidPageTokenError(ValueError):
     """A page token that this table did not hand out."""
 
 
+class AlreadyScoredError(Exception):
+    """A backfill names an object version the requested model has already scored."""
+
+
 @dataclass(frozen=True)
 class ScoringResult:
     """One item of the results table; attribute names are the documented schema."""
 
     image_key: str
     object_sequence: str
-    status: str
+    status: Status
     object_etag: str
     object_size: int
     object_version_id: str | None
     scored_at: str
     latency_ms: float
-    trigger: str = UPLOAD
+    trigger: Trigger = Trigger.UPLOAD
     model_version: str | None = None
     label: str | None = None
     confidence: float | None = None
@@ -86,6 +107,18 @@ class ScoringResult:
 def version_sequence_of(object_sequence: str) -> str:
     """The object-version part of a sort key."""
     return object_sequence.split(RESCORE_SEPARATOR, 1)[0]
+
+
+def rescoring_sequence(history: Iterable[dict[str, Any]], etag: str, model_version: str) -> str:
+    """The sort key of a backfill's re-scoring of the object version with ``etag``, given the image's history: the
+    version's sequence, then the model, so re-scorings keep the history. Raises ``AlreadyScoredError`` when that
+    model has scored the version already."""
+    same_version = [item for item in history if item.get("object_etag") == etag]
+    if any(item.get("model_version") == model_version for item in same_version):
+        raise AlreadyScoredError(f"backfill: this version already has a result of model {model_version}")
+    versions = [version_sequence_of(str(item["object_sequence"])) for item in same_version]
+    version = max(versions) if versions else NEVER_NOTIFIED + etag
+    return f"{version}{RESCORE_SEPARATOR}{model_version}"
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,12 @@ from aws_lambda_powertools.utilities.data_classes.s3_batch_operation_event impor
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scoring.events import BackfillRequest
-from scoring.settings import ConfigurationError
+from core.config import ConfigurationError
+from core.events import BackfillRequest
+from core.provider import Provider
+from core.s3 import is_gone
 
 logger = Logger(service="pneumoscan-batch-backfill")
-
-_GONE = {"NoSuchKey", "404", "NotFound", "NoSuchVersion"}
 
 
 class PermanentTaskError(RuntimeError):
@@ -76,7 +76,7 @@ class BackfillEnqueuer:
         try:
             head = self._s3.head_object(**address)
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in _GONE:
+            if is_gone(error):
                 raise PermanentTaskError(f"s3://{bucket}/{key} no longer exists") from error
             raise TemporaryTaskError(f"cannot read s3://{bucket}/{key}: {error}") from error
         except BotoCoreError as error:
@@ -115,22 +115,10 @@ def task_result(
     return task.build_task_batch_response("Succeeded", f"enqueued as {message_id}")
 
 
-_enqueuer: BackfillEnqueuer | None = None
-
-
-def get_enqueuer() -> BackfillEnqueuer:
-    """The enqueuer of this execution environment, built on first use from the environment."""
-    global _enqueuer  # noqa: PLW0603  # One set of clients per Lambda execution environment.
-    if _enqueuer is None:
-        settings = BatchBackfillSettings.from_environment()
-        _enqueuer = BackfillEnqueuer(boto3.client("s3"), boto3.client("sqs"), settings)
-    return _enqueuer
-
-
-def set_enqueuer(enqueuer: BackfillEnqueuer | None) -> None:
-    """Replace the execution environment's enqueuer (tests wire their own clients)."""
-    global _enqueuer  # noqa: PLW0603  # See get_enqueuer.
-    _enqueuer = enqueuer
+enqueuer = Provider(
+    lambda: BackfillEnqueuer(boto3.client("s3"), boto3.client("sqs"), BatchBackfillSettings.from_environment())
+)
+"""The enqueuer of this execution environment; tests wire their own clients."""
 
 
 @logger.inject_lambda_context
@@ -139,7 +127,7 @@ def lambda_handler(event: S3BatchOperationEvent, context: LambdaContext) -> dict
     response = S3BatchOperationResponse(event.invocation_schema_version, event.invocation_id, "PermanentFailure")
     user_arguments = event.job.user_arguments or {}
     for task in event.tasks:
-        result = task_result(task, get_enqueuer(), user_arguments)
+        result = task_result(task, enqueuer.get(), user_arguments)
         logger.info("batch task", extra={"key": task.s3_key, "result": result.result_code})
         response.add_result(result)
     return response.asdict()

@@ -18,8 +18,9 @@ import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from scoring.model_card import ModelArtifactError, verify_artifact
-from scoring.model_registry import ModelRegistry, PromotionRefusedError, S3Location
+from core.model_card import ModelArtifactError, verify_artifact
+from core.model_registry import ModelRegistry, PromotionRefusedError
+from core.s3 import S3Location
 
 logger = Logger(service="pneumoscan-promotion")
 

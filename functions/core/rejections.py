@@ -1,0 +1,37 @@
+"""Why an upload can never be scored: the reasons, the error that carries one, and the limits that decide them.
+
+Every module that rejects a file (preprocessing, DICOM decoding, the scoring pipeline) imports from here, so none
+of them imports another for its error type.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+MIN_SIDE = 64
+"""Images whose shorter side is below this many pixels cannot be a chest X-ray and are rejected."""
+
+MAX_PIXELS = 80_000_000
+"""Images above this many pixels are treated as decompression bombs (a 9,000 x 9,000 X-ray still passes)."""
+
+
+class RejectionReason(StrEnum):
+    """Why an input file can never be scored, however often it is retried."""
+
+    EMPTY = "EMPTY_FILE"
+    TOO_LARGE = "FILE_TOO_LARGE"
+    UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
+    CORRUPT = "CORRUPT_IMAGE"
+    TOO_SMALL = "IMAGE_TOO_SMALL"
+    DECOMPRESSION_BOMB = "DECOMPRESSION_BOMB"
+    OBJECT_GONE = "OBJECT_NOT_FOUND"
+    """The notified object version was deleted before it could be read."""
+
+
+class InvalidImageError(ValueError):
+    """A permanent fault in an input file: it is rejected with a specific reason, never retried."""
+
+    def __init__(self, reason: RejectionReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
