@@ -32,6 +32,7 @@ from moto.server import ThreadedMotoServer
 
 from core.model_card import read_card
 from core.model_registry import ModelRegistry
+from core.results import plain_item
 from infra.resources import StackOutputs, create_data_plane
 from infra.template import load_template, parameter_defaults
 from publisher import handler as publisher
@@ -41,6 +42,22 @@ from scoring.settings import Settings
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any], Any], Any]
+
+
+def drain(sqs: Any, queue_url: str) -> list[dict[str, Any]]:
+    """Receive and delete every message waiting on the queue; the messages, as SQS returns them."""
+    drained: list[dict[str, Any]] = []
+    while messages := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", []):
+        for message in messages:
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+        drained.extend(messages)
+    return drained
+
+
+def scan_results(dynamodb: Any, table_name: str) -> list[dict[str, Any]]:
+    """Every item of the results table as plain values (a whole-table read for the harness, never the function)."""
+    pages = dynamodb.get_paginator("scan").paginate(TableName=table_name)
+    return [plain_item(item) for page in pages for item in page["Items"]]
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,6 @@ class DeliveryStats:
     """What the emulator has done so far."""
 
     invocations: int = 0
-    messages_received: int = 0
     messages_deleted: int = 0
     messages_failed: int = 0
     handler_crashes: int = 0
@@ -160,7 +176,6 @@ class SqsEventSourceEmulator(_Poller):
         self._duplicate_some(messages)
         event = {"Records": [self._record(message) for message in messages]}
         self.stats.invocations += 1
-        self.stats.messages_received += len(messages)
         try:
             response = self._handler(event, LocalContext(aws_request_id=str(uuid.uuid4())))
         except Exception:  # A crashed invocation, whatever the cause, leaves the whole batch for retry.
@@ -275,7 +290,6 @@ class DynamoDbStreamEmulator(_Poller):
         self._on_failure_queue_url = on_failure_queue_url
         self._region = region
         self._iterators: dict[str, str | None] = {}
-        self.delivered = 0
         self.parked = 0
 
     def poll_once(self) -> int:
@@ -317,7 +331,6 @@ class DynamoDbStreamEmulator(_Poller):
                 (index for index, record in enumerate(records) if record["dynamodb"]["SequenceNumber"] in failed),
                 None,
             )
-            self.delivered += len(records) if first_failed is None else first_failed
             if first_failed is None:
                 return
             records = records[first_failed:]
@@ -504,12 +517,7 @@ class LocalStack:
         deadline = time.monotonic() + timeout_seconds
         events: list[dict[str, Any]] = []
         while True:
-            messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
-            for message in messages:
-                events.append(json.loads(message["Body"]))
-                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-            if messages:
-                continue
+            events.extend(json.loads(message["Body"]) for message in drain(sqs, queue_url))
             if len({event["detail"]["result_id"] for event in events}) >= expected or time.monotonic() >= deadline:
                 return events
             time.sleep(0.2)

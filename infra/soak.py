@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from infra.corpus import CorpusFile, build_corpus
-from infra.local_stack import FaultPlan, LocalStack
+from infra.local_stack import FaultPlan, LocalStack, drain, scan_results
 
 SOAK_MAX_IMAGE_BYTES = 4 * 1024 * 1024
 """The soak's input limit, small so the oversized hostile file stays cheap to upload."""
@@ -99,14 +99,14 @@ def run_soak(
             s3.put_object(Bucket=outputs.input_bucket, Key=key, Body=files[key].body)
         _wait_until_drained(sqs, outputs.queue_url, time.monotonic() + timeout_seconds)
         wall = time.perf_counter() - started
-        items = _scan(dynamodb, outputs.results_table)
+        items = scan_results(dynamodb, outputs.results_table)
         events = Counter(event["detail"]["result_id"] for event in stack.receive_events(subscriber, len(items), 120))
         heatmap_keys = {
             f"s3://{outputs.heatmap_bucket}/{item['Key']}"
             for page in s3.get_paginator("list_objects_v2").paginate(Bucket=outputs.heatmap_bucket)
             for item in page.get("Contents", [])
         }
-        dead_letters = _drain(sqs, outputs.dlq_url)
+        dead_letters = [message["Body"] for message in drain(sqs, outputs.dlq_url)]
         stats = stack.emulator.stats
         injected = {name: count for client in stack.fault_clients for name, count in client.injected.items()}
         predicted_dlq = stack.emulator.exhausted(int(stack.redrive_policy()["maxReceiveCount"]))
@@ -207,22 +207,6 @@ def _wait_until_drained(sqs: Any, queue_url: str, deadline: float) -> None:
         )
         quiet = quiet + 1 if waiting == 0 else 0
         time.sleep(1.0)
-
-
-def _scan(dynamodb: Any, table: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    for page in dynamodb.get_paginator("scan").paginate(TableName=table):
-        items.extend({name: next(iter(value.values())) for name, value in item.items()} for item in page["Items"])
-    return items
-
-
-def _drain(sqs: Any, queue_url: str) -> list[str]:
-    bodies: list[str] = []
-    while messages := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", []):
-        for message in messages:
-            bodies.append(message["Body"])
-            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-    return bodies
 
 
 def _keys_in(body: str) -> list[str]:

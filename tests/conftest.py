@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 from moto import mock_aws
 from PIL import Image
+
+from core.model_card import read_card, write_card
+from infra.corpus import encode as encode_image
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = REPOSITORY_ROOT / "samples"
@@ -46,13 +49,19 @@ def sample_xray() -> Image.Image:
 @pytest.fixture
 def encode() -> Callable[..., bytes]:
     """Encode a Pillow image to bytes in a given format."""
+    return encode_image
 
-    def _encode(image: Image.Image, image_format: str, **options: object) -> bytes:
-        buffer = io.BytesIO()
-        image.save(buffer, format=image_format, **options)
-        return buffer.getvalue()
 
-    return _encode
+def copy_artifact(artifact: Path, destination: Path, version: str, test_auc: float | None = None) -> Path:
+    """A copy of a model artifact under another version (and test AUC, when given): a stand-in for a newly trained
+    model."""
+    shutil.copytree(artifact, destination)
+    card = read_card(destination)
+    card["version"] = version
+    if test_auc is not None:
+        card["metrics"]["test"]["auc"]["value"] = test_auc
+    write_card(destination, card)
+    return destination
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -15,6 +15,7 @@ from moto import mock_aws
 from core.events import parse_message_body
 from infra.backfill import Backfill, BackfillError, BackfillPlan, BackfillState, RateLimiter
 from infra.local_stack import FaultInjectingClient
+from infra.local_stack import drain as drain_queue
 
 REGION = "us-east-1"
 BUCKET = "uploads"
@@ -41,11 +42,9 @@ def plan(queue_url: str, model_version: str = "model-a") -> BackfillPlan:
 def drain(sqs: Any, queue_url: str) -> list[str]:
     """The keys of every message on the queue."""
     keys = []
-    while messages := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", []):
-        for message in messages:
-            [ref] = parse_message_body(message["Body"])
-            keys.append(ref.key)
-            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    for message in drain_queue(sqs, queue_url):
+        [ref] = parse_message_body(message["Body"])
+        keys.append(ref.key)
     return keys
 
 

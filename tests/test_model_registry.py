@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from core.model_card import CARD_FILE, read_card, sha256_of
+from core.model_card import read_card, sha256_of
 from core.model_registry import (
     POINTER_KEY,
     ModelRegistry,
@@ -18,19 +17,9 @@ from core.model_registry import (
     RegistryError,
 )
 from pneumoscan.cli import main
-from tests.conftest import MODEL_BUCKET
+from tests.conftest import MODEL_BUCKET, copy_artifact
 
 BUCKET = MODEL_BUCKET
-
-
-def _variant(artifact: Path, destination: Path, version: str, test_auc: float) -> Path:
-    """A copy of an artifact under another version with a given test AUC."""
-    shutil.copytree(artifact, destination)
-    card = read_card(destination)
-    card["version"] = version
-    card["metrics"]["test"]["auc"]["value"] = test_auc
-    (destination / CARD_FILE).write_text(json.dumps(card))
-    return destination
 
 
 def test_publish_uploads_model_card_and_report(s3: Any, smoke_artifact: Path) -> None:
@@ -46,7 +35,7 @@ def test_promote_moves_pointer_only_to_an_equal_or_better_model(s3: Any, smoke_a
     """A lower test AUC is refused unless forced; an equal or higher one moves the pointer."""
     registry = ModelRegistry(s3, BUCKET)
     for version, auc in (("good", 0.97), ("worse", 0.95), ("better", 0.98)):
-        registry.publish(_variant(smoke_artifact, tmp_path / version, version, auc))
+        registry.publish(copy_artifact(smoke_artifact, tmp_path / version, version, auc))
     with pytest.raises(NoCurrentModelError):
         registry.current()
     assert registry.promote("good").version == "good"

@@ -4,7 +4,6 @@ newly promoted model, heatmaps, and the result event feed that downstream system
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,10 +13,10 @@ from typing import Any
 import jsonschema
 import pytest
 
-from core.model_card import CARD_FILE, read_card
+from core.model_card import read_card
 from infra.local_stack import LocalStack
 from pneumoscan.cli import main
-from tests.conftest import RELEASE_MODEL, REPOSITORY_ROOT
+from tests.conftest import RELEASE_MODEL, REPOSITORY_ROOT, copy_artifact
 
 RESULT_EVENT_SCHEMA = json.loads((REPOSITORY_ROOT / "schemas" / "result-event.schema.json").read_text())
 pytestmark = pytest.mark.slow
@@ -51,16 +50,6 @@ def running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tupl
         assert main(["promote", "--outputs", str(outputs), "--version", read_card(RELEASE_MODEL)["version"]]) == 0
         capsys.readouterr()
         yield stack, outputs
-
-
-def renamed_release(tmp_path: Path, version: str) -> Path:
-    """The release artifact under another version name: a stand-in for a newly trained model."""
-    artifact = tmp_path / version
-    shutil.copytree(RELEASE_MODEL, artifact)
-    card = read_card(artifact)
-    card["version"] = version
-    (artifact / CARD_FILE).write_text(json.dumps(card, indent=2))
-    return artifact
 
 
 def test_results_backfill_rescoring_heatmaps_and_events(
@@ -111,7 +100,18 @@ def test_results_backfill_rescoring_heatmaps_and_events(
 
     # A new model is promoted; a backfill of the prefix re-scores every film with it.
     new_version = "compact-rescoring-test"
-    assert main(["publish", "--outputs", str(outputs), "--model", str(renamed_release(tmp_path, new_version))]) == 0
+    assert (
+        main(
+            [
+                "publish",
+                "--outputs",
+                str(outputs),
+                "--model",
+                str(copy_artifact(RELEASE_MODEL, tmp_path / new_version, new_version)),
+            ]
+        )
+        == 0
+    )
     assert main(["promote", "--outputs", str(outputs), "--version", new_version, "--force"]) == 0
     state = tmp_path / "backfill.json"
     code, summary = cli_json(

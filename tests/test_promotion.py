@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
 
-from core.model_card import CARD_FILE, read_card
 from core.model_registry import ModelRegistry
 from promotion.handler import publish_and_promote
-from tests.conftest import MODEL_BUCKET, RELEASE_MODEL
+from tests.conftest import MODEL_BUCKET, RELEASE_MODEL, copy_artifact
 
 BUCKET = MODEL_BUCKET
 
 
 def _upload_tarball(s3: Any, tmp_path: Path, version: str, test_auc: float) -> str:
     """Package an artifact the way SageMaker packages /opt/ml/model, and upload it."""
-    artifact = tmp_path / version
-    shutil.copytree(RELEASE_MODEL, artifact)
-    card = read_card(artifact)
-    card["version"] = version
-    card["metrics"]["test"]["auc"]["value"] = test_auc
-    (artifact / CARD_FILE).write_text(json.dumps(card))
+    artifact = copy_artifact(RELEASE_MODEL, tmp_path / version, version, test_auc)
     archive = tmp_path / f"{version}.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for path in artifact.iterdir():

@@ -28,7 +28,7 @@ from core.model_card import read_card
 from core.model_registry import ModelRegistry
 from core.results import NEVER_NOTIFIED, ResultsTable
 from infra.corpus import hostile_files, valid_variants
-from infra.local_stack import FaultInjectingClient, LocalContext
+from infra.local_stack import FaultInjectingClient, LocalContext, drain, scan_results
 from infra.resources import StackOutputs, create_data_plane
 from scoring import handler
 from scoring.settings import Settings
@@ -65,21 +65,12 @@ class Stack:
 
     def receive(self) -> list[dict[str, Any]]:
         """Every message waiting in the scoring queue, as Lambda's SQS event records."""
-        records = []
-        while True:
-            response = self.sqs.receive_message(
-                QueueUrl=self.outputs.queue_url, MaxNumberOfMessages=10, VisibilityTimeout=0
-            )
-            messages = response.get("Messages", [])
-            if not messages:
-                return records
-            for message in messages:
-                self.sqs.delete_message(QueueUrl=self.outputs.queue_url, ReceiptHandle=message["ReceiptHandle"])
-                records.append(sqs_record(message["MessageId"], message["Body"]))
+        return [
+            sqs_record(message["MessageId"], message["Body"]) for message in drain(self.sqs, self.outputs.queue_url)
+        ]
 
     def results(self) -> list[dict[str, Any]]:
-        items = self.dynamodb.scan(TableName=self.outputs.results_table)["Items"]
-        return [{k: next(iter(v.values())) for k, v in item.items()} for item in items]
+        return scan_results(self.dynamodb, self.outputs.results_table)
 
     def latest(self, key: str) -> dict[str, Any] | None:
         table = ResultsTable(self.dynamodb, self.outputs.results_table)

@@ -52,6 +52,7 @@ NEVER_NOTIFIED = "0" * SEQUENCER_WIDTH + "~"
 """Version sequence of an object that no notification ever scored (it predates the stack): it sorts before
 every S3 sequencer, so a later upload of the key is its newer version."""
 BY_DAY_INDEX = "ResultsByDay"
+_DESERIALIZER = TypeDeserializer()
 
 
 class TransientResultsError(RuntimeError):
@@ -136,7 +137,6 @@ class ResultsTable:
         self._dynamodb = dynamodb_client
         self.table_name = table_name
         self._serializer = TypeSerializer()
-        self._deserializer = TypeDeserializer()
 
     def put_once(self, result: ScoringResult) -> bool:
         """Write the result unless this sort key already has one; True when written."""
@@ -204,7 +204,7 @@ class ResultsTable:
             if start_key:
                 arguments["ExclusiveStartKey"] = start_key
             response = self._call(lambda arguments=arguments: self._dynamodb.query(**arguments), "query by day")
-            items.extend(self._plain(item) for item in response.get("Items", []))
+            items.extend(plain_item(item) for item in response.get("Items", []))
             start_key = response.get("LastEvaluatedKey")
             if start_key is None:
                 day += timedelta(days=1)
@@ -223,14 +223,10 @@ class ResultsTable:
         }
         while True:
             response = self._call(lambda: self._dynamodb.query(**arguments), f"read the results of {image_key}")
-            yield from (self._plain(item) for item in response.get("Items", []))
+            yield from (plain_item(item) for item in response.get("Items", []))
             if "LastEvaluatedKey" not in response:
                 return
             arguments["ExclusiveStartKey"] = response["LastEvaluatedKey"]
-
-    def _plain(self, item: dict[str, Any]) -> dict[str, Any]:
-        """A DynamoDB item as plain Python values (numbers as Decimal, as boto3 gives them)."""
-        return {name: self._deserializer.deserialize(value) for name, value in item.items()}
 
     @staticmethod
     def _call(operation: Any, action: str) -> Any:
@@ -238,6 +234,11 @@ class ResultsTable:
             return operation()
         except (ClientError, BotoCoreError) as error:
             raise TransientResultsError(f"cannot {action}: {error}") from error
+
+
+def plain_item(item: dict[str, Any]) -> dict[str, Any]:
+    """A DynamoDB item as plain Python values (numbers as Decimal, as boto3 gives them)."""
+    return {name: _DESERIALIZER.deserialize(value) for name, value in item.items()}
 
 
 def latest_of(results: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -35,7 +35,6 @@ class Explainer:
 
     def __init__(self, model_path: Path, num_threads: int = 1) -> None:
         self._model = BatchedInterpreter(model_path, num_threads=num_threads)
-        self.input_size = self._model.input_size
         self.grid = self._model.output_shape[0]
 
     def maps(self, pixels: np.ndarray) -> np.ndarray:
