@@ -33,8 +33,9 @@ from moto.server import ThreadedMotoServer
 from core.model_card import read_card
 from core.model_registry import ModelRegistry
 from core.results import plain_item
-from infra.resources import StackOutputs, create_data_plane
+from infra.resources import create_data_plane
 from infra.template import load_template, parameter_defaults
+from pneumoscan.stack import StackOutputs
 from publisher import handler as publisher
 from scoring import handler
 from scoring.settings import Settings

@@ -8,58 +8,10 @@ depends on a property breaks when the template drifts.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from infra.template import Resolver, load_template, parameter_defaults, resources_of_type
-
-_DATA_PLANE_OUTPUTS = frozenset(
-    {
-        "InputBucketName",
-        "InputPrefix",
-        "ModelBucketName",
-        "ResultsTableName",
-        "ScoringQueueUrl",
-        "DeadLetterQueueUrl",
-        "HeatmapBucketName",
-        "ResultsEventBusName",
-    }
-)
-
-
-@dataclass(frozen=True)
-class StackOutputs:
-    """What a client needs to use a stack: the names the template's Outputs give."""
-
-    endpoint_url: str | None
-    region: str
-    input_bucket: str
-    input_prefix: str
-    model_bucket: str
-    results_table: str
-    queue_url: str
-    dlq_url: str
-    heatmap_bucket: str = ""
-    event_bus: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_template_outputs(cls, outputs: dict[str, str], *, endpoint_url: str | None, region: str) -> StackOutputs:
-        """From the values of the template's Outputs, keyed by output name."""
-        return cls(
-            endpoint_url=endpoint_url,
-            region=region,
-            input_bucket=outputs["InputBucketName"],
-            input_prefix=outputs["InputPrefix"],
-            model_bucket=outputs["ModelBucketName"],
-            results_table=outputs["ResultsTableName"],
-            queue_url=outputs["ScoringQueueUrl"],
-            dlq_url=outputs["DeadLetterQueueUrl"],
-            heatmap_bucket=outputs["HeatmapBucketName"],
-            event_bus=outputs["ResultsEventBusName"],
-        )
+from pneumoscan.stack import DATA_PLANE_OUTPUTS, StackOutputs
 
 
 def create_data_plane(
@@ -84,7 +36,7 @@ def create_data_plane(
     outputs = {
         name: resolver.resolve(spec["Value"])
         for name, spec in template["Outputs"].items()
-        if name in _DATA_PLANE_OUTPUTS
+        if name in DATA_PLANE_OUTPUTS
     }
     return StackOutputs.from_template_outputs(outputs, endpoint_url=endpoint_url, region=region)
 
@@ -188,15 +140,3 @@ def _queue_notification(configuration: dict[str, Any]) -> dict[str, Any]:
     if rules:
         notification["Filter"] = {"Key": {"FilterRules": rules}}
     return notification
-
-
-def outputs_of_deployed_stack(cloudformation: Any, stack_name: str, endpoint_url: str | None = None) -> StackOutputs:
-    """The names of a stack deployed with `sam deploy`, read from its CloudFormation outputs."""
-    stack = cloudformation.describe_stacks(StackName=stack_name)["Stacks"][0]
-    outputs = {item["OutputKey"]: item["OutputValue"] for item in stack.get("Outputs", [])}
-    missing = sorted(_DATA_PLANE_OUTPUTS - outputs.keys())
-    if missing:
-        raise ValueError(f"stack {stack_name} lacks the outputs {', '.join(missing)}; is it a pneumoscan stack?")
-    return StackOutputs.from_template_outputs(
-        outputs, endpoint_url=endpoint_url, region=cloudformation.meta.region_name
-    )

@@ -16,7 +16,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pneumoscan.stack import StackTarget
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 RELEASE_MODEL = REPOSITORY_ROOT / "models" / "release"
@@ -160,25 +163,19 @@ def _add_stack_arguments(parser: argparse.ArgumentParser, bucket: bool = True) -
     parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="e.g. a local moto server")
 
 
-def _stack(arguments: argparse.Namespace) -> Any:
-    """The stack's outputs from --stack-name or --outputs, or None when neither is given."""
-    from infra.resources import StackOutputs, outputs_of_deployed_stack
+def _target(arguments: argparse.Namespace) -> StackTarget:
+    """The stack the arguments name (--outputs, --stack-name or neither) and the endpoint its clients use."""
+    from pneumoscan.stack import StackTarget
 
-    if arguments.outputs:
-        stack = StackOutputs(**json.loads(arguments.outputs.read_text()))
-        arguments.endpoint_url = arguments.endpoint_url or stack.endpoint_url
-        arguments.region = stack.region
-        return stack
-    if arguments.stack_name:
-        import boto3
-
-        client = boto3.client("cloudformation", endpoint_url=arguments.endpoint_url)
-        return outputs_of_deployed_stack(client, arguments.stack_name, arguments.endpoint_url)
-    return None
+    return StackTarget.resolve(
+        stack_name=getattr(arguments, "stack_name", None),
+        outputs_file=getattr(arguments, "outputs", None),
+        endpoint_url=arguments.endpoint_url,
+    )
 
 
-def _model_bucket(arguments: argparse.Namespace) -> str:
-    stack = _stack(arguments)
+def _model_bucket(target: StackTarget, arguments: argparse.Namespace) -> str:
+    stack = target.outputs
     bucket: str | None = stack.model_bucket if stack is not None else arguments.bucket
     if not bucket:
         raise SystemExit("name the model bucket with --bucket, --stack-name or --outputs")
@@ -284,7 +281,7 @@ def _local_model(model: str, arguments: argparse.Namespace) -> Path:
     from core.s3 import S3Location
 
     location = S3Location.parse(model)
-    registry = ModelRegistry(_s3_client(arguments), location.bucket)
+    registry = ModelRegistry(_target(arguments).client("s3"), location.bucket)
     cache = Path(tempfile.gettempdir()) / "pneumoscan-models"
     if location.prefix.strip("/") in {"", "models", "models/current.json"}:
         return registry.download_current(cache)[1]
@@ -294,18 +291,12 @@ def _local_model(model: str, arguments: argparse.Namespace) -> Path:
     return destination
 
 
-def _s3_client(arguments: argparse.Namespace) -> Any:
-    """An S3 client for the endpoint and region the arguments (or the stack's outputs file) name."""
-    import boto3
-
-    return boto3.client("s3", endpoint_url=arguments.endpoint_url, region_name=getattr(arguments, "region", None))
-
-
 def _publish(arguments: argparse.Namespace) -> int:
     from core.model_registry import ModelRegistry
 
-    bucket = _model_bucket(arguments)
-    prefix = ModelRegistry(_s3_client(arguments), bucket).publish(arguments.model)
+    target = _target(arguments)
+    bucket = _model_bucket(target, arguments)
+    prefix = ModelRegistry(target.client("s3"), bucket).publish(arguments.model)
     print(json.dumps({"published": f"s3://{bucket}/{prefix}"}))
     return 0
 
@@ -313,8 +304,8 @@ def _publish(arguments: argparse.Namespace) -> int:
 def _promote(arguments: argparse.Namespace) -> int:
     from core.model_registry import ModelRegistry, PromotionRefusedError
 
-    bucket = _model_bucket(arguments)  # Resolved first: an outputs file also names the endpoint.
-    registry = ModelRegistry(_s3_client(arguments), bucket)
+    target = _target(arguments)
+    registry = ModelRegistry(target.client("s3"), _model_bucket(target, arguments))
     try:
         pointer = registry.promote(arguments.version, force=arguments.force)
     except PromotionRefusedError as refusal:
@@ -349,21 +340,17 @@ def _timestamp(text: str) -> datetime:
 
 
 def _results(arguments: argparse.Namespace) -> int:
-    import boto3
-
     from core.results import InvalidPageTokenError, ResultsTable, TransientResultsError, latest_of
     from pneumoscan.output import print_history, print_page
 
     if (arguments.image_key is None) == (arguments.since is None):
         raise SystemExit("give either KEY (one image) or --since (results scored since a time)")
-    stack = _stack(arguments)
+    target = _target(arguments)
+    stack = target.outputs
     table_name = stack.results_table if stack is not None else arguments.table
     if not table_name:
         raise SystemExit("name the results table with --table, --stack-name or --outputs")
-    dynamodb = boto3.client(
-        "dynamodb", endpoint_url=arguments.endpoint_url, region_name=getattr(arguments, "region", None)
-    )
-    table = ResultsTable(dynamodb, table_name)
+    table = ResultsTable(target.client("dynamodb"), table_name)
     if arguments.since is not None:
         try:
             page = table.scored_since(
@@ -394,20 +381,20 @@ def _results(arguments: argparse.Namespace) -> int:
 
 
 def _backfill(arguments: argparse.Namespace) -> int:
-    import boto3
     from tqdm import tqdm
 
     from core.model_registry import ModelRegistry, RegistryError
-    from infra.backfill import Backfill, BackfillError, BackfillPlan, default_state_path
+    from pneumoscan.backfill import Backfill, BackfillError, BackfillPlan, default_state_path
 
-    stack = _stack(arguments)
+    target = _target(arguments)
+    stack = target.outputs
     if stack is None:
         raise SystemExit("name the stack with --stack-name or --outputs")
     prefix = arguments.prefix if arguments.prefix is not None else stack.input_prefix
     if not prefix.startswith(stack.input_prefix):
         raise SystemExit(f"the function scores only keys under {stack.input_prefix!r}; {prefix!r} is outside it")
     try:
-        promoted = ModelRegistry(_s3_client(arguments), stack.model_bucket).current().version
+        promoted = ModelRegistry(target.client("s3"), stack.model_bucket).current().version
     except RegistryError as error:
         raise SystemExit(f"cannot read the promoted model: {error}") from error
     if arguments.model_version and arguments.model_version != promoted:
@@ -424,8 +411,7 @@ def _backfill(arguments: argparse.Namespace) -> int:
         messages_per_second=arguments.rate,
     )
     state_path = arguments.state or default_state_path(plan)
-    sqs = boto3.client("sqs", endpoint_url=arguments.endpoint_url, region_name=getattr(arguments, "region", None))
-    backfill = Backfill(_s3_client(arguments), sqs, plan, state_path)
+    backfill = Backfill(target.client("s3"), target.client("sqs"), plan, state_path)
     try:
         with tqdm(unit=" objects", desc=f"backfill s3://{plan.bucket}/{plan.prefix}", file=sys.stderr) as bar:
             state = backfill.run(progress=bar)

@@ -13,9 +13,9 @@ import pytest
 from moto import mock_aws
 
 from core.events import parse_message_body
-from infra.backfill import Backfill, BackfillError, BackfillPlan, BackfillState, RateLimiter
 from infra.local_stack import FaultInjectingClient
 from infra.local_stack import drain as drain_queue
+from pneumoscan.backfill import Backfill, BackfillError, BackfillPlan, BackfillState, RateLimiter
 
 REGION = "us-east-1"
 BUCKET = "uploads"

@@ -17,8 +17,9 @@ from moto import mock_aws
 
 from infra.demo import run_demo
 from infra.local_stack import EventSourceMapping, SqsEventSourceEmulator
-from infra.resources import create_data_plane, outputs_of_deployed_stack
+from infra.resources import create_data_plane
 from infra.template import load_template
+from pneumoscan.stack import outputs_of_deployed_stack
 from tests.conftest import RELEASE_MODEL, SAMPLES
 
 REGION = "us-east-1"

@@ -29,7 +29,8 @@ from core.model_registry import ModelRegistry
 from core.results import NEVER_NOTIFIED, ResultsTable
 from infra.corpus import hostile_files, valid_variants
 from infra.local_stack import FaultInjectingClient, LocalContext, drain, scan_results
-from infra.resources import StackOutputs, create_data_plane
+from infra.resources import create_data_plane
+from pneumoscan.stack import StackOutputs
 from scoring import handler
 from scoring.settings import Settings
 from tests.conftest import RELEASE_MODEL, SAMPLES
