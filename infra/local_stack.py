@@ -442,17 +442,42 @@ class CrashingHandler:
         raise RuntimeError(f"injected crash in invocation {self.invocations}, after half of its batch")
 
 
-def _without_metrics(invoke: Handler, metrics: Any) -> Handler:
-    """The handler, dropping its metrics after every invocation. Powertools keeps disabled metrics instead of
-    flushing them, and prints them anyway once a metric holds 100 values, so a quiet stack clears them itself."""
+class QuietFunctions:
+    """Keeps the in-process functions' per-image logs and metrics off the terminal (demo and soak), and restores
+    the loggers and the environment afterwards. Powertools keeps disabled metrics instead of flushing them, and
+    prints them anyway once a metric holds 100 values, so a quiet stack clears them after every invocation."""
 
-    def run(event: dict[str, Any], context: Any) -> Any:
-        try:
-            return invoke(event, context)
-        finally:
-            metrics.clear_metrics()
+    def __init__(self) -> None:
+        self._levels = {module: module.logger.log_level for module in (handler, publisher)}
+        self._metrics_disabled = os.environ.get("POWERTOOLS_METRICS_DISABLED")
 
-    return run
+    def enter(self) -> None:
+        handler.logger.setLevel(logging.WARNING)
+        # Failed publishes are retried by design (and injected by the soak): only errors are worth a line.
+        publisher.logger.setLevel(logging.ERROR)
+        os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
+
+    @staticmethod
+    def wrap(invoke: Handler, metrics: Any) -> Handler:
+        """The handler, dropping its metrics after every invocation."""
+
+        def run(event: dict[str, Any], context: Any) -> Any:
+            try:
+                return invoke(event, context)
+            finally:
+                metrics.clear_metrics()
+
+        return run
+
+    def exit(self) -> None:
+        # Disabled metrics are never flushed, so they are dropped here rather than leak into a later flush.
+        for module, level in self._levels.items():
+            module.metrics.clear_metrics()
+            module.logger.setLevel(level)
+        if self._metrics_disabled is None:
+            os.environ.pop("POWERTOOLS_METRICS_DISABLED", None)
+        else:
+            os.environ["POWERTOOLS_METRICS_DISABLED"] = self._metrics_disabled
 
 
 class LocalStack:
@@ -470,7 +495,7 @@ class LocalStack:
     ) -> None:
         """``quiet`` keeps the handler's per-image logs and metrics off the terminal (demo and soak)."""
         self._quiet = quiet
-        self._restore: dict[str, Any] = {}
+        self._quieted: QuietFunctions | None = None
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # One line per request would bury everything else.
         self._region = region
@@ -529,22 +554,15 @@ class LocalStack:
         return boto3.client(service, region_name=self._region, endpoint_url=self.outputs.endpoint_url)  # type: ignore[call-overload]  # The service name is a plain str here.
 
     def start(self) -> StackOutputs:
-        """Start the server, create the resources, and begin feeding the handler."""
+        """Start the server, create the resources, and begin feeding the handlers."""
         self._server.start()
         host, port = self._server.get_host_and_port()
         endpoint_url = f"http://{host}:{port}"
         # Moto keeps its state per process: a stack started after another in the same process starts empty too.
         urllib.request.urlopen(urllib.request.Request(f"{endpoint_url}/moto-api/reset", method="POST"), timeout=10)
         if self._quiet:
-            self._restore = {
-                "level": handler.logger.log_level,
-                "publisher_level": publisher.logger.log_level,
-                "metrics": os.environ.get("POWERTOOLS_METRICS_DISABLED"),
-            }
-            handler.logger.setLevel(logging.WARNING)
-            # Failed publishes are retried by design (and injected by the soak): only errors are worth a line.
-            publisher.logger.setLevel(logging.ERROR)
-            os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
+            self._quieted = QuietFunctions()
+            self._quieted.enter()
         # Moto accepts any credentials; clients of this process sign with these unless real ones are set.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
@@ -565,56 +583,9 @@ class LocalStack:
             template=template,
             parameters=self._parameters,
         )
-        # The real handler, wired to this stack's endpoint exactly as the template wires it in AWS.
-        settings = Settings(
-            results_table=self.outputs.results_table,
-            model_bucket=self.outputs.model_bucket,
-            model_path=None,
-            model_refresh_seconds=5.0,
-            model_cache_dir=Path(tempfile.mkdtemp(prefix="pneumoscan-local-models-")),
-            max_image_bytes=int({**parameter_defaults(template), **self._parameters}["MaxImageBytes"]),
-            heatmap_bucket=self.outputs.heatmap_bucket,
-        )
         rng = random.Random(self.faults.seed)
-        s3 = FaultInjectingClient(clients["s3"], {"get_object": (self.faults.get_object_failure_rate, "SlowDown")}, rng)
-        dynamodb = FaultInjectingClient(
-            clients["dynamodb"],
-            {"put_item": (self.faults.put_item_throttle_rate, "ProvisionedThroughputExceededException")},
-            rng,
-        )
-        events = FaultInjectingClient(
-            clients["events"], {"put_events": (self.faults.put_events_failure_rate, "InternalException")}, rng
-        )
-        self.fault_clients = [s3, dynamodb, events]
-        handler.pipeline.set(handler.build_pipeline(settings, s3, dynamodb))
-        invoke: Handler = (
-            _without_metrics(handler.lambda_handler, handler.metrics) if self._quiet else handler.lambda_handler
-        )
-        if self.faults.crash_on_invocation is not None:
-            invoke = CrashingHandler(invoke, self.faults.crash_on_invocation)
-        self.emulator = SqsEventSourceEmulator(
-            clients["sqs"],
-            self.outputs.queue_url,
-            invoke,
-            EventSourceMapping.from_template(template),
-            retry_delay_seconds=self._retry_delay_seconds,
-            duplicate_rate=self.faults.duplicate_rate,
-            rng=rng,
-            region=self._region,
-        )
-        publisher.feed.set(publisher.EventFeed(events, self.outputs.event_bus))
-        table = clients["dynamodb"].describe_table(TableName=self.outputs.results_table)["Table"]
-        self.stream_emulator = DynamoDbStreamEmulator(
-            clients["dynamodbstreams"],
-            table["LatestStreamArn"],
-            _without_metrics(publisher.lambda_handler, publisher.metrics) if self._quiet else publisher.lambda_handler,
-            StreamEventSourceMapping.from_template(template),
-            sqs=clients["sqs"],
-            on_failure_queue_url=clients["sqs"].get_queue_url(
-                QueueName=f"{self._name_prefix(template)}-PublisherDeadLetterQueue"
-            )["QueueUrl"],
-            region=self._region,
-        )
+        self.emulator = self._attach_scoring(template, clients, rng)
+        self.stream_emulator = self._attach_publisher(template, clients, rng)
         self._threads = [
             threading.Thread(target=self.emulator.run, args=(self._stop,), name="sqs-event-source", daemon=True),
             threading.Thread(
@@ -625,26 +596,83 @@ class LocalStack:
             thread.start()
         return self.outputs
 
-    def _name_prefix(self, template: dict[str, Any]) -> str:
-        return str({**parameter_defaults(template), **self._parameters}["NamePrefix"])
+    def _invoke(self, function: Any) -> Handler:
+        """A function module's handler, dropping its metrics after each invocation when the stack is quiet."""
+        invoke: Handler = function.lambda_handler
+        return QuietFunctions.wrap(invoke, function.metrics) if self._quiet else invoke
+
+    def _attach_scoring(
+        self, template: dict[str, Any], clients: dict[str, Any], rng: random.Random
+    ) -> SqsEventSourceEmulator:
+        """The real scoring handler, wired to this stack's endpoint exactly as the template wires it in AWS, behind
+        the fault plan's S3 and DynamoDB faults, fed by the queue."""
+        assert self.outputs is not None
+        settings = Settings(
+            results_table=self.outputs.results_table,
+            model_bucket=self.outputs.model_bucket,
+            model_path=None,
+            model_refresh_seconds=5.0,
+            model_cache_dir=Path(tempfile.mkdtemp(prefix="pneumoscan-local-models-")),
+            max_image_bytes=int(self._parameter(template, "MaxImageBytes")),
+            heatmap_bucket=self.outputs.heatmap_bucket,
+        )
+        s3 = FaultInjectingClient(clients["s3"], {"get_object": (self.faults.get_object_failure_rate, "SlowDown")}, rng)
+        dynamodb = FaultInjectingClient(
+            clients["dynamodb"],
+            {"put_item": (self.faults.put_item_throttle_rate, "ProvisionedThroughputExceededException")},
+            rng,
+        )
+        self.fault_clients.extend([s3, dynamodb])
+        handler.pipeline.set(handler.build_pipeline(settings, s3, dynamodb))
+        invoke = self._invoke(handler)
+        if self.faults.crash_on_invocation is not None:
+            invoke = CrashingHandler(invoke, self.faults.crash_on_invocation)
+        return SqsEventSourceEmulator(
+            clients["sqs"],
+            self.outputs.queue_url,
+            invoke,
+            EventSourceMapping.from_template(template),
+            retry_delay_seconds=self._retry_delay_seconds,
+            duplicate_rate=self.faults.duplicate_rate,
+            rng=rng,
+            region=self._region,
+        )
+
+    def _attach_publisher(
+        self, template: dict[str, Any], clients: dict[str, Any], rng: random.Random
+    ) -> DynamoDbStreamEmulator:
+        """The real result publisher behind the fault plan's PutEvents faults, fed by the table's stream."""
+        assert self.outputs is not None
+        events = FaultInjectingClient(
+            clients["events"], {"put_events": (self.faults.put_events_failure_rate, "InternalException")}, rng
+        )
+        self.fault_clients.append(events)
+        publisher.feed.set(publisher.EventFeed(events, self.outputs.event_bus))
+        table = clients["dynamodb"].describe_table(TableName=self.outputs.results_table)["Table"]
+        dead_letters = f"{self._parameter(template, 'NamePrefix')}-PublisherDeadLetterQueue"
+        return DynamoDbStreamEmulator(
+            clients["dynamodbstreams"],
+            table["LatestStreamArn"],
+            self._invoke(publisher),
+            StreamEventSourceMapping.from_template(template),
+            sqs=clients["sqs"],
+            on_failure_queue_url=clients["sqs"].get_queue_url(QueueName=dead_letters)["QueueUrl"],
+            region=self._region,
+        )
+
+    def _parameter(self, template: dict[str, Any], name: str) -> Any:
+        return {**parameter_defaults(template), **self._parameters}[name]
 
     def stop(self) -> None:
-        """Stop feeding the handler and shut the server down."""
+        """Stop feeding the handlers and shut the server down."""
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=30)
         handler.pipeline.set(None)
         publisher.feed.set(None)
-        if self._restore:
-            # Disabled metrics are never flushed, so they are dropped here rather than leak into a later flush.
-            handler.metrics.clear_metrics()
-            publisher.metrics.clear_metrics()
-            handler.logger.setLevel(self._restore["level"])
-            publisher.logger.setLevel(self._restore["publisher_level"])
-            if self._restore["metrics"] is None:
-                os.environ.pop("POWERTOOLS_METRICS_DISABLED", None)
-            else:
-                os.environ["POWERTOOLS_METRICS_DISABLED"] = self._restore["metrics"]
+        if self._quieted is not None:
+            self._quieted.exit()
+            self._quieted = None
         self._server.stop()
 
     def __enter__(self) -> LocalStack:
