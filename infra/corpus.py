@@ -17,6 +17,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 
+from core.rejections import RejectionReason
+from core.results import Status
+
 
 @dataclass(frozen=True)
 class CorpusFile:
@@ -24,9 +27,8 @@ class CorpusFile:
 
     name: str
     body: bytes
-    expected_status: str
-    """SCORED or REJECTED."""
-    expected_reason: str | None = None
+    expected_status: Status
+    expected_reason: RejectionReason | None = None
 
 
 def encode(image: Image.Image, image_format: str, **options: object) -> bytes:
@@ -79,19 +81,29 @@ def hostile_files(film: Image.Image, max_image_bytes: int) -> list[CorpusFile]:
     noise = Image.fromarray(np.random.default_rng(7).integers(0, 256, (300, 300), dtype=np.uint8))
     oversized = b"\xff\xd8\xff\xe0" + np.random.default_rng(8).bytes(max_image_bytes + 1024)
     return [
-        CorpusFile("zero-bytes.jpeg", b"", "REJECTED", "EMPTY_FILE"),
-        CorpusFile("truncated.jpeg", jpeg[: len(jpeg) // 2], "REJECTED", "CORRUPT_IMAGE"),
-        CorpusFile("random-bytes.jpeg", np.random.default_rng(9).bytes(20_000), "REJECTED", "UNSUPPORTED_FORMAT"),
-        CorpusFile("notes.jpeg", b"patient notes, not an image\n" * 20, "REJECTED", "UNSUPPORTED_FORMAT"),
+        CorpusFile("zero-bytes.jpeg", b"", Status.REJECTED, RejectionReason.EMPTY),
+        CorpusFile("truncated.jpeg", jpeg[: len(jpeg) // 2], Status.REJECTED, RejectionReason.CORRUPT),
         CorpusFile(
-            "page.jpeg", b"<!DOCTYPE html><html><body><h1>Login</h1></body></html>", "REJECTED", "UNSUPPORTED_FORMAT"
+            "random-bytes.jpeg",
+            np.random.default_rng(9).bytes(20_000),
+            Status.REJECTED,
+            RejectionReason.UNSUPPORTED_FORMAT,
         ),
-        CorpusFile("one-pixel.png", encode(Image.new("L", (1, 1)), "PNG"), "REJECTED", "IMAGE_TOO_SMALL"),
-        CorpusFile("bomb.png", decompression_bomb(), "REJECTED", "DECOMPRESSION_BOMB"),
-        CorpusFile("oversized.jpeg", oversized, "REJECTED", "FILE_TOO_LARGE"),
-        CorpusFile("animation.gif", encode(noise, "GIF"), "REJECTED", "UNSUPPORTED_FORMAT"),
-        CorpusFile("scan.tiff", encode(film, "TIFF"), "REJECTED", "UNSUPPORTED_FORMAT"),
-        CorpusFile("scan.bmp", encode(film, "BMP"), "REJECTED", "UNSUPPORTED_FORMAT"),
+        CorpusFile(
+            "notes.jpeg", b"patient notes, not an image\n" * 20, Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT
+        ),
+        CorpusFile(
+            "page.jpeg",
+            b"<!DOCTYPE html><html><body><h1>Login</h1></body></html>",
+            Status.REJECTED,
+            RejectionReason.UNSUPPORTED_FORMAT,
+        ),
+        CorpusFile("one-pixel.png", encode(Image.new("L", (1, 1)), "PNG"), Status.REJECTED, RejectionReason.TOO_SMALL),
+        CorpusFile("bomb.png", decompression_bomb(), Status.REJECTED, RejectionReason.DECOMPRESSION_BOMB),
+        CorpusFile("oversized.jpeg", oversized, Status.REJECTED, RejectionReason.TOO_LARGE),
+        CorpusFile("animation.gif", encode(noise, "GIF"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
+        CorpusFile("scan.tiff", encode(film, "TIFF"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
+        CorpusFile("scan.bmp", encode(film, "BMP"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
     ]
 
 
@@ -114,7 +126,7 @@ def valid_variants(film: Image.Image) -> list[CorpusFile]:
         ("plus+sign.jpeg", lambda: encode(film, "JPEG", quality=92)),
         ("ünïcødé 肺.jpeg", lambda: encode(film, "JPEG", quality=92)),
     ]
-    return [CorpusFile(name, make(), "SCORED") for name, make in variants]
+    return [CorpusFile(name, make(), Status.SCORED) for name, make in variants]
 
 
 def build_corpus(sample: Path, max_image_bytes: int) -> list[CorpusFile]:

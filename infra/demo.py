@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.results import ResultsTable
+from core.results import ResultsTable, Status
 from infra.local_stack import LocalStack
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
@@ -49,7 +49,7 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
     if heatmaps:
         print(f"\nheatmaps are PNG overlays in the heatmap bucket, e.g. {heatmaps[0]}")
     missing = [r.key for r in results if r.item is None]
-    scored = [r for r in results if r.item is not None and r.item["status"] == "SCORED"]
+    scored = [r for r in results if r.item is not None and r.item["status"] == Status.SCORED]
     agree = sum(r.item is not None and r.item.get("label") == r.expected for r in scored)
     latencies = sorted(float(r.item["latency_ms"]) for r in scored if r.item is not None)
     print(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
+from core.results import Status
 from infra.corpus import CorpusFile, build_corpus
 from infra.local_stack import FaultPlan, LocalStack, drain, scan_results
 
@@ -123,8 +124,8 @@ def run_soak(
             outcome.problems.append(f"heatmap of {item['image_key']}: {heatmap} for {item.get('label')}")
     return SoakReport(
         uploads=len(files),
-        scored=outcome.statuses["SCORED"],
-        rejected=outcome.statuses["REJECTED"],
+        scored=outcome.statuses[Status.SCORED],
+        rejected=outcome.statuses[Status.REJECTED],
         retried_deliveries=stats.messages_failed,
         duplicates_sent=stats.duplicates_sent,
         injected_get_object_faults=injected.get("get_object", 0),
@@ -152,7 +153,7 @@ def _plan_uploads(data_root: Path, sample: Path, uploads: int) -> tuple[list[str
     corpus = build_corpus(sample, SOAK_MAX_IMAGE_BYTES)
     files: dict[str, CorpusFile] = {}
     for index, path in zip(range(uploads), itertools.cycle(xrays), strict=False):
-        files[f"incoming/soak/{index:05d}-{path.name}"] = CorpusFile(path.name, path.read_bytes(), "SCORED")
+        files[f"incoming/soak/{index:05d}-{path.name}"] = CorpusFile(path.name, path.read_bytes(), Status.SCORED)
     keys = list(files)
     stride = max(1, len(keys) // max(1, len(corpus)))
     for position, corpus_file in enumerate(corpus):
@@ -183,10 +184,10 @@ def _check(
             duplicated += 1
             problems.append(f"{len(results)} results for {key}")
         result = results[0]
-        if expected.expected_status == "REJECTED":
-            outcome_ok = result["status"] == "REJECTED" and result.get("reason") == expected.expected_reason
+        if expected.expected_status is Status.REJECTED:
+            outcome_ok = result["status"] == Status.REJECTED and result.get("reason") == expected.expected_reason
         else:
-            outcome_ok = result["status"] == "SCORED" and result.get("model_version") == version
+            outcome_ok = result["status"] == Status.SCORED and result.get("model_version") == version
         if not outcome_ok:
             wrong += 1
             problems.append(f"{key}: {result['status']} {result.get('reason')}, expected {expected.expected_status}")

@@ -1,6 +1,6 @@
 """Reading the Kaggle ``chest_xray/{train,test}/{NORMAL,PNEUMONIA}`` layout into arrays.
 
-Every image goes through ``scoring.preprocessing.preprocess``, the very function the scorer uses, and the
+Every image goes through ``core.preprocessing.preprocess``, the very function the scorer uses, and the
 validation split is carved from train at patient level so no patient is seen on both sides.
 """
 
