@@ -403,10 +403,6 @@ class FaultInjectingClient:
         self._lock = threading.Lock()
         self.injected: dict[str, int] = dict.fromkeys(failures, 0)
 
-    def heal(self) -> None:
-        """Stop injecting faults: every later call goes through."""
-        self._failures = {}
-
     def __getattr__(self, name: str) -> Any:
         operation = getattr(self._client, name)
         if name not in self._failures:

@@ -50,7 +50,7 @@ def load_event(name: str) -> dict[str, Any]:
 
 
 def faulty(client: Any, operation: str, code: str) -> FaultInjectingClient:
-    """A client whose ``operation`` always fails with ``code`` until healed."""
+    """A client whose ``operation`` always fails with ``code``."""
     return FaultInjectingClient(client, {operation: (1.0, code)}, random.Random(0))
 
 
@@ -123,7 +123,7 @@ def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Stack]:
         handler.pipeline.set(None)
 
 
-def rewire(stack: Stack, monkeypatch: pytest.MonkeyPatch, s3: Any = None, dynamodb: Any = None, **env: str) -> None:
+def rewire(stack: Stack, s3: Any = None, dynamodb: Any = None, **env: str) -> None:
     """Point the handler at (possibly faulty) clients."""
     settings = Settings.from_environment(
         {
@@ -270,56 +270,48 @@ def test_malformed_message_is_retried_not_dropped(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("operation", ["get_object", "head_object"])
-def test_s3_faults_fail_only_their_records(
-    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch, operation: str
-) -> None:
+def test_s3_faults_fail_only_their_records(stack: Stack, sample_paths: list[Path], operation: str) -> None:
     """A throttled S3 read fails that record for retry; after recovery the retry scores it."""
     stack.upload("incoming/retry.jpeg", sample_paths[0].read_bytes())
     records = stack.receive()
     failing_s3 = faulty(stack.s3, operation, "SlowDown")
-    rewire(stack, monkeypatch, s3=failing_s3)
+    rewire(stack, s3=failing_s3)
     # The model loads through the faulty client's other operations, which still work.
     assert invoke(records) == {"batchItemFailures": [{"itemIdentifier": records[0]["messageId"]}]}
     assert stack.results() == []
-    failing_s3.heal()
+    rewire(stack)  # S3 recovers.
     assert invoke(records) == {"batchItemFailures": []}
     assert len(stack.results()) == 1
 
 
-def test_throttled_write_is_retried_and_lands_once(
-    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_throttled_write_is_retried_and_lands_once(stack: Stack, sample_paths: list[Path]) -> None:
     """A throttled DynamoDB write fails the record; the retry writes exactly one item."""
     stack.upload("incoming/throttle.jpeg", sample_paths[0].read_bytes())
     stack.upload("incoming/fine.jpeg", sample_paths[-1].read_bytes())
     records = stack.receive()
     throttled = faulty(stack.dynamodb, "put_item", "ProvisionedThroughputExceededException")
-    rewire(stack, monkeypatch, dynamodb=throttled)
+    rewire(stack, dynamodb=throttled)
     failures = invoke(records)["batchItemFailures"]
     assert sorted(f["itemIdentifier"] for f in failures) == sorted(r["messageId"] for r in records)
-    throttled.heal()
+    rewire(stack)  # DynamoDB recovers.
     assert invoke(records) == {"batchItemFailures": []}
     assert len(stack.results()) == 2
 
 
-def test_missing_model_fails_the_batch_for_retry(
-    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_model_fails_the_batch_for_retry(stack: Stack, sample_paths: list[Path]) -> None:
     """With no promoted model, records are reported failed (retried, then DLQ), never dropped."""
     stack.s3.delete_object(Bucket=stack.outputs.model_bucket, Key="models/current.json")
-    rewire(stack, monkeypatch)
+    rewire(stack)
     stack.upload("incoming/no-model.jpeg", sample_paths[0].read_bytes())
     records = stack.receive()
     assert invoke(records) == {"batchItemFailures": [{"itemIdentifier": records[0]["messageId"]}]}
     assert stack.results() == []
 
 
-def test_handler_never_writes_to_the_input_bucket(
-    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_handler_never_writes_to_the_input_bucket(stack: Stack, sample_paths: list[Path]) -> None:
     """Scoring works with every S3 write operation forbidden."""
     forbidden = {name: (1.0, "AccessDenied") for name in ("put_object", "delete_object", "copy_object", "upload_file")}
-    rewire(stack, monkeypatch, s3=FaultInjectingClient(stack.s3, forbidden, random.Random(0)))
+    rewire(stack, s3=FaultInjectingClient(stack.s3, forbidden, random.Random(0)))
     stack.upload("incoming/readonly.jpeg", sample_paths[0].read_bytes())
     assert invoke(stack.receive()) == {"batchItemFailures": []}
     assert stack.results()[0]["status"] == "SCORED"
@@ -462,9 +454,7 @@ def test_heatmap_on_request_for_any_verdict(stack: Stack, sample_paths: list[Pat
     assert heatmap_png(stack, item["heatmap_key"]).format == "PNG"
 
 
-def test_heatmap_storage_fault_retries_the_record(
-    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_heatmap_storage_fault_retries_the_record(stack: Stack, sample_paths: list[Path]) -> None:
     """When the heatmap cannot be stored, the record is retried and no result points to a missing heatmap."""
     stack.s3.put_object(
         Bucket=stack.outputs.input_bucket,
@@ -474,18 +464,16 @@ def test_heatmap_storage_fault_retries_the_record(
     )
     [record] = stack.receive()
     s3 = faulty(stack.s3, "put_object", "SlowDown")
-    rewire(stack, monkeypatch, s3=s3)
+    rewire(stack, s3=s3)
     assert invoke([record]) == {"batchItemFailures": [{"itemIdentifier": record["messageId"]}]}
     assert stack.results() == []
-    s3.heal()
+    rewire(stack)  # S3 recovers.
     assert invoke([record]) == {"batchItemFailures": []}
     [item] = stack.results()
     assert heatmap_png(stack, item["heatmap_key"]).format == "PNG"
 
 
-def test_model_without_explainer_still_scores(
-    stack: Stack, sample_paths: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_model_without_explainer_still_scores(stack: Stack, sample_paths: list[Path], tmp_path: Path) -> None:
     """A model whose card names no explainer scores as before, only without heatmaps."""
     artifact = tmp_path / "no-explainer"
     shutil.copytree(RELEASE_MODEL, artifact)
@@ -493,7 +481,7 @@ def test_model_without_explainer_still_scores(
     card = read_card(artifact)
     del card["explainer"]
     (artifact / "model_card.json").write_text(json.dumps(card))
-    rewire(stack, monkeypatch, MODEL_PATH=str(artifact))
+    rewire(stack, MODEL_PATH=str(artifact))
     stack.upload("incoming/no-heatmap.jpeg", sample_paths[-1].read_bytes())
     assert invoke(stack.receive()) == {"batchItemFailures": []}
     [item] = stack.results()

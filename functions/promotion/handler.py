@@ -20,9 +20,12 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from core.model_card import ModelArtifactError, verify_artifact
 from core.model_registry import ModelRegistry, PromotionRefusedError
+from core.provider import Provider
 from core.s3 import S3Location
 
 logger = Logger(service="pneumoscan-promotion")
+s3 = Provider(lambda: boto3.client("s3"))
+"""The S3 client of this execution environment."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     with tempfile.TemporaryDirectory() as scratch:
         try:
             decision = publish_and_promote(
-                boto3.client("s3"),
+                s3.get(),
                 os.environ["MODEL_BUCKET"],
                 event["model_artifacts"],
                 float(event.get("minimum_test_auc", os.environ.get("MINIMUM_TEST_AUC", "0.9"))),
