@@ -53,8 +53,6 @@ class Observer(Protocol):
 
     def skipped(self, image_key: str, sequence: str, why: str) -> None: ...
 
-    def heatmap_failed(self, image_key: str, why: str) -> None: ...
-
 
 @dataclass
 class RecordPlan:
@@ -190,7 +188,9 @@ class ScoringPipeline:
             for image in live:
                 plans[image.message_id].fault = fault
             return
-        heatmaps = self._heatmaps.run(live, predictions, classifier()) if self._heatmaps else HeatmapOutcome()
+        heatmaps = HeatmapOutcome()
+        if self._heatmaps is not None:
+            heatmaps = self._heatmaps.run(live, predictions, classifier())
         for image in live:
             if id(image) in heatmaps.faults:
                 plans[image.message_id].fault = heatmaps.faults[id(image)]
