@@ -118,7 +118,7 @@ def explainer_latency(classifier: Classifier, large: bytes) -> dict[str, Any]:
     measured on the same ~2000 px film decoded fully."""
     explainer = classifier.explainer
     if explainer is None:
-        raise RuntimeError(f"{RELEASE_MODEL} has no explainer; run python -m training.explain first")
+        raise RuntimeError(f"{RELEASE_MODEL} has no explainer; the training job exports one for a pooled-linear head")
     size = classifier.input_size
     decoded = decode(large, size)
     pixels = resize_for_model(decoded, size).pixels[np.newaxis]

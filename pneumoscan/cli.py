@@ -233,7 +233,8 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _evaluate(arguments: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_artifact, write_split_plots
+    from training.evaluate import evaluate_artifact
+    from training.report import write_split_plots
 
     evaluation, scores = evaluate_artifact(arguments.model, arguments.data, resamples=arguments.resamples)
     if arguments.report:

@@ -11,7 +11,6 @@ from scoring.classifier import Classifier
 from training.calibration import sigmoid
 from training.data import ImageSet, limit_per_class, list_split, load_images
 from training.metrics import Evaluation, evaluate
-from training.report import plot_confusion_matrix, plot_reliability, plot_roc
 
 
 @dataclass(frozen=True)
@@ -38,16 +37,3 @@ def evaluate_artifact(
     files = limit_per_class(list_split(split_dir), limit)
     scores = score_image_set(classifier, load_images(files, size=classifier.input_size))
     return evaluate(scores.labels, scores.probabilities, classifier.spec.threshold, resamples), scores
-
-
-def write_split_plots(
-    report_dir: Path, split: str, scores: ArtifactScores, threshold: float, reference: ArtifactScores | None = None
-) -> None:
-    """ROC, confusion matrix and reliability diagram of one split (beside a reference split, if given)."""
-    report_dir.mkdir(parents=True, exist_ok=True)
-    plot_roc(scores.labels, scores.probabilities, split, report_dir / f"roc_{split}.png")
-    plot_confusion_matrix(scores.labels, scores.probabilities, threshold, report_dir / f"confusion_matrix_{split}.png")
-    curves = {split: (scores.labels, scores.probabilities)}
-    if reference is not None:
-        curves = {"validation": (reference.labels, reference.probabilities), **curves}
-    plot_reliability(curves, report_dir / "reliability.png")

@@ -9,16 +9,12 @@ An ensemble's logit is the mean of its members' logits, so its map is the mean o
 and its bias the mean of their biases.
 
 ``export_explainer`` converts that map to ``explain.tflite`` and checks with the LiteRT runtime that the map's mean
-plus the bias reproduces the served model's logits. ``python -m training.explain`` adds the explainer to an artifact
-that was exported without one.
+plus the bias reproduces the served model's logits.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +23,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from core.model_card import (
-    EXPLAINER_FILE,
-    MODEL_FILE,
-    read_card,
-    sha256_of,
-    verify_artifact,
-    write_card,
-)
-from core.preprocessing import preprocess
+from core.model_card import EXPLAINER_FILE, sha256_of
 from scoring.explainer import Explainer
 from scoring.litert import BatchedInterpreter
 from training.export import convert
@@ -50,17 +38,6 @@ METHOD = (
     "class activation map (CAM, Zhou et al. 2016), equal to Grad-CAM up to scale for a global-average-pooled "
     "linear head"
 )
-
-DEFAULT_DATA = (
-    Path(os.environ.get("PNEUMOSCAN_DATA", Path(__file__).resolve().parent.parent.parent / "shared/data/chest_xray"))
-    / "train"
-)
-"""Training X-rays, the default images of the parity check (never the test split, which is for reporting only)."""
-
-PARITY_IMAGES = 64
-"""How many images, spread evenly over the folder, the parity check of an added explainer runs on."""
-
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
 class ExplainerParityError(RuntimeError):
@@ -184,57 +161,6 @@ def max_logit_difference(explainer_path: Path, served_model: Path, bias: float, 
     return float(np.max(np.concatenate(differences)))
 
 
-def load_images(folder: Path, size: int, limit: int = PARITY_IMAGES) -> np.ndarray:
-    """Up to ``limit`` images spread evenly over ``folder``, preprocessed as the scorer does, as a
-    ``(n, size, size, 1)`` uint8 array."""
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise ValueError(f"no {', '.join(IMAGE_SUFFIXES)} images under {folder}")
-    chosen = paths[:: max(1, len(paths) // limit)][:limit]
-    return np.stack([preprocess(path.read_bytes(), size=size).pixels for path in chosen])
-
-
-def add_explainer(keras_path: Path, artifact_dir: Path, data: Path = DEFAULT_DATA) -> dict[str, Any] | None:
-    """Add ``explain.tflite`` and the card's ``explainer`` section to an artifact exported without them.
-
-    Every other field of the card is kept as it was, in its order. The images only serve the numerical parity
-    check, so any X-rays but the test split's will do; training X-rays are used by default."""
-    spec = verify_artifact(artifact_dir)
-    classifier = keras.saving.load_model(keras_path, compile=False)
-    if classifier.input_shape[1] != spec.input_size:
-        raise ValueError(f"{keras_path} reads {classifier.input_shape[1]} px, the artifact {spec.input_size} px")
-    images = load_images(data, spec.input_size)
-    section = export_explainer(classifier, artifact_dir, served_model=artifact_dir / MODEL_FILE, images=images)
-    if section is None:
-        return None
-    card = read_card(artifact_dir)
-    card["explainer"] = section
-    write_card(artifact_dir, card)
-    verify_artifact(artifact_dir)
-    return section
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m training.explain --keras MODEL.keras --artifact DIR [--data DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m training.explain", description=add_explainer.__doc__)
-    parser.add_argument("--keras", type=Path, required=True, help="the artifact's Keras model (model.keras)")
-    parser.add_argument("--artifact", type=Path, required=True, help="folder with model.tflite and model_card.json")
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=DEFAULT_DATA,
-        help="folder of X-rays for the parity check (default: the training split of $PNEUMOSCAN_DATA)",
-    )
-    arguments = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    section = add_explainer(arguments.keras, arguments.artifact, arguments.data)
-    if section is None:
-        logger.error("%s has no class activation map; the artifact is unchanged", arguments.keras)
-        return 1
-    print(json.dumps(section, indent=2))
-    return 0
-
-
 def _linear_head(model: keras.Model) -> tuple[LinearHead | None, str]:
     """The model's head if it is global average pooling -> (dropout) -> dense(1) linear, else the reason not."""
     outputs = getattr(model, "outputs", None)
@@ -279,7 +205,3 @@ def _producer(model: keras.Model, tensor: Any) -> Any:
         if output is tensor:
             return layer
     return None
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

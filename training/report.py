@@ -1,7 +1,9 @@
-"""PNG plots for the artifact's ``report/``: learning curves, ROC, confusion matrix, reliability diagram."""
+"""The artifact's ``report/``: learning curves, ROC, confusion matrix and reliability diagram as PNG, and the
+training history as JSON. This module owns every file of the report."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +16,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from training.data import CLASS_NAMES
+from training.evaluate import ArtifactScores
 
 
 def plot_learning_curves(histories: list[dict[str, list[float]]], path: Path) -> None:
@@ -69,3 +72,31 @@ def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def write_report(
+    report_dir: Path,
+    histories: list[dict[str, list[float]]],
+    scores: dict[str, ArtifactScores],
+    threshold: float,
+) -> None:
+    """Every plot of the report folder: learning curves, and the test split's plots beside validation."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plot_learning_curves(histories, report_dir / "learning_curves.png")
+    split = "test" if "test" in scores else "validation"
+    reference = scores["validation"] if split == "test" else None
+    write_split_plots(report_dir, split, scores[split], threshold, reference=reference)
+    (report_dir / "history.json").write_text(json.dumps(histories, indent=1))
+
+
+def write_split_plots(
+    report_dir: Path, split: str, scores: ArtifactScores, threshold: float, reference: ArtifactScores | None = None
+) -> None:
+    """ROC, confusion matrix and reliability diagram of one split (beside a reference split, if given)."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plot_roc(scores.labels, scores.probabilities, split, report_dir / f"roc_{split}.png")
+    plot_confusion_matrix(scores.labels, scores.probabilities, threshold, report_dir / f"confusion_matrix_{split}.png")
+    curves = {split: (scores.labels, scores.probabilities)}
+    if reference is not None:
+        curves = {"validation": (reference.labels, reference.probabilities), **curves}
+    plot_reliability(curves, report_dir / "reliability.png")

@@ -9,7 +9,6 @@ decoded up front, so a bad file fails early, and scored once, at the end, for th
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -24,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from core.model_card import MODEL_FILE, read_card, write_card
+from core.model_card import MODEL_FILE, ServingSpec, verify_artifact, write_card
 from scoring.classifier import Classifier
 from training.calibration import TARGET_SENSITIVITY, choose_threshold, fit_temperature, sigmoid
 from training.config import TrainingConfig
@@ -42,12 +41,12 @@ from training.data import (
 )
 from training.distill import ServingChoice, choose_served, soft_targets
 from training.efficientnet_lite import imagenet_weights_provenance
-from training.evaluate import ArtifactScores, score_image_set, write_split_plots
+from training.evaluate import ArtifactScores, score_image_set
 from training.explain import export_explainer
 from training.export import ExportResult, export
 from training.metrics import evaluate, family_breakdown
 from training.models import build_classifier, build_ensemble, build_training_model, is_backbone_layer
-from training.report import plot_learning_curves
+from training.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +146,13 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
         artifacts.append((other, output_dir / "alternatives" / other.role))
     evaluations = {model.role: write_artifact(model, folder, context) for model, folder in artifacts}
     elapsed = round(time.monotonic() - started, 1)
+    cards = {}
     for model, folder in artifacts:
         explainer = evaluations[model.role].explainer
-        write_card(folder, build_card(model, context, evaluations, training_seconds=elapsed, explainer=explainer))
-    return read_card(output_dir)
+        cards[model.role] = build_card(model, context, evaluations, training_seconds=elapsed, explainer=explainer)
+        write_card(folder, cards[model.role])
+        verify_artifact(folder)  # The files on disk are the ones the card describes.
+    return cards[served.role]
 
 
 def decode_splits(files: SplitFiles, size: int) -> DecodedSplits:
@@ -393,10 +395,10 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
         model.classifier, folder, served_model=folder / MODEL_FILE, images=model.splits.validation.images
     )
     model.classifier.save(folder / KERAS_FILE)
-    # The served classifier reads its temperature and threshold from the card, so a first card (without
-    # metrics) is written before the artifact is scored; build_card adds the metrics at the end.
-    write_card(folder, build_card(model, context, explainer=explainer))
-    served = Classifier.from_directory(folder)
+    # The served classifier: the model file just written, with the temperature and threshold its card will hold.
+    # The card itself is written once, with the metrics, when every artifact of the run has been measured.
+    spec = ServingSpec.from_card(build_card(model, context, explainer=explainer))
+    served = Classifier(folder / MODEL_FILE, spec)
     scores: dict[str, ArtifactScores] = {}
     metrics: dict[str, dict[str, Any]] = {}
     by_family: dict[str, dict[str, dict[str, float]]] = {}
@@ -495,21 +497,6 @@ def build_card(
 def _headline(metrics: dict[str, Any]) -> dict[str, float]:
     names = ("accuracy", "auc", "sensitivity", "specificity", "expected_calibration_error")
     return {name: round(float(metrics[name]["value"]), 4) for name in names}
-
-
-def write_report(
-    report_dir: Path,
-    histories: list[dict[str, list[float]]],
-    scores: dict[str, ArtifactScores],
-    threshold: float,
-) -> None:
-    """Every plot of the report folder: learning curves, and the test split's plots beside validation."""
-    report_dir.mkdir(parents=True, exist_ok=True)
-    plot_learning_curves(histories, report_dir / "learning_curves.png")
-    split = "test" if "test" in scores else "validation"
-    reference = scores["validation"] if split == "test" else None
-    write_split_plots(report_dir, split, scores[split], threshold, reference=reference)
-    (report_dir / "history.json").write_text(json.dumps(histories, indent=1))
 
 
 def git_commit() -> str:
