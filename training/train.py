@@ -117,7 +117,7 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
     teacher = train_teacher(teacher_splits, config)
     student = None
     if config.student_architecture is not None:
-        student = train_student(teacher, decoded[config.student_image_size], config)
+        student = train_student(teacher, config.student_architecture, decoded[config.student_image_size], config)
     choice = choose_served(
         config.serve,
         teacher_milliseconds=teacher.exported.chosen.milliseconds_per_image,
@@ -125,8 +125,8 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
         has_student=student is not None,
     )
     logger.info("serving the %s: %s", choice.served, choice.reason)
-    served, other = (teacher, student) if choice.served == "teacher" else (student, teacher)
-    assert served is not None  # choose_served names the student only when there is one.
+    trained = {"teacher": teacher, **({"student": student} if student is not None else {})}
+    served = trained[choice.served]  # choose_served names the student only when there is one.
 
     version = f"{served.architecture}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     context = CardContext(
@@ -142,8 +142,7 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
     # From here on the exported artifacts themselves are measured, never the Keras models. The test split is
     # scored here, once, for the report.
     artifacts = [(served, output_dir)]
-    if other is not None:
-        artifacts.append((other, output_dir / "alternatives" / other.role))
+    artifacts += [(model, output_dir / "alternatives" / role) for role, model in trained.items() if model is not served]
     evaluations = {model.role: write_artifact(model, folder, context) for model, folder in artifacts}
     elapsed = round(time.monotonic() - started, 1)
     cards = {}
@@ -193,9 +192,11 @@ def train_teacher(splits: DecodedSplits, config: TrainingConfig) -> TrainedModel
     return calibrate_and_export("teacher", config.architecture, teacher, splits, histories=histories, config=config)
 
 
-def train_student(teacher: TrainedModel, splits: DecodedSplits, config: TrainingConfig) -> TrainedModel:
-    """Distil the teacher into the student: targets from the teacher's calibrated logits on the fit images."""
-    assert config.student_architecture is not None
+def train_student(
+    teacher: TrainedModel, architecture: str, splits: DecodedSplits, config: TrainingConfig
+) -> TrainedModel:
+    """Distil the teacher into a student of ``architecture``: targets from the teacher's calibrated logits on the
+    fit images."""
     teacher_logits = predict_logits(teacher.classifier, teacher.splits.fit.images)
     targets = soft_targets(
         splits.fit.labels,
@@ -204,9 +205,9 @@ def train_student(teacher: TrainedModel, splits: DecodedSplits, config: Training
         weight=config.distillation_weight,
         temperature=config.distillation_temperature,
     )
-    logger.info("training the %s student on the teacher's soft targets", config.student_architecture)
+    logger.info("training the %s student on the teacher's soft targets", architecture)
     keras.utils.set_random_seed(config.seed)
-    classifier = build_classifier(config.student_architecture, config.student_image_size, config.dropout)
+    classifier = build_classifier(architecture, config.student_image_size, config.dropout)
     history = fit(
         classifier,
         splits.fit.images,
@@ -217,9 +218,7 @@ def train_student(teacher: TrainedModel, splits: DecodedSplits, config: Training
         epochs=config.student_epochs,
         seed_offset=0,
     )
-    return calibrate_and_export(
-        "student", config.student_architecture, classifier, splits, histories=[history], config=config
-    )
+    return calibrate_and_export("student", architecture, classifier, splits, histories=[history], config=config)
 
 
 def calibrate_and_export(
@@ -251,7 +250,7 @@ def calibrate_and_export(
 
 def predict_logits(classifier: keras.Model, images: np.ndarray) -> np.ndarray:
     """The classifier's logits of a batch of images, flattened."""
-    return np.asarray(classifier.predict(images, batch_size=64, verbose=0)).reshape(-1)
+    return predict_features(classifier, images).reshape(-1)
 
 
 def warm_up_head(classifier: keras.Model, splits: DecodedSplits, config: TrainingConfig) -> dict[str, list[float]]:
