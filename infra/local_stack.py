@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -564,6 +565,9 @@ class LocalStack:
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
         os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
         os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "pneumoscan")
+        # An invocation that records no metric (a batch of backfill requests for images already scored, or metrics
+        # disabled on a quiet stack) is normal here; Powertools warns about each one.
+        warnings.filterwarnings("ignore", message="No application metrics to publish", category=UserWarning)
         template = load_template()
         clients: dict[str, Any] = {
             name: boto3.client(name, region_name=self._region, endpoint_url=endpoint_url)

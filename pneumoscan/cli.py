@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pneumoscan.native_output import filtered_stderr
+
 if TYPE_CHECKING:
     from pneumoscan.stack import StackTarget
 
@@ -32,10 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    try:
-        exit_code: int = arguments.run(arguments)
-    except KeyboardInterrupt:
-        return 130
+    # Run as the program, the command owns its standard error and drops native libraries' noise from it; called
+    # from Python (tests), it leaves the caller's file descriptors alone.
+    with filtered_stderr() if argv is None else contextlib.nullcontext():
+        try:
+            exit_code: int = arguments.run(arguments)
+        except KeyboardInterrupt:
+            return 130
     return exit_code
 
 
