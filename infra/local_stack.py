@@ -32,7 +32,7 @@ from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
 from core.model_card import read_card
-from core.model_registry import ModelRegistry
+from core.model_registry import ModelRegistry, NoCurrentModelError
 from core.results import plain_item
 from infra.resources import create_data_plane
 from infra.template import load_template, parameter_defaults
@@ -477,6 +477,14 @@ class QuietFunctions:
             os.environ["POWERTOOLS_METRICS_DISABLED"] = self._metrics_disabled
 
 
+def _is_s3_test_event(body: str) -> bool:
+    """S3's message on a new notification configuration: no upload, and scored by nothing."""
+    try:
+        return bool(json.loads(body).get("Event") == "s3:TestEvent")
+    except (ValueError, AttributeError):  # Not JSON, or not an object: a message of some other kind.
+        return False
+
+
 class LocalStack:
     """A moto server with the template's resources and the scoring handler attached to the queue."""
 
@@ -489,9 +497,13 @@ class LocalStack:
         parameters: dict[str, Any] | None = None,
         faults: FaultPlan | None = None,
         quiet: bool = False,
+        on_waiting_without_model: Callable[[int], None] | None = None,
     ) -> None:
-        """``quiet`` keeps the handler's per-image logs and metrics off the terminal (demo and soak)."""
+        """``quiet`` keeps the handler's per-image logs and metrics off the terminal (demo and soak).
+        ``on_waiting_without_model`` is told, once per delivered batch, how many messages arrived while no model
+        is promoted (they fail and wait for a retry, then the dead-letter queue)."""
         self._quiet = quiet
+        self._on_waiting_without_model = on_waiting_without_model
         self._quieted: QuietFunctions | None = None
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # One line per request would bury everything else.
@@ -625,6 +637,8 @@ class LocalStack:
         self.fault_clients.extend([s3, dynamodb])
         handler.pipeline.set(handler.build_pipeline(settings, s3, dynamodb))
         invoke = self._invoke(handler)
+        if self._on_waiting_without_model is not None:
+            invoke = self._watch_for_missing_model(invoke, ModelRegistry(clients["s3"], self.outputs.model_bucket))
         if self.faults.crash_on_invocation is not None:
             invoke = CrashingHandler(invoke, self.faults.crash_on_invocation)
         return SqsEventSourceEmulator(
@@ -637,6 +651,23 @@ class LocalStack:
             rng=rng,
             region=self._region,
         )
+
+    def _watch_for_missing_model(self, invoke: Handler, registry: ModelRegistry) -> Handler:
+        """The handler, first telling ``on_waiting_without_model`` about a batch that arrives with no model
+        promoted."""
+        notify = self._on_waiting_without_model
+        assert notify is not None
+
+        def run(event: dict[str, Any], context: Any) -> Any:
+            waiting = sum(not _is_s3_test_event(record["body"]) for record in event["Records"])
+            if waiting:
+                try:
+                    registry.current()
+                except NoCurrentModelError:
+                    notify(waiting)
+            return invoke(event, context)
+
+        return run
 
     def _attach_publisher(
         self, template: dict[str, Any], clients: dict[str, Any], rng: random.Random

@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--retry-delay", type=int, help="seconds before a failed message is retried (default: the visibility timeout)"
     )
+    served = up.add_mutually_exclusive_group()
+    served.add_argument(
+        "--model", type=Path, default=RELEASE_MODEL, help="artifact folder to serve (default: the release model)"
+    )
+    served.add_argument("--no-model", action="store_true", help="start with an empty model registry")
     up.set_defaults(run=_local_up)
     return parser
 
@@ -445,13 +450,36 @@ def _soak(arguments: argparse.Namespace) -> int:
 
 
 def _local_up(arguments: argparse.Namespace) -> int:
+    from core.model_card import ModelArtifactError, read_card
     from infra.local_stack import LocalStack
 
-    with LocalStack(port=arguments.port, retry_delay_seconds=arguments.retry_delay) as stack:
+    outputs_file: Path = arguments.outputs
+    model: Path = arguments.model
+    try:
+        version = read_card(model)["version"]
+    except (ModelArtifactError, KeyError):  # Only the hint below needs it; a bad folder fails in serve().
+        version = "VERSION"
+
+    def waiting_without_model(count: int) -> None:
+        print(
+            f"{count} upload(s) waiting: no model is promoted, so they fail and are retried, then dead-lettered. "
+            f"Serve one: pneumoscan publish --outputs {outputs_file} --model {model} && "
+            f"pneumoscan promote --outputs {outputs_file} --version {version}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    with LocalStack(
+        port=arguments.port, retry_delay_seconds=arguments.retry_delay, on_waiting_without_model=waiting_without_model
+    ) as stack:
         assert stack.outputs is not None
-        arguments.outputs.write_text(stack.outputs.to_json() + "\n")
+        outputs_file.write_text(stack.outputs.to_json() + "\n")
         print(stack.outputs.to_json())
-        print(f"outputs written to {arguments.outputs}; scoring uploads until interrupted (Ctrl-C)", flush=True)
+        if arguments.no_model:
+            print("no model promoted (--no-model): uploads wait until one is published and promoted")
+        else:
+            print(f"serving model {stack.serve(model)} from {model}")
+        print(f"outputs written to {outputs_file}; scoring uploads until interrupted (Ctrl-C)", flush=True)
         threading.Event().wait()
     return 0
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,14 +113,14 @@ def test_readme_local_stack_recipe_works_line_by_line_with_no_aws_configuration(
             completed = shell(line)
             assert completed.returncode == 0, (line, completed.stderr)
             assert "Traceback" not in completed.stderr
-            if line.startswith("pneumoscan "):
-                assert completed.stderr.count("dummy AWS credentials") == 1, completed.stderr
         deadline = time.monotonic() + 60
         while (completed := shell(results)).returncode != 0:
             assert "Traceback" not in completed.stderr
             assert time.monotonic() < deadline, f"no result within 60 s: {completed.stdout} {completed.stderr}"
             time.sleep(0.5)
         assert "SCORED" in completed.stdout
+        assert completed.stderr.count("dummy AWS credentials") == 1, completed.stderr
+        assert len(completed.stderr.splitlines()) == 1
     finally:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=30)
@@ -157,3 +158,49 @@ def test_a_local_target_signs_with_dummy_credentials_and_says_so_once(
     assert all(client._request_signer._credentials.access_key == "local" for client in clients)
     assert {client.meta.region_name for client in clients} == {"us-east-1"}
     assert capsys.readouterr().err.count("dummy AWS credentials") == 1
+
+
+@pytest.mark.slow
+def test_local_up_without_a_model_says_so_for_every_poll_that_finds_uploads(tmp_path: Path) -> None:
+    """`local up --no-model`: an upload is not left waiting silently; stderr gets one line for the batch, naming the
+    publish and promote commands that fix it. By default `local up` serves the release model."""
+    outputs_file = tmp_path / "stack.json"
+    process = subprocess.Popen(  # The interpreter running the tests, on arguments built here.
+        [sys.executable, "-m", "pneumoscan.cli", "local", "up", "--port", "0", "--outputs", str(outputs_file),
+         "--no-model"],
+        cwd=REPOSITORY_ROOT,
+        env=fresh_environment(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not outputs_file.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no outputs file within 60 s"
+            time.sleep(0.2)
+        target = StackTarget.resolve(stack_name=None, outputs_file=outputs_file, endpoint_url=None)
+        assert target.outputs is not None
+        s3, sqs = target.client("s3"), target.client("sqs")
+        for name in ("a.jpeg", "b.jpeg"):
+            body = (SAMPLES / "NORMAL" / "IM-0001-0001.jpeg").read_bytes()
+            s3.put_object(Bucket=target.outputs.input_bucket, Key=f"incoming/{name}", Body=body)
+            deadline = time.monotonic() + 30
+            while _in_flight(sqs, target.outputs.queue_url) < 1 + (name == "b.jpeg"):
+                assert time.monotonic() < deadline, "the upload was not delivered within 30 s"
+                time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    notices = [line for line in stderr.splitlines() if "no model is promoted" in line]
+    assert len(notices) == 2, stderr
+    assert all(line.startswith("1 upload(s) waiting") for line in notices)
+    assert all(f"pneumoscan publish --outputs {outputs_file}" in line for line in notices)
+    assert all(f"pneumoscan promote --outputs {outputs_file} --version " in line for line in notices)
+    assert "no model promoted (--no-model)" in stdout
+
+
+def _in_flight(sqs: Any, queue_url: str) -> int:
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"])
+    return int(attributes["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
