@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pneumoscan.errors import ExitCode, MissingPathError, UsageError, describe
 from pneumoscan.native_output import filtered_stderr
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run one subcommand; returns the process exit code."""
     parser = build_parser()
     arguments = parser.parse_args(argv)
+    debug = arguments.debug or os.environ.get("PNEUMOSCAN_DEBUG") == "1"
+    command = arguments.run.__name__.lstrip("_").replace("_", " ")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
     # Run as the program, the command owns its standard error and drops native libraries' noise from it; called
@@ -40,7 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             exit_code: int = arguments.run(arguments)
         except KeyboardInterrupt:
-            return 130
+            return ExitCode.INTERRUPTED
+        except (Exception, UsageError) as error:  # Reported in one line when the user can fix it, else re-raised.
+            failure = None if debug else describe(error, command)
+            if failure is None:
+                raise
+            print(failure.line, file=sys.stderr)
+            return failure.exit_code
     return exit_code
 
 
@@ -126,7 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     served.add_argument("--no-model", action="store_true", help="start with an empty model registry")
     up.set_defaults(run=_local_up)
+    _add_debug_flag(parser)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--debug`` on the command and on every subcommand, wherever the user types it."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="show the traceback of a failure instead of one line (also PNEUMOSCAN_DEBUG=1)",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in {id(sub): sub for sub in action.choices.values()}.values():
+                _add_debug_flag(subparser, top=False)
 
 
 def _add_operations_commands(commands: Any) -> None:
@@ -188,7 +212,7 @@ def _model_bucket(target: StackTarget, arguments: argparse.Namespace) -> str:
     stack = target.outputs
     bucket: str | None = stack.model_bucket if stack is not None else arguments.bucket
     if not bucket:
-        raise SystemExit("name the model bucket with --bucket, --stack-name or --outputs")
+        raise UsageError("name the model bucket with --bucket, --stack-name or --outputs")
     return bucket
 
 
@@ -198,6 +222,11 @@ def _default_test_split() -> Path:
 
 
 def _train(arguments: argparse.Namespace) -> int:
+    data = arguments.data
+    if data and not data.startswith("s3://") and not Path(data).is_dir():  # Before TensorFlow takes seconds to load.
+        raise MissingPathError(
+            f"no data set at {data}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder with train/ and test/"
+        )
     from training.job import run_job
 
     overrides = {
@@ -351,16 +380,16 @@ def _timestamp(text: str) -> datetime:
 
 
 def _results(arguments: argparse.Namespace) -> int:
-    from core.results import InvalidPageTokenError, ResultsTable, TransientResultsError, latest_of
+    from core.results import InvalidPageTokenError, ResultsTable, latest_of
     from pneumoscan.output import print_history, print_page
 
     if (arguments.image_key is None) == (arguments.since is None):
-        raise SystemExit("give either KEY (one image) or --since (results scored since a time)")
+        raise UsageError("give either KEY (one image) or --since (results scored since a time)")
     target = _target(arguments)
     stack = target.outputs
     table_name = stack.results_table if stack is not None else arguments.table
     if not table_name:
-        raise SystemExit("name the results table with --table, --stack-name or --outputs")
+        raise UsageError("name the results table with --table, --stack-name or --outputs")
     table = ResultsTable(target.client("dynamodb"), table_name)
     if arguments.since is not None:
         try:
@@ -371,19 +400,16 @@ def _results(arguments: argparse.Namespace) -> int:
                 limit=arguments.limit,
                 page_token=arguments.page_token,
             )
-        except (InvalidPageTokenError, TransientResultsError) as error:
-            raise SystemExit(str(error)) from error
+        except InvalidPageTokenError as error:
+            raise UsageError(str(error)) from error
         print_page(page, arguments.format)
         return 0
     image_key = arguments.image_key
     if not image_key.startswith("s3://"):
         if stack is None:
-            raise SystemExit("give the full s3://bucket/key, or --stack-name / --outputs to name the input bucket")
+            raise UsageError("give the full s3://bucket/key, or --stack-name / --outputs to name the input bucket")
         image_key = f"s3://{stack.input_bucket}/{image_key}"
-    try:
-        history = table.history(image_key)
-    except TransientResultsError as error:
-        raise SystemExit(str(error)) from error
+    history = table.history(image_key)  # A TransientResultsError is reported by main, by its AWS cause.
     if not history:
         print(json.dumps({"image_key": image_key, "error": "no result yet"}))
         return 1
@@ -394,22 +420,19 @@ def _results(arguments: argparse.Namespace) -> int:
 def _backfill(arguments: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from core.model_registry import ModelRegistry, RegistryError
+    from core.model_registry import ModelRegistry
     from pneumoscan.backfill import Backfill, BackfillError, BackfillPlan, default_state_path
 
     target = _target(arguments)
     stack = target.outputs
     if stack is None:
-        raise SystemExit("name the stack with --stack-name or --outputs")
+        raise UsageError("name the stack with --stack-name or --outputs")
     prefix = arguments.prefix if arguments.prefix is not None else stack.input_prefix
     if not prefix.startswith(stack.input_prefix):
-        raise SystemExit(f"the function scores only keys under {stack.input_prefix!r}; {prefix!r} is outside it")
-    try:
-        promoted = ModelRegistry(target.client("s3"), stack.model_bucket).current().version
-    except RegistryError as error:
-        raise SystemExit(f"cannot read the promoted model: {error}") from error
+        raise UsageError(f"the function scores only keys under {stack.input_prefix!r}; {prefix!r} is outside it")
+    promoted = ModelRegistry(target.client("s3"), stack.model_bucket).current().version  # Errors: see main.
     if arguments.model_version and arguments.model_version != promoted:
-        raise SystemExit(
+        raise UsageError(
             f"{arguments.model_version} is not the promoted model ({promoted}): the function scores with the "
             f"promoted model, so promote it first (pneumoscan promote --version {arguments.model_version})"
         )
