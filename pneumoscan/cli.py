@@ -187,6 +187,13 @@ def _add_operations_commands(commands: Any) -> None:
     backfill.add_argument("--state", type=Path, help="resume file (default: .pneumoscan-backfill/<plan>.json)")
     backfill.set_defaults(run=_backfill)
 
+    redrive = commands.add_parser(
+        "redrive", help="move the dead-letter queue's messages back to the scoring queue, once the cause is fixed"
+    )
+    _add_stack_arguments(redrive, bucket=False)
+    redrive.add_argument("--dry-run", action="store_true", help="only count the dead-lettered messages")
+    redrive.set_defaults(run=_redrive)
+
 
 def _add_stack_arguments(parser: argparse.ArgumentParser, bucket: bool = True) -> None:
     """Where the stack is: a deployed stack's name, a local stack's outputs file, or explicit names."""
@@ -453,6 +460,18 @@ def _backfill(arguments: argparse.Namespace) -> int:
         print(f"backfill stopped: {error}; run the same command again to resume", file=sys.stderr)
         return 1
     print(json.dumps({"enqueued": state.enqueued, "model_version": promoted, "state": str(state_path)}))
+    return 0
+
+
+def _redrive(arguments: argparse.Namespace) -> int:
+    from pneumoscan.redrive import redrive
+
+    target = _target(arguments)
+    stack = target.outputs
+    if stack is None:
+        raise UsageError("name the stack with --stack-name or --outputs")
+    report = redrive(target.client("sqs"), stack.dlq_url, stack.queue_url, dry_run=arguments.dry_run)
+    print(json.dumps({"dead_letters": report.waiting, "moved": report.moved, "dry_run": report.dry_run}))
     return 0
 
 

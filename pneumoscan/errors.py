@@ -81,6 +81,7 @@ PROJECT_FIXES = {
     "NoCurrentModelError": "publish and promote a model: pneumoscan publish ..., then pneumoscan promote --version V",
     "RegistryError": "check the model bucket's name and that it holds models published with pneumoscan publish",
     "ConfigurationError": "set the variable it names",
+    "RedriveError": "run pneumoscan redrive again; the messages not moved are still on the dead-letter queue",
 }
 
 
