@@ -356,8 +356,8 @@ def _promote(arguments: argparse.Namespace) -> int:
     try:
         pointer = registry.promote(arguments.version, force=arguments.force)
     except PromotionRefusedError as refusal:
-        print(f"promotion refused: {refusal}", file=sys.stderr)
-        return 3
+        print(f"pneumoscan promote: refused: {refusal}", file=sys.stderr)
+        return ExitCode.PROMOTION_REFUSED
     print(json.dumps({"current": pointer.version, "test_auc": pointer.test_auc}))
     return 0
 

@@ -86,7 +86,8 @@ def test_demo_prints_no_warning_and_no_info_line(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("aws") is None, reason="the README's recipe uploads with the AWS CLI")
 def test_readme_local_stack_recipe_works_line_by_line_with_no_aws_configuration(tmp_path: Path) -> None:
     """Each line of the README's local-stack recipe, run as written in a shell with no AWS variables and an empty
-    HOME, succeeds without a traceback, the CLI says once that it uses dummy credentials, and the film is scored."""
+    HOME, succeeds without a traceback, the CLI says once that it uses dummy credentials, and the film is scored;
+    `local up` prints no warning and no ``INFO:`` line while it scores."""
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
@@ -123,8 +124,10 @@ def test_readme_local_stack_recipe_works_line_by_line_with_no_aws_configuration(
         assert len(completed.stderr.splitlines()) == 1
     finally:
         server.send_signal(signal.SIGINT)
-        server.communicate(timeout=30)
+        _, server_errors = server.communicate(timeout=30)
     assert server.returncode in {0, 130}
+    noise = [line for line in server_errors.decode().splitlines() if "Warning" in line or line.startswith("INFO:")]
+    assert noise == []
 
 
 @pytest.mark.parametrize(
