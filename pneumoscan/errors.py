@@ -119,12 +119,13 @@ def describe(error: BaseException, command: str) -> Failure | None:
 
 
 def _chain(error: BaseException) -> list[BaseException]:
-    """The error and what caused it, outermost first."""
+    """The error and what it was raised from (``raise ... from``), outermost first. An error merely raised while
+    handling another (``__context__``) is not caused by it: a bug in an ``except`` block stays a bug."""
     chain: list[BaseException] = []
     current: BaseException | None = error
     while current is not None and current not in chain:
         chain.append(current)
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
     return chain
 
 

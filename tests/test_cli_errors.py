@@ -95,3 +95,10 @@ def test_a_bug_is_not_disguised() -> None:
     """An error the user cannot fix (a bug) is not turned into a line: main re-raises it with its traceback."""
     assert describe(ZeroDivisionError("division by zero"), "score") is None
     assert describe(KeyError("label"), "score") is None
+    labels: dict[str, str] = {}
+    with pytest.raises(KeyError) as raised:
+        try:
+            raise _client_error("AccessDenied")
+        except ClientError:
+            labels["label"]  # A bug while handling an AWS error.
+    assert describe(raised.value, "score") is None
