@@ -9,17 +9,21 @@ export PNEUMOSCAN_DATA
 
 .PHONY: demo test lint format bench soak release-model clean
 
+# setuptools warns on every editable install that a folder named like a package may take precedence over it (the
+# layout is deliberate: functions/ holds the Lambda packages); a newcomer should not learn to ignore warnings.
+EDITABLE_PIP := PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip
+
 $(BIN)/python:
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Scoring needs no TensorFlow: the demo installs only the scoring code and the local stack.
 $(VENV)/.scoring: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[scoring,local]'
+	$(EDITABLE_PIP) install --quiet -e '.[scoring,local]'
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[scoring,local,training,dev]'
+	$(EDITABLE_PIP) install --quiet -e '.[scoring,local,training,dev]'
 	touch $@ $(VENV)/.scoring
 
 $(INFRA_VENV)/.installed: infra/requirements-tools.txt

@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
 from core.model_card import read_card
-from core.model_registry import ModelRegistry
+from core.model_registry import ModelRegistry, NoCurrentModelError
 from core.results import plain_item
 from infra.resources import create_data_plane
 from infra.template import load_template, parameter_defaults
@@ -476,6 +477,14 @@ class QuietFunctions:
             os.environ["POWERTOOLS_METRICS_DISABLED"] = self._metrics_disabled
 
 
+def _is_s3_test_event(body: str) -> bool:
+    """S3's message on a new notification configuration: no upload, and scored by nothing."""
+    try:
+        return bool(json.loads(body).get("Event") == "s3:TestEvent")
+    except (ValueError, AttributeError):  # Not JSON, or not an object: a message of some other kind.
+        return False
+
+
 class LocalStack:
     """A moto server with the template's resources and the scoring handler attached to the queue."""
 
@@ -488,9 +497,13 @@ class LocalStack:
         parameters: dict[str, Any] | None = None,
         faults: FaultPlan | None = None,
         quiet: bool = False,
+        on_waiting_without_model: Callable[[int], None] | None = None,
     ) -> None:
-        """``quiet`` keeps the handler's per-image logs and metrics off the terminal (demo and soak)."""
+        """``quiet`` keeps the handler's per-image logs and metrics off the terminal (demo and soak).
+        ``on_waiting_without_model`` is told, once per delivered batch, how many messages arrived while no model
+        is promoted (they fail and wait for a retry, then the dead-letter queue)."""
         self._quiet = quiet
+        self._on_waiting_without_model = on_waiting_without_model
         self._quieted: QuietFunctions | None = None
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # One line per request would bury everything else.
@@ -564,6 +577,9 @@ class LocalStack:
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
         os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
         os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "pneumoscan")
+        # An invocation that records no metric (a batch of backfill requests for images already scored, or metrics
+        # disabled on a quiet stack) is normal here; Powertools warns about each one.
+        warnings.filterwarnings("ignore", message="No application metrics to publish", category=UserWarning)
         template = load_template()
         clients: dict[str, Any] = {
             name: boto3.client(name, region_name=self._region, endpoint_url=endpoint_url)
@@ -621,6 +637,8 @@ class LocalStack:
         self.fault_clients.extend([s3, dynamodb])
         handler.pipeline.set(handler.build_pipeline(settings, s3, dynamodb))
         invoke = self._invoke(handler)
+        if self._on_waiting_without_model is not None:
+            invoke = self._watch_for_missing_model(invoke, ModelRegistry(clients["s3"], self.outputs.model_bucket))
         if self.faults.crash_on_invocation is not None:
             invoke = CrashingHandler(invoke, self.faults.crash_on_invocation)
         return SqsEventSourceEmulator(
@@ -633,6 +651,23 @@ class LocalStack:
             rng=rng,
             region=self._region,
         )
+
+    def _watch_for_missing_model(self, invoke: Handler, registry: ModelRegistry) -> Handler:
+        """The handler, first telling ``on_waiting_without_model`` about a batch that arrives with no model
+        promoted."""
+        notify = self._on_waiting_without_model
+        assert notify is not None
+
+        def run(event: dict[str, Any], context: Any) -> Any:
+            waiting = sum(not _is_s3_test_event(record["body"]) for record in event["Records"])
+            if waiting:
+                try:
+                    registry.current()
+                except NoCurrentModelError:
+                    notify(waiting)
+            return invoke(event, context)
+
+        return run
 
     def _attach_publisher(
         self, template: dict[str, Any], clients: dict[str, Any], rng: random.Random

@@ -18,6 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pneumoscan.errors import ExitCode, MissingPathError, UsageError, describe
+from pneumoscan.native_output import filtered_stderr
+
 if TYPE_CHECKING:
     from pneumoscan.stack import StackTarget
 
@@ -30,12 +33,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run one subcommand; returns the process exit code."""
     parser = build_parser()
     arguments = parser.parse_args(argv)
+    debug = arguments.debug or os.environ.get("PNEUMOSCAN_DEBUG") == "1"
+    command = arguments.run.__name__.lstrip("_").replace("_", " ")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    try:
-        exit_code: int = arguments.run(arguments)
-    except KeyboardInterrupt:
-        return 130
+    # Run as the program, the command owns its standard error and drops native libraries' noise from it; called
+    # from Python (tests), it leaves the caller's file descriptors alone.
+    with filtered_stderr() if argv is None else contextlib.nullcontext():
+        try:
+            exit_code: int = arguments.run(arguments)
+        except KeyboardInterrupt:
+            return ExitCode.INTERRUPTED
+        except (Exception, UsageError) as error:  # Reported in one line when the user can fix it, else re-raised.
+            failure = None if debug else describe(error, command)
+            if failure is None:
+                raise
+            print(failure.line, file=sys.stderr)
+            return failure.exit_code
     return exit_code
 
 
@@ -115,8 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--retry-delay", type=int, help="seconds before a failed message is retried (default: the visibility timeout)"
     )
+    served = up.add_mutually_exclusive_group()
+    served.add_argument(
+        "--model", type=Path, default=RELEASE_MODEL, help="artifact folder to serve (default: the release model)"
+    )
+    served.add_argument("--no-model", action="store_true", help="start with an empty model registry")
     up.set_defaults(run=_local_up)
+    _add_debug_flag(parser)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--debug`` on the command and on every subcommand, wherever the user types it."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="show the traceback of a failure instead of one line (also PNEUMOSCAN_DEBUG=1)",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in {id(sub): sub for sub in action.choices.values()}.values():
+                _add_debug_flag(subparser, top=False)
 
 
 def _add_operations_commands(commands: Any) -> None:
@@ -153,6 +187,13 @@ def _add_operations_commands(commands: Any) -> None:
     backfill.add_argument("--state", type=Path, help="resume file (default: .pneumoscan-backfill/<plan>.json)")
     backfill.set_defaults(run=_backfill)
 
+    redrive = commands.add_parser(
+        "redrive", help="move the dead-letter queue's messages back to the scoring queue, once the cause is fixed"
+    )
+    _add_stack_arguments(redrive, bucket=False)
+    redrive.add_argument("--dry-run", action="store_true", help="only count the dead-lettered messages")
+    redrive.set_defaults(run=_redrive)
+
 
 def _add_stack_arguments(parser: argparse.ArgumentParser, bucket: bool = True) -> None:
     """Where the stack is: a deployed stack's name, a local stack's outputs file, or explicit names."""
@@ -178,7 +219,7 @@ def _model_bucket(target: StackTarget, arguments: argparse.Namespace) -> str:
     stack = target.outputs
     bucket: str | None = stack.model_bucket if stack is not None else arguments.bucket
     if not bucket:
-        raise SystemExit("name the model bucket with --bucket, --stack-name or --outputs")
+        raise UsageError("name the model bucket with --bucket, --stack-name or --outputs")
     return bucket
 
 
@@ -188,6 +229,11 @@ def _default_test_split() -> Path:
 
 
 def _train(arguments: argparse.Namespace) -> int:
+    data = arguments.data
+    if data and not data.startswith("s3://") and not Path(data).is_dir():  # Before TensorFlow takes seconds to load.
+        raise MissingPathError(
+            f"no data set at {data}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder with train/ and test/"
+        )
     from training.job import run_job
 
     overrides = {
@@ -310,8 +356,8 @@ def _promote(arguments: argparse.Namespace) -> int:
     try:
         pointer = registry.promote(arguments.version, force=arguments.force)
     except PromotionRefusedError as refusal:
-        print(f"promotion refused: {refusal}", file=sys.stderr)
-        return 3
+        print(f"pneumoscan promote: refused: {refusal}", file=sys.stderr)
+        return ExitCode.PROMOTION_REFUSED
     print(json.dumps({"current": pointer.version, "test_auc": pointer.test_auc}))
     return 0
 
@@ -341,16 +387,16 @@ def _timestamp(text: str) -> datetime:
 
 
 def _results(arguments: argparse.Namespace) -> int:
-    from core.results import InvalidPageTokenError, ResultsTable, TransientResultsError, latest_of
+    from core.results import InvalidPageTokenError, ResultsTable, latest_of
     from pneumoscan.output import print_history, print_page
 
     if (arguments.image_key is None) == (arguments.since is None):
-        raise SystemExit("give either KEY (one image) or --since (results scored since a time)")
+        raise UsageError("give either KEY (one image) or --since (results scored since a time)")
     target = _target(arguments)
     stack = target.outputs
     table_name = stack.results_table if stack is not None else arguments.table
     if not table_name:
-        raise SystemExit("name the results table with --table, --stack-name or --outputs")
+        raise UsageError("name the results table with --table, --stack-name or --outputs")
     table = ResultsTable(target.client("dynamodb"), table_name)
     if arguments.since is not None:
         try:
@@ -361,19 +407,16 @@ def _results(arguments: argparse.Namespace) -> int:
                 limit=arguments.limit,
                 page_token=arguments.page_token,
             )
-        except (InvalidPageTokenError, TransientResultsError) as error:
-            raise SystemExit(str(error)) from error
+        except InvalidPageTokenError as error:
+            raise UsageError(str(error)) from error
         print_page(page, arguments.format)
         return 0
     image_key = arguments.image_key
     if not image_key.startswith("s3://"):
         if stack is None:
-            raise SystemExit("give the full s3://bucket/key, or --stack-name / --outputs to name the input bucket")
+            raise UsageError("give the full s3://bucket/key, or --stack-name / --outputs to name the input bucket")
         image_key = f"s3://{stack.input_bucket}/{image_key}"
-    try:
-        history = table.history(image_key)
-    except TransientResultsError as error:
-        raise SystemExit(str(error)) from error
+    history = table.history(image_key)  # A TransientResultsError is reported by main, by its AWS cause.
     if not history:
         print(json.dumps({"image_key": image_key, "error": "no result yet"}))
         return 1
@@ -384,22 +427,19 @@ def _results(arguments: argparse.Namespace) -> int:
 def _backfill(arguments: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from core.model_registry import ModelRegistry, RegistryError
+    from core.model_registry import ModelRegistry
     from pneumoscan.backfill import Backfill, BackfillError, BackfillPlan, default_state_path
 
     target = _target(arguments)
     stack = target.outputs
     if stack is None:
-        raise SystemExit("name the stack with --stack-name or --outputs")
+        raise UsageError("name the stack with --stack-name or --outputs")
     prefix = arguments.prefix if arguments.prefix is not None else stack.input_prefix
     if not prefix.startswith(stack.input_prefix):
-        raise SystemExit(f"the function scores only keys under {stack.input_prefix!r}; {prefix!r} is outside it")
-    try:
-        promoted = ModelRegistry(target.client("s3"), stack.model_bucket).current().version
-    except RegistryError as error:
-        raise SystemExit(f"cannot read the promoted model: {error}") from error
+        raise UsageError(f"the function scores only keys under {stack.input_prefix!r}; {prefix!r} is outside it")
+    promoted = ModelRegistry(target.client("s3"), stack.model_bucket).current().version  # Errors: see main.
     if arguments.model_version and arguments.model_version != promoted:
-        raise SystemExit(
+        raise UsageError(
             f"{arguments.model_version} is not the promoted model ({promoted}): the function scores with the "
             f"promoted model, so promote it first (pneumoscan promote --version {arguments.model_version})"
         )
@@ -423,6 +463,18 @@ def _backfill(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _redrive(arguments: argparse.Namespace) -> int:
+    from pneumoscan.redrive import redrive
+
+    target = _target(arguments)
+    stack = target.outputs
+    if stack is None:
+        raise UsageError("name the stack with --stack-name or --outputs")
+    report = redrive(target.client("sqs"), stack.dlq_url, stack.queue_url, dry_run=arguments.dry_run)
+    print(json.dumps({"dead_letters": report.waiting, "moved": report.moved, "dry_run": report.dry_run}))
+    return 0
+
+
 def _demo(arguments: argparse.Namespace) -> int:
     from infra.demo import run_demo
 
@@ -440,13 +492,36 @@ def _soak(arguments: argparse.Namespace) -> int:
 
 
 def _local_up(arguments: argparse.Namespace) -> int:
+    from core.model_card import ModelArtifactError, read_card
     from infra.local_stack import LocalStack
 
-    with LocalStack(port=arguments.port, retry_delay_seconds=arguments.retry_delay) as stack:
+    outputs_file: Path = arguments.outputs
+    model: Path = arguments.model
+    try:
+        version = read_card(model)["version"]
+    except (ModelArtifactError, KeyError):  # Only the hint below needs it; a bad folder fails in serve().
+        version = "VERSION"
+
+    def waiting_without_model(count: int) -> None:
+        print(
+            f"{count} upload(s) waiting: no model is promoted, so they fail and are retried, then dead-lettered. "
+            f"Serve one: pneumoscan publish --outputs {outputs_file} --model {model} && "
+            f"pneumoscan promote --outputs {outputs_file} --version {version}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    with LocalStack(
+        port=arguments.port, retry_delay_seconds=arguments.retry_delay, on_waiting_without_model=waiting_without_model
+    ) as stack:
         assert stack.outputs is not None
-        arguments.outputs.write_text(stack.outputs.to_json() + "\n")
+        outputs_file.write_text(stack.outputs.to_json() + "\n")
         print(stack.outputs.to_json())
-        print(f"outputs written to {arguments.outputs}; scoring uploads until interrupted (Ctrl-C)", flush=True)
+        if arguments.no_model:
+            print("no model promoted (--no-model): uploads wait until one is published and promoted")
+        else:
+            print(f"serving model {stack.serve(model)} from {model}")
+        print(f"outputs written to {outputs_file}; scoring uploads until interrupted (Ctrl-C)", flush=True)
         threading.Event().wait()
     return 0
 

@@ -3,10 +3,13 @@ outputs file ``pneumoscan local up`` writes, or explicit names on an endpoint.""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 
@@ -71,26 +74,63 @@ def outputs_of_deployed_stack(cloudformation: Any, stack_name: str, endpoint_url
     )
 
 
+LOCAL_CREDENTIALS = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+"""What clients of a local stack sign with: moto accepts any credentials, and real ones never leave the machine."""
+LOCAL_REGION = "us-east-1"
+_noticed: set[str] = set()
+
+
+def is_loopback(endpoint_url: str | None) -> bool:
+    """Whether the endpoint is on this machine (a local moto server), e.g. http://127.0.0.1:5000."""
+    host = urlsplit(endpoint_url).hostname if endpoint_url else None
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # A DNS name other than localhost: not known to be local.
+        return False
+
+
 @dataclass(frozen=True)
 class StackTarget:
     """The stack a command works on (its outputs; None when only explicit names were given) and the endpoint and
-    region its clients use: an outputs file names both, a command-line endpoint wins over the file's."""
+    region its clients use: an outputs file names both, a command-line endpoint wins over the file's. A local
+    target (an outputs file, or a loopback endpoint) needs no AWS configuration: its clients sign with dummy
+    credentials."""
 
     outputs: StackOutputs | None
     endpoint_url: str | None
     region: str | None
+    local: bool = False
 
     @classmethod
     def resolve(cls, *, stack_name: str | None, outputs_file: Path | None, endpoint_url: str | None) -> StackTarget:
         """From ``--outputs FILE``, else ``--stack-name``, else neither (explicit names)."""
         if outputs_file is not None:
             outputs = StackOutputs(**json.loads(outputs_file.read_text()))
-            return cls(outputs, endpoint_url or outputs.endpoint_url, outputs.region)
+            return cls(outputs, endpoint_url or outputs.endpoint_url, outputs.region, local=True)
+        local = is_loopback(endpoint_url)
         if stack_name:
-            cloudformation = boto3.client("cloudformation", endpoint_url=endpoint_url)
-            return cls(outputs_of_deployed_stack(cloudformation, stack_name, endpoint_url), endpoint_url, None)
-        return cls(None, endpoint_url, None)
+            cloudformation = cls(None, endpoint_url, None, local).client("cloudformation")
+            return cls(outputs_of_deployed_stack(cloudformation, stack_name, endpoint_url), endpoint_url, None, local)
+        return cls(None, endpoint_url, None, local)
 
     def client(self, service: str) -> Any:
-        """A boto3 client of the target's endpoint and region."""
-        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region)  # type: ignore[call-overload]  # The service name is a plain str here.
+        """A boto3 client of the target's endpoint and region; a local target's signs with dummy credentials."""
+        if not self.local:
+            return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region)  # type: ignore[call-overload]  # The service name is a plain str here.
+        region = self.region or LOCAL_REGION
+        _notice_once(
+            f"pneumoscan: local stack at {self.endpoint_url}: using dummy AWS credentials and region {region} "
+            "(no AWS configuration needed)"
+        )
+        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=region, **LOCAL_CREDENTIALS)  # type: ignore[call-overload]  # The service name is a plain str here.
+
+
+def _notice_once(line: str) -> None:
+    """Print ``line`` on standard error the first time it comes up in this process."""
+    if line not in _noticed:
+        _noticed.add(line)
+        print(line, file=sys.stderr)

@@ -16,6 +16,7 @@ import pytest
 from core.model_card import read_card
 from infra.local_stack import LocalStack
 from pneumoscan.cli import main
+from pneumoscan.errors import ExitCode
 from tests.conftest import RELEASE_MODEL, REPOSITORY_ROOT, copy_artifact
 
 RESULT_EVENT_SCHEMA = json.loads((REPOSITORY_ROOT / "schemas" / "result-event.schema.json").read_text())
@@ -185,7 +186,8 @@ def test_backfill_refuses_a_model_that_is_not_promoted(
 ) -> None:
     """The function scores with the promoted model, so a backfill asking for another one stops before sending."""
     _, outputs = running
-    with pytest.raises(SystemExit, match="not the promoted model"):
-        main(["backfill", "--outputs", str(outputs), "--model-version", "some-other-model"])
-    with pytest.raises(SystemExit, match="outside"):
-        main(["backfill", "--outputs", str(outputs), "--prefix", "elsewhere/"])
+    capsys.readouterr()
+    assert main(["backfill", "--outputs", str(outputs), "--model-version", "some-other-model"]) == ExitCode.USAGE
+    assert "not the promoted model" in capsys.readouterr().err
+    assert main(["backfill", "--outputs", str(outputs), "--prefix", "elsewhere/"]) == ExitCode.USAGE
+    assert "outside" in capsys.readouterr().err
