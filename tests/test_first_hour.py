@@ -22,12 +22,18 @@ from tests.conftest import REPOSITORY_ROOT, SAMPLES
 LITERT_NOISE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
 
 
+INFRA_BIN = REPOSITORY_ROOT / ".venv-infra" / "bin"
+"""Where `make test` installs SAM CLI, cfn-lint, checkov and the AWS CLI."""
+
+
 def fresh_environment(home: Path) -> dict[str, str]:
     """This process's environment as a machine with no AWS configuration has it: no AWS_* variable, an empty HOME."""
     environment = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
     environment["HOME"] = str(home)
-    # The README's commands as a user's shell finds them: this environment's `pneumoscan` first.
-    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
+    # The README's commands as a user's shell finds them: this environment's `pneumoscan` first, then the AWS CLI
+    # that `make test` installs with the infrastructure tools.
+    search_path = [str(Path(sys.executable).parent), str(INFRA_BIN), environment.get("PATH", "")]
+    environment["PATH"] = os.pathsep.join(search_path)
     return environment
 
 
@@ -83,7 +89,10 @@ def test_demo_prints_no_warning_and_no_info_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("aws") is None, reason="the README's recipe uploads with the AWS CLI")
+@pytest.mark.skipif(
+    shutil.which("aws", path=f"{INFRA_BIN}{os.pathsep}{os.environ.get('PATH', '')}") is None,
+    reason="the README's recipe uploads with the AWS CLI, which `make test` installs in .venv-infra",
+)
 def test_readme_local_stack_recipe_works_line_by_line_with_no_aws_configuration(tmp_path: Path) -> None:
     """Each line of the README's local-stack recipe, run as written in a shell with no AWS variables and an empty
     HOME, succeeds without a traceback, the CLI says once that it uses dummy credentials, and the film is scored;
