@@ -27,10 +27,11 @@ from core.events import BackfillRequest
 from core.model_card import read_card
 from core.model_registry import ModelRegistry
 from core.results import NEVER_NOTIFIED, ResultsTable
-from infra.corpus import hostile_files, valid_variants
+from infra.corpus import PATIENT_MARKERS, hostile_files, patient_data_files, valid_variants
 from infra.local_stack import FaultInjectingClient, LocalContext, drain, scan_results
 from infra.resources import create_data_plane
 from pneumoscan.stack import StackOutputs
+from publisher.handler import result_detail
 from scoring import handler
 from scoring.settings import Settings
 from tests.conftest import RELEASE_MODEL, SAMPLES
@@ -336,6 +337,44 @@ def test_logs_carry_no_image_content(stack: Stack, sample_paths: list[Path], cap
         assert base64.b64encode(payload[:48]).decode().lower() not in text
         assert payload[:8].hex() not in text
     assert "patient notes" not in text
+
+
+def test_patient_data_in_files_never_leaves_them(
+    stack: Stack,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """A patient name and record number planted in every DICOM text element (malformed or not) and in corrupt
+    files appear in no table item, result event, log line, metric, warning or output stream."""
+    planted = patient_data_files(Image.open(FILM).convert("L"))
+    for name, body in planted.items():
+        stack.upload(f"incoming/planted/{name}", body)
+    caplog.set_level(logging.INFO)  # Every logger at the function's level (boto's DEBUG lines show the uploads).
+    for name in ("pneumoscan-scoring", "pydicom", "PIL"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    records = stack.receive()
+    capsys.readouterr()  # Building the files made pydicom warn: only what the function writes counts.
+    caplog.clear()
+    recwarn.clear()
+    assert invoke(records) == {"batchItemFailures": []}
+    items = stack.results()
+    assert {item["image_key"].rsplit("/", 1)[-1] for item in items} == set(planted)
+    assert next(item for item in items if item["image_key"].endswith("/identified.dcm"))["status"] == "SCORED"
+    formatter = handler.logger.registered_formatter
+    streams = capsys.readouterr()
+    written = [
+        *(json.dumps(item, default=str) for item in items),
+        *(json.dumps(result_detail(item)) for item in items),
+        *(formatter.format(record) for record in caplog.records),
+        *(str(warning.message) for warning in recwarn),
+        streams.out,
+        streams.err,
+    ]
+    text = "\n".join(written).lower()
+    for marker in PATIENT_MARKERS:
+        assert marker.lower() not in text, marker
+    assert "0012345" not in text
 
 
 def test_metrics_are_emitted_by_model_version(

@@ -32,6 +32,8 @@ class InvalidImageError(ValueError):
     """A permanent fault in an input file: it is rejected with a specific reason, never retried."""
 
     def __init__(self, reason: RejectionReason, detail: str) -> None:
+        """``detail`` is a fixed text chosen by the code (it lands in the table, the logs and the result event):
+        never a value read from the file, nor an exception message that may quote one."""
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -29,6 +29,8 @@ from scoring.heatmaps import HeatmapOutcome, HeatmapStage
 from scoring.image_store import ImageStore, ObjectGoneError, ObjectReplacedError
 from scoring.model_provider import ModelProvider
 
+OBJECT_GONE_DETAIL = "the notified object version no longer exists"
+
 
 class ModelVersionMismatchError(RuntimeError):
     """A backfill asks for a model other than the one served; retried once the function has refreshed."""
@@ -156,8 +158,8 @@ class ScoringPipeline:
         except InvalidImageError as rejection:
             plan.results.append(self._rejection(ref, rejection.reason, rejection.detail, started))
             return None
-        except ObjectGoneError as gone:
-            plan.results.append(self._rejection(ref, RejectionReason.OBJECT_GONE, str(gone), started))
+        except ObjectGoneError:
+            plan.results.append(self._rejection(ref, RejectionReason.OBJECT_GONE, OBJECT_GONE_DETAIL, started))
             return None
         except ObjectReplacedError as replaced:
             self._observer.skipped(ref.image_key, ref.sequencer, str(replaced))
