@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from core.preprocessing import INPUT_SIZE, ImageFormat, detect_format, preprocess
 from core.rejections import MAX_PIXELS, InvalidImageError, RejectionReason
 from infra.corpus import dicom_bytes
-from tests.conftest import noise_image
+from tests.conftest import REPOSITORY_ROOT, noise_image
 
 Encoder = Callable[..., bytes]
 
@@ -138,6 +139,28 @@ def test_decompression_bomb_is_an_error() -> None:
     assert len(buffer.getvalue()) < 2_000_000
     with pytest.raises(InvalidImageError) as raised:
         preprocess(buffer.getvalue())
+    assert raised.value.reason is RejectionReason.DECOMPRESSION_BOMB
+
+
+def test_pixel_limit_is_the_one_the_readme_states(sample_xray: Image.Image, encode: Encoder) -> None:
+    """The README's pixel limit is the code's: the largest detector it names (a 16-bit PNG and DICOM) and an image
+    of exactly the limit are scored, one row more is a decompression bomb."""
+    readme = (REPOSITORY_ROOT / "README.md").read_text()
+    stated = re.search(
+        r"accepted up to (\d+) megapixels \(([\d,]+) x ([\d,]+)\s+pixels\), room for the largest "
+        r"flat-panel detectors \(about ([\d,]+) x ([\d,]+) at 16 bits\)",
+        readme,
+    )
+    assert stated is not None, "the README states no pixel limit"
+    megapixels, width, height, detector_width, detector_height = (int(g.replace(",", "")) for g in stated.groups())
+    assert megapixels * 1_000_000 == width * height == MAX_PIXELS
+    detector = sample_xray.resize((detector_width, detector_height))
+    sixteen_bit = Image.fromarray(np.asarray(detector, dtype=np.uint16) * 257)
+    assert preprocess(encode(sixteen_bit, "PNG")).original_width == detector_width
+    assert preprocess(dicom_bytes(detector, bits=16)).original_height == detector_height
+    assert preprocess(encode(Image.new("L", (width, height), 128), "PNG")).original_width == width
+    with pytest.raises(InvalidImageError) as raised:
+        preprocess(encode(Image.new("L", (width, height + 1), 128), "PNG"))
     assert raised.value.reason is RejectionReason.DECOMPRESSION_BOMB
 
 
