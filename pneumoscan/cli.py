@@ -293,11 +293,15 @@ def _local_model(model: str, arguments: argparse.Namespace) -> Path:
 
 
 def _publish(arguments: argparse.Namespace) -> int:
-    from core.model_registry import ModelRegistry
+    from core.model_registry import ModelRegistry, VersionExistsError
 
     target = _target(arguments)
     bucket = _model_bucket(target, arguments)
-    prefix = ModelRegistry(target.client("s3"), bucket).publish(arguments.model)
+    try:
+        prefix = ModelRegistry(target.client("s3"), bucket).publish(arguments.model)
+    except VersionExistsError as refusal:
+        print(f"publish refused: {refusal}", file=sys.stderr)
+        return 3
     print(json.dumps({"published": f"s3://{bucket}/{prefix}"}))
     return 0
 

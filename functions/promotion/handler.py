@@ -19,7 +19,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from core.model_card import ModelArtifactError, verify_artifact
-from core.model_registry import ModelRegistry, PromotionRefusedError
+from core.model_registry import ModelRegistry, PromotionRefusedError, VersionExistsError
 from core.provider import Provider
 from core.s3 import S3Location
 
@@ -51,7 +51,10 @@ def publish_and_promote(
         tar.extractall(artifact, filter="data")
     spec = verify_artifact(artifact)
     registry = ModelRegistry(s3_client, model_bucket)
-    registry.publish(artifact)
+    try:
+        registry.publish(artifact)
+    except VersionExistsError as refusal:
+        return GateDecision(False, spec.version, spec.test_auc, str(refusal))
     if spec.test_auc is None or spec.test_auc < minimum_test_auc:
         reason = f"test AUC {spec.test_auc} is below the minimum {minimum_test_auc}"
         return GateDecision(False, spec.version, spec.test_auc, reason)
