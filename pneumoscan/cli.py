@@ -314,7 +314,7 @@ def _promote(arguments: argparse.Namespace) -> int:
     try:
         pointer = registry.promote(arguments.version, force=arguments.force)
     except PromotionRefusedError as refusal:
-        print(f"promotion refused: {refusal}", file=sys.stderr)
+        print(f"promotion refused: {refusal}; use --force to promote anyway", file=sys.stderr)
         return 3
     print(json.dumps({"current": pointer.version, "test_auc": pointer.test_auc}))
     return 0

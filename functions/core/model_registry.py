@@ -29,6 +29,7 @@ from core.model_card import (
     read_card,
     verify_artifact,
 )
+from core.promotion_gate import GateFloor, gate_refusal
 from core.s3 import error_code
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class PointerMismatchError(ModelArtifactError):
 
 
 class PromotionRefusedError(RuntimeError):
-    """The candidate's test AUC is below the current model's and ``force`` was not given."""
+    """The candidate does not pass the promotion gate (``core.promotion_gate``) and ``force`` was not given."""
 
 
 @dataclass(frozen=True)
@@ -132,22 +133,18 @@ class ModelRegistry:
         except (TypeError, ValueError, AttributeError) as error:
             raise RegistryError(f"s3://{self.bucket}/{POINTER_KEY} is malformed: {error}") from error
 
-    def promote(self, version: str, force: bool = False) -> ModelPointer:
-        """Point ``models/current.json`` at a published version, unless its test AUC is below the current one's."""
+    def promote(self, version: str, force: bool = False, floor: GateFloor | None = None) -> ModelPointer:
+        """Point ``models/current.json`` at a published version if it passes the gate against the current model:
+        the ``floor``, then the same evaluation data and a test AUC not below the current one's."""
         prefix = f"{MODELS_PREFIX}{version}/"
         spec = ServingSpec.from_card(self._read_json(prefix + CARD_FILE))
         try:
-            current: ModelPointer | None = self.current()
+            current_spec: ServingSpec | None = ServingSpec.from_card(self._read_json(self.current().prefix + CARD_FILE))
         except NoCurrentModelError:
-            current = None
-        worse = spec.test_auc is None or (
-            current is not None and current.test_auc is not None and spec.test_auc < current.test_auc
-        )
-        if current is not None and worse and not force:
-            raise PromotionRefusedError(
-                f"{version} has test AUC {spec.test_auc}, below current {current.version} "
-                f"({current.test_auc}); use --force to promote anyway"
-            )
+            current_spec = None
+        refusal = gate_refusal(spec, current_spec, floor or GateFloor())
+        if refusal is not None and not force:
+            raise PromotionRefusedError(refusal)
         pointer = ModelPointer(
             version=version,
             prefix=prefix,
