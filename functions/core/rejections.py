@@ -27,7 +27,9 @@ class RejectionReason(StrEnum):
     TOO_SMALL = "IMAGE_TOO_SMALL"
     DECOMPRESSION_BOMB = "DECOMPRESSION_BOMB"
     OBJECT_GONE = "OBJECT_NOT_FOUND"
-    """The notified object version was deleted before it could be read."""
+    """The notified object version (or its whole bucket) was deleted before it could be read."""
+    OBJECT_ARCHIVED = "OBJECT_ARCHIVED"
+    """The object is in an archive storage class or tier: it cannot be read until it is restored."""
 
 
 class InvalidImageError(ValueError):
