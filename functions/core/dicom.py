@@ -1,4 +1,7 @@
-"""DICOM decoding with pydicom: uncompressed and baseline-JPEG transfer syntaxes, to 8-bit grayscale.
+"""DICOM decoding with pydicom, to 8-bit grayscale: uncompressed, RLE and JPEG 2000 natively (JPEG 2000 through
+Pillow), and with pylibjpeg-libjpeg the JPEG syntaxes of clinical archives: baseline, Extended (12-bit), Lossless
+(process 14, SV1 included) and JPEG-LS. A syntax no installed decoder handles is ``UNSUPPORTED_FORMAT`` naming it,
+never a corrupt file. Files without the 128-byte preamble (starting ``DICM``) are read too.
 
 A DICOM file carries patient data in its elements (names, IDs, dates). Nothing read from the file reaches an
 error, a warning or a log line: every rejection has a fixed text chosen here, and pydicom's own warnings and log
@@ -17,8 +20,9 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import UID, AllTransferSyntaxes
 
 from core.rejections import MAX_PIXELS, InvalidImageError, RejectionReason
 
@@ -26,6 +30,7 @@ UNREADABLE_HEADER = "the DICOM header could not be read"
 UNREADABLE_PIXELS = "the DICOM pixel data could not be decoded"
 TOO_MANY_PIXELS = f"the DICOM image has more than {MAX_PIXELS:,} pixels"
 UNKNOWN_SYNTAX = "the DICOM transfer syntax is not a recognised one"
+PREAMBLE_BYTES = 128
 
 
 def decode_dicom(data: bytes) -> Image.Image:
@@ -65,6 +70,8 @@ def _silenced_pydicom() -> Iterator[None]:
 
 def _read_header(data: bytes) -> Dataset:
     # `from None` throughout: the chained exception's message quotes element values.
+    if data.startswith(b"DICM"):
+        data = bytes(PREAMBLE_BYTES) + data  # The preamble is optional in practice; pydicom expects one.
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
         rows, columns = int(dataset.Rows), int(dataset.Columns)
@@ -78,17 +85,30 @@ def _read_header(data: bytes) -> Dataset:
 
 
 def _read_pixels(dataset: Dataset) -> np.ndarray:
-    try:
-        pixels: np.ndarray = dataset.pixel_array
-    except NotImplementedError:
+    if not _decodable(dataset):
         name = transfer_syntax_name(dataset)
         detail = f"DICOM transfer syntax {name} cannot be decoded" if name else UNKNOWN_SYNTAX
-        raise InvalidImageError(RejectionReason.UNSUPPORTED_FORMAT, detail) from None
+        raise InvalidImageError(RejectionReason.UNSUPPORTED_FORMAT, detail)
+    try:
+        pixels: np.ndarray = dataset.pixel_array
     except MemoryError:
         raise
     except Exception:  # noqa: BLE001  # pydicom raises many types for missing or truncated pixel data.
         raise InvalidImageError(RejectionReason.CORRUPT, UNREADABLE_PIXELS) from None
     return pixels
+
+
+def _decodable(dataset: Dataset) -> bool:
+    """Whether an installed decoder handles the file's transfer syntax (pydicom raises RuntimeError, like a
+    corrupt file, when the decoder's plugins are missing; that is checked here first). A file without a transfer
+    syntax is left to pydicom."""
+    uid = dataset.get("file_meta", Dataset()).get("TransferSyntaxUID")
+    if uid is None:
+        return True
+    try:
+        return bool(get_decoder(UID(str(uid))).is_available)
+    except NotImplementedError:
+        return False
 
 
 def _to_grayscale(dataset: Dataset, pixels: np.ndarray) -> Image.Image:

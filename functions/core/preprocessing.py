@@ -49,8 +49,8 @@ def detect_format(data: bytes) -> ImageFormat:
         return ImageFormat.JPEG
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return ImageFormat.PNG
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return ImageFormat.DICOM
+    if (len(data) >= 132 and data[128:132] == b"DICM") or data.startswith(b"DICM"):
+        return ImageFormat.DICOM  # With or without the 128-byte preamble.
     # The message never quotes the bytes: they may be the start of a patient document.
     raise InvalidImageError(RejectionReason.UNSUPPORTED_FORMAT, "not a JPEG, PNG or DICOM file signature")
 
