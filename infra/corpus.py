@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
@@ -67,6 +70,83 @@ def dicom_bytes(image: Image.Image, *, jpeg: bool = False, bits: int = 16, monoc
         dataset.PixelData = (gray.astype(np.uint16) * 16).tobytes()
     output = io.BytesIO()
     dataset.save_as(output, enforce_file_format=True)
+    return output.getvalue()
+
+
+PATIENT_MARKERS = ("MRN-0012345", "Quarrington", "Zelphine")
+"""Patient-like strings planted in files; none may ever appear in a result, a log line or an event."""
+PLANTED = b"Quarrington^Zelphine MRN-0012345"
+"""What is planted: a patient name and a record number (an even number of bytes, as DICOM values are)."""
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+_TEXT_ELEMENTS = {
+    "SpecificCharacterSet": "ISO_IR 100",
+    "PatientName": "Doe^Jane",
+    "PatientID": "ID",
+    "PatientBirthDate": "19700101",
+    "PatientSex": "F",
+    "PatientAge": "005Y",
+    "PatientComments": "comment",
+    "AccessionNumber": "A1",
+    "StudyID": "S1",
+    "StudyDate": "20240101",
+    "StudyTime": "120000",
+    "StudyDescription": "chest",
+    "SeriesDescription": "PA",
+    "ImageComments": "comment",
+    "InstitutionName": "hospital",
+    "InstitutionAddress": "street",
+    "ReferringPhysicianName": "Roe^John",
+    "OperatorsName": "Poe^Jim",
+    "StationName": "station",
+    "Manufacturer": "maker",
+    "BodyPartExamined": "CHEST",
+    "PixelSpacing": [0.1, 0.1],
+    "NumberOfFrames": "1",
+    "WindowCenter": "128",
+    "WindowWidth": "256",
+    "RescaleIntercept": "0",
+    "RescaleSlope": "1",
+}
+
+
+def patient_data_files(film: Image.Image) -> dict[str, bytes]:
+    """Files holding patient-like text (``PLANTED``) where a malicious or careless sender could put it: an
+    identified DICOM with a patient name and record number in every free-text element; one DICOM per text
+    element (file meta included) with ``PLANTED`` as that element's raw, possibly malformed, value; and corrupt
+    JPEG, PNG and DICOM files that carry it."""
+    small = film.resize((256, 256))
+    dataset = dcmread(io.BytesIO(dicom_bytes(small)))
+    for keyword, value in _TEXT_ELEMENTS.items():
+        setattr(dataset, keyword, value)
+    files: dict[str, bytes] = {}
+    for element in [*dataset.file_meta, *dataset]:
+        if element.VR in _TEXT_VRS:
+            planted = dcmread(io.BytesIO(_saved(dataset)))
+            group = planted.file_meta if element.tag.group == 2 else planted
+            group[element.tag] = RawDataElement(element.tag, element.VR, len(PLANTED), PLANTED, 0, False, True)
+            files[f"planted-{element.keyword}.dcm"] = _saved(planted)
+    identified = dcmread(io.BytesIO(_saved(dataset)))
+    for element in identified:
+        if element.VR in {"PN", "LO", "SH", "LT", "ST", "UT", "UC"}:
+            element.value = PLANTED.decode()[:16] if element.VR in {"SH"} else PLANTED.decode()
+    files["identified.dcm"] = _saved(identified)
+    files["identified-truncated.dcm"] = files["identified.dcm"][: len(files["identified.dcm"]) * 2 // 3]
+    comment = b"\xff\xfe" + (len(PLANTED) + 2).to_bytes(2, "big") + PLANTED
+    jpeg = encode(small, "JPEG")
+    files["commented-truncated.jpeg"] = (jpeg[:2] + comment + jpeg[2:])[: len(jpeg) // 2]
+    text = PngInfo()
+    text.add_text("Patient", PLANTED.decode())
+    png = encode(small, "PNG", pnginfo=text)
+    files["text-chunk-truncated.png"] = png[: len(png) // 2]
+    files["record.txt.jpeg"] = PLANTED * 10
+    return files
+
+
+def _saved(dataset: Dataset) -> bytes:
+    output = io.BytesIO()
+    dataset.save_as(output)
     return output.getvalue()
 
 

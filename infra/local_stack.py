@@ -621,6 +621,8 @@ class LocalStack:
         assert self.outputs is not None
         settings = Settings(
             results_table=self.outputs.results_table,
+            input_bucket=self.outputs.input_bucket,
+            input_prefix=self.outputs.input_prefix,
             model_bucket=self.outputs.model_bucket,
             model_path=None,
             model_refresh_seconds=5.0,

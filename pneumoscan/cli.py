@@ -339,11 +339,15 @@ def _local_model(model: str, arguments: argparse.Namespace) -> Path:
 
 
 def _publish(arguments: argparse.Namespace) -> int:
-    from core.model_registry import ModelRegistry
+    from core.model_registry import ModelRegistry, VersionExistsError
 
     target = _target(arguments)
     bucket = _model_bucket(target, arguments)
-    prefix = ModelRegistry(target.client("s3"), bucket).publish(arguments.model)
+    try:
+        prefix = ModelRegistry(target.client("s3"), bucket).publish(arguments.model)
+    except VersionExistsError as refusal:
+        print(f"pneumoscan publish: refused: {refusal}; publish under a new version", file=sys.stderr)
+        return ExitCode.PROMOTION_REFUSED
     print(json.dumps({"published": f"s3://{bucket}/{prefix}"}))
     return 0
 
@@ -356,7 +360,7 @@ def _promote(arguments: argparse.Namespace) -> int:
     try:
         pointer = registry.promote(arguments.version, force=arguments.force)
     except PromotionRefusedError as refusal:
-        print(f"pneumoscan promote: refused: {refusal}", file=sys.stderr)
+        print(f"pneumoscan promote: refused: {refusal}; use --force to promote anyway", file=sys.stderr)
         return ExitCode.PROMOTION_REFUSED
     print(json.dumps({"current": pointer.version, "test_auc": pointer.test_auc}))
     return 0

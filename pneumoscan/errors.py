@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     """A file could not be scored, an image has no result yet, a backfill stopped (the output says which)."""
     USAGE = 2
     PROMOTION_REFUSED = 3
+    """promote refused the candidate, or publish refused a version already published with other content."""
     MISSING_FILE = 4
     INVALID_INPUT = 5
     """The project's own checks refused a model artifact, a data set, a stack or a setting."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from core.events import BackfillRequest, MalformedMessageError, parse_message_body
+from core.events import BackfillRequest, MalformedMessageError, parse_message, parse_message_body
 from scoring.heatmaps import HeatmapStore
 
 EVENTS = Path(__file__).parent / "events"
@@ -67,6 +67,15 @@ def test_malformed_bodies_are_errors(body: str) -> None:
     """Bodies that are not S3 notifications raise, so their record is retried and then dead-lettered."""
     with pytest.raises(MalformedMessageError):
         parse_message_body(body)
+
+
+def test_a_malformed_record_among_readable_ones_costs_only_itself() -> None:
+    """The readable records of a message are parsed; the malformed one is listed with why, and nothing raises."""
+    body = notification(key="incoming/one.jpeg")
+    body["Records"] = [{"eventName": "ObjectCreated:Put"}, *body["Records"], "not a record"]
+    parsed = parse_message(json.dumps(body))
+    assert [ref.key for ref in parsed.refs] == ["incoming/one.jpeg"]
+    assert len(parsed.malformed) == 2
 
 
 def test_backfill_request_round_trips() -> None:

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from core.model_card import read_card, sha256_of
+from core.model_card import read_card, sha256_of, write_card
 from core.model_registry import (
     POINTER_KEY,
     ModelRegistry,
     NoCurrentModelError,
+    PointerMismatchError,
     PromotionRefusedError,
     RegistryError,
+    VersionExistsError,
 )
 from pneumoscan.cli import main
-from tests.conftest import MODEL_BUCKET, copy_artifact
+from tests.conftest import MODEL_BUCKET, RELEASE_MODEL, copy_artifact
 
 BUCKET = MODEL_BUCKET
 
@@ -78,3 +81,54 @@ def test_cli_publish_promote_and_score_from_s3(
     assert main(["score", "--model", f"s3://{BUCKET}", *map(str, sample_paths[:2])]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["model_version"] for line in lines] == [version, version]
+
+
+def retrained(artifact: Path, destination: Path) -> Path:
+    """A copy of ``artifact`` under the same version whose model file (and the card's sha256 of it) differ: what a
+    second training run published under a taken version would upload."""
+    copy = copy_artifact(artifact, destination, read_card(artifact)["version"])
+    with (copy / "model.tflite").open("ab") as model:
+        model.write(b"\0" * 16)
+    card = read_card(copy)
+    card["model_sha256"] = sha256_of(copy / "model.tflite")
+    write_card(copy, card)
+    return copy
+
+
+def test_publish_refuses_an_existing_version(s3: Any, tmp_path: Path) -> None:
+    """A second publish under a published version with other content is refused and changes no object; the same
+    files again (a retried publish) are accepted."""
+    registry = ModelRegistry(s3, BUCKET)
+    prefix = registry.publish(RELEASE_MODEL)
+    before = {item["Key"]: item["ETag"] for item in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    with pytest.raises(VersionExistsError):
+        registry.publish(retrained(RELEASE_MODEL, tmp_path / "rewrite"))
+    assert {item["Key"]: item["ETag"] for item in s3.list_objects_v2(Bucket=BUCKET)["Contents"]} == before
+    assert registry.publish(RELEASE_MODEL) == prefix
+    assert main(["publish", "--bucket", BUCKET, "--model", str(tmp_path / "rewrite")]) == 3
+
+
+def test_a_model_other_than_the_pointers_is_refused(s3: Any, tmp_path: Path) -> None:
+    """When a promoted version's files are replaced behind the registry (model and card agree with each other), the
+    download is refused because the model's sha256 is not the one in models/current.json."""
+    registry = ModelRegistry(s3, BUCKET)
+    version = read_card(RELEASE_MODEL)["version"]
+    registry.publish(RELEASE_MODEL)
+    pointer = registry.promote(version)
+    rewrite = retrained(RELEASE_MODEL, tmp_path / "rewrite")
+    for name in ("model.tflite", "model_card.json"):
+        s3.put_object(Bucket=BUCKET, Key=f"{pointer.prefix}{name}", Body=(rewrite / name).read_bytes())
+    with pytest.raises(PointerMismatchError):
+        registry.fetch(pointer, tmp_path / "cache")
+    with pytest.raises(PointerMismatchError):
+        registry.download_current(tmp_path / "cache")
+
+
+def test_pointer_with_an_unknown_field_is_read(s3: Any) -> None:
+    """A pointer written by a newer release, with a field this code does not know, still names the model."""
+    registry = ModelRegistry(s3, BUCKET)
+    version = read_card(RELEASE_MODEL)["version"]
+    registry.publish(RELEASE_MODEL)
+    document = asdict(registry.promote(version))
+    s3.put_object(Bucket=BUCKET, Key=POINTER_KEY, Body=json.dumps({**document, "promoted_by": "pipeline"}).encode())
+    assert registry.current().version == version

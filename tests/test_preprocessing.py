@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import HTJ2KLossless
 
-from core.preprocessing import INPUT_SIZE, ImageFormat, detect_format, preprocess
+from core.preprocessing import INPUT_SIZE, ImageFormat, decode, detect_format, preprocess
 from core.rejections import MAX_PIXELS, InvalidImageError, RejectionReason
 from infra.corpus import dicom_bytes
-from tests.conftest import noise_image
+from tests.conftest import REPOSITORY_ROOT, noise_image
 
 Encoder = Callable[..., bytes]
 
@@ -141,6 +147,28 @@ def test_decompression_bomb_is_an_error() -> None:
     assert raised.value.reason is RejectionReason.DECOMPRESSION_BOMB
 
 
+def test_pixel_limit_is_the_one_the_readme_states(sample_xray: Image.Image, encode: Encoder) -> None:
+    """The README's pixel limit is the code's: the largest detector it names (a 16-bit PNG and DICOM) and an image
+    of exactly the limit are scored, one row more is a decompression bomb."""
+    readme = (REPOSITORY_ROOT / "README.md").read_text()
+    stated = re.search(
+        r"accepted up to (\d+) megapixels \(([\d,]+) x ([\d,]+)\s+pixels\), room for the largest "
+        r"flat-panel detectors \(about ([\d,]+) x ([\d,]+) at 16 bits\)",
+        readme,
+    )
+    assert stated is not None, "the README states no pixel limit"
+    megapixels, width, height, detector_width, detector_height = (int(g.replace(",", "")) for g in stated.groups())
+    assert megapixels * 1_000_000 == width * height == MAX_PIXELS
+    detector = sample_xray.resize((detector_width, detector_height))
+    sixteen_bit = Image.fromarray(np.asarray(detector, dtype=np.uint16) * 257)
+    assert preprocess(encode(sixteen_bit, "PNG")).original_width == detector_width
+    assert preprocess(dicom_bytes(detector, bits=16)).original_height == detector_height
+    assert preprocess(encode(Image.new("L", (width, height), 128), "PNG")).original_width == width
+    with pytest.raises(InvalidImageError) as raised:
+        preprocess(encode(Image.new("L", (width, height + 1), 128), "PNG"))
+    assert raised.value.reason is RejectionReason.DECOMPRESSION_BOMB
+
+
 def test_format_comes_from_magic_bytes_not_name(sample_xray: Image.Image, encode: Encoder) -> None:
     """A PNG is recognised as PNG whatever it is called; the name never enters the decision."""
     assert detect_format(encode(sample_xray, "PNG")) is ImageFormat.PNG
@@ -158,6 +186,42 @@ def test_dicom_decodes_like_the_jpeg(sample_xray: Image.Image, encode: Encoder, 
     result = preprocess(dicom_bytes(sample_xray, **options))
     assert result.image_format is ImageFormat.DICOM
     assert np.corrcoef(result.pixels.ravel(), reference.ravel())[0, 1] > 0.98
+
+
+def _testdata(name: str) -> bytes:
+    """A DICOM file that ships inside pydicom (its test data), read without the network."""
+    return Path(get_testdata_file(name, download=False)).read_bytes()
+
+
+def test_clinical_jpeg_syntaxes_decode() -> None:
+    """JPEG-LS lossless gives exactly the pixels of the same image uncompressed, and 12-bit JPEG Extended decodes:
+    neither is read as corrupt."""
+    reference = np.asarray(decode(_testdata("MR_small.dcm")).grayscale)
+    jpeg_ls = decode(_testdata("MR_small_jpeg_ls_lossless.dcm"))
+    assert np.array_equal(np.asarray(jpeg_ls.grayscale), reference)
+    extended = decode(_testdata("JPGExtended.dcm"))
+    assert (extended.original_width, extended.original_height) == (256, 1024)
+    assert np.asarray(extended.grayscale).std() > 10
+
+
+def test_undecodable_transfer_syntax_is_unsupported_and_named(sample_xray: Image.Image) -> None:
+    """A transfer syntax no installed decoder handles (HTJ2K) is UNSUPPORTED_FORMAT naming it, never corrupt."""
+    dataset = dcmread(io.BytesIO(dicom_bytes(sample_xray.resize((128, 128)))))
+    dataset.file_meta.TransferSyntaxUID = HTJ2KLossless
+    dataset.PixelData = encapsulate([bytes(100)])
+    dataset["PixelData"].is_undefined_length = True
+    output = io.BytesIO()
+    dataset.save_as(output)
+    with pytest.raises(InvalidImageError) as raised:
+        preprocess(output.getvalue())
+    assert raised.value.reason is RejectionReason.UNSUPPORTED_FORMAT
+    assert "High-Throughput JPEG 2000" in raised.value.detail
+
+
+def test_dicom_without_preamble_is_read(sample_xray: Image.Image) -> None:
+    """A DICOM file that starts at its 'DICM' prefix, without the 128-byte preamble, decodes like the full file."""
+    data = dicom_bytes(sample_xray)
+    assert np.array_equal(preprocess(data[128:]).pixels, preprocess(data).pixels)
 
 
 def test_dicom_without_pixels_is_corrupt(sample_xray: Image.Image) -> None:

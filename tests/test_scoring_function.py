@@ -27,10 +27,11 @@ from core.events import BackfillRequest
 from core.model_card import read_card
 from core.model_registry import ModelRegistry
 from core.results import NEVER_NOTIFIED, ResultsTable
-from infra.corpus import hostile_files, valid_variants
+from infra.corpus import PATIENT_MARKERS, hostile_files, patient_data_files, valid_variants
 from infra.local_stack import FaultInjectingClient, LocalContext, drain, scan_results
 from infra.resources import create_data_plane
 from pneumoscan.stack import StackOutputs
+from publisher.handler import result_detail
 from scoring import handler
 from scoring.settings import Settings
 from tests.conftest import RELEASE_MODEL, SAMPLES
@@ -109,6 +110,8 @@ def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Stack]:
         settings = Settings.from_environment(
             {
                 "RESULTS_TABLE": outputs.results_table,
+                "INPUT_BUCKET": outputs.input_bucket,
+                "INPUT_PREFIX": outputs.input_prefix,
                 "MODEL_BUCKET": outputs.model_bucket,
                 "MODEL_CACHE_DIR": str(tmp_path / "models"),
                 "MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
@@ -128,6 +131,8 @@ def rewire(stack: Stack, s3: Any = None, dynamodb: Any = None, **env: str) -> No
     settings = Settings.from_environment(
         {
             "RESULTS_TABLE": stack.outputs.results_table,
+            "INPUT_BUCKET": stack.outputs.input_bucket,
+            "INPUT_PREFIX": stack.outputs.input_prefix,
             "MODEL_BUCKET": stack.outputs.model_bucket,
             "MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
             "HEATMAP_BUCKET": stack.outputs.heatmap_bucket,
@@ -269,6 +274,73 @@ def test_malformed_message_is_retried_not_dropped(stack: Stack) -> None:
     assert response == {"batchItemFailures": [{"itemIdentifier": "garbage"}]}
 
 
+def notification_of(stack: Stack, bucket: str, key: str) -> dict[str, Any]:
+    """The S3 notification record AWS would send for ``key`` in ``bucket`` (which need not exist)."""
+    record: dict[str, Any] = copy.deepcopy(load_event("s3_object_created.json")["Records"][0])
+    record["s3"]["bucket"]["name"] = bucket
+    record["s3"]["object"].update(key=key, size=1000, eTag="0123456789abcdef0123456789abcdef")
+    record["s3"]["object"].pop("versionId", None)
+    return record
+
+
+@pytest.mark.parametrize("storage_class", ["GLACIER", "DEEP_ARCHIVE"])
+def test_archived_object_is_rejected_not_retried(stack: Stack, sample_paths: list[Path], storage_class: str) -> None:
+    """An object in an archive storage class cannot be read until restored: REJECTED as OBJECT_ARCHIVED at once."""
+    key = f"incoming/archived-{storage_class}.jpeg"
+    stack.s3.put_object(
+        Bucket=stack.outputs.input_bucket, Key=key, Body=sample_paths[0].read_bytes(), StorageClass=storage_class
+    )
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    latest = stack.latest(key)
+    assert latest is not None
+    assert (latest["status"], latest["reason"]) == ("REJECTED", "OBJECT_ARCHIVED")
+
+
+def test_vanished_bucket_is_rejected_not_retried(stack: Stack) -> None:
+    """A notification whose bucket no longer exists gets a REJECTED OBJECT_NOT_FOUND item, not five receives."""
+    gone = "pneumoscan-input-deleted-bucket"
+    rewire(stack, INPUT_BUCKET=gone)
+    body = json.dumps({"Records": [notification_of(stack, gone, "incoming/film.jpeg")]})
+    assert invoke([sqs_record("gone", body)]) == {"batchItemFailures": []}
+    [item] = stack.results()
+    assert (item["status"], item["reason"], item["image_key"]) == (
+        "REJECTED",
+        "OBJECT_NOT_FOUND",
+        f"s3://{gone}/incoming/film.jpeg",
+    )
+
+
+def test_records_outside_the_input_bucket_are_dropped_unread(
+    stack: Stack, sample_paths: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record naming another bucket (even the model bucket, whose objects exist) or a key outside the input
+    prefix is acknowledged with a log line and a metric: nothing is read and no item is written."""
+    stack.upload("elsewhere/film.jpeg", sample_paths[0].read_bytes())  # Exists, but outside the prefix.
+    records = [
+        notification_of(stack, stack.outputs.model_bucket, "models/current.json"),
+        notification_of(stack, stack.outputs.input_bucket, "elsewhere/film.jpeg"),
+    ]
+    caplog.set_level(logging.INFO, logger="pneumoscan-scoring")
+    forbidden = {name: (1.0, "AccessDenied") for name in ("head_object", "get_object")}
+    rewire(stack, s3=FaultInjectingClient(stack.s3, forbidden, random.Random(0)))
+    assert invoke([sqs_record("foreign", json.dumps({"Records": records}))]) == {"batchItemFailures": []}
+    assert stack.results() == []
+    dropped = [r for r in caplog.records if r.getMessage().startswith("record dropped")]
+    assert len(dropped) == 2
+
+
+def test_one_malformed_record_costs_only_itself(stack: Stack, sample_paths: list[Path]) -> None:
+    """A message with a malformed record among valid ones scores the valid ones and is not retried."""
+    stack.upload("incoming/one.jpeg", sample_paths[0].read_bytes())
+    stack.upload("incoming/two.jpeg", sample_paths[-1].read_bytes())
+    valid = [json.loads(record["body"])["Records"][0] for record in stack.receive()]
+    broken = notification_of(stack, stack.outputs.input_bucket, "incoming/broken.jpeg")
+    del broken["s3"]["object"]["key"]
+    body = json.dumps({"Records": [valid[0], broken, valid[1]]})
+    assert invoke([sqs_record("mixed", body)]) == {"batchItemFailures": []}
+    assert sorted(item["image_key"].rsplit("/", 1)[-1] for item in stack.results()) == ["one.jpeg", "two.jpeg"]
+
+
 @pytest.mark.parametrize("operation", ["get_object", "head_object"])
 def test_s3_faults_fail_only_their_records(stack: Stack, sample_paths: list[Path], operation: str) -> None:
     """A throttled S3 read fails that record for retry; after recovery the retry scores it."""
@@ -336,6 +408,44 @@ def test_logs_carry_no_image_content(stack: Stack, sample_paths: list[Path], cap
         assert base64.b64encode(payload[:48]).decode().lower() not in text
         assert payload[:8].hex() not in text
     assert "patient notes" not in text
+
+
+def test_patient_data_in_files_never_leaves_them(
+    stack: Stack,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """A patient name and record number planted in every DICOM text element (malformed or not) and in corrupt
+    files appear in no table item, result event, log line, metric, warning or output stream."""
+    planted = patient_data_files(Image.open(FILM).convert("L"))
+    for name, body in planted.items():
+        stack.upload(f"incoming/planted/{name}", body)
+    caplog.set_level(logging.INFO)  # Every logger at the function's level (boto's DEBUG lines show the uploads).
+    for name in ("pneumoscan-scoring", "pydicom", "PIL"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    records = stack.receive()
+    capsys.readouterr()  # Building the files made pydicom warn: only what the function writes counts.
+    caplog.clear()
+    recwarn.clear()
+    assert invoke(records) == {"batchItemFailures": []}
+    items = stack.results()
+    assert {item["image_key"].rsplit("/", 1)[-1] for item in items} == set(planted)
+    assert next(item for item in items if item["image_key"].endswith("/identified.dcm"))["status"] == "SCORED"
+    formatter = handler.logger.registered_formatter
+    streams = capsys.readouterr()
+    written = [
+        *(json.dumps(item, default=str) for item in items),
+        *(json.dumps(result_detail(item)) for item in items),
+        *(formatter.format(record) for record in caplog.records),
+        *(str(warning.message) for warning in recwarn),
+        streams.out,
+        streams.err,
+    ]
+    text = "\n".join(written).lower()
+    for marker in PATIENT_MARKERS:
+        assert marker.lower() not in text, marker
+    assert "0012345" not in text
 
 
 def test_metrics_are_emitted_by_model_version(

@@ -224,8 +224,28 @@ def test_buckets_deny_insecure_transport_and_are_encrypted(template: dict[str, A
         properties = resource["Properties"]
         assert properties["BucketEncryption"]["ServerSideEncryptionConfiguration"], logical_id
         assert all(properties["PublicAccessBlockConfiguration"].values()), logical_id
-        [deny] = [s for s in policies[logical_id] if s["Effect"] == "Deny"]
+        # The blanket deny (every action); the model bucket adds narrower denies that keep versions immutable.
+        [deny] = [s for s in policies[logical_id] if s["Effect"] == "Deny" and s["Action"] == "s3:*"]
         assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_published_model_versions_are_immutable(template: dict[str, Any]) -> None:
+    """The model bucket's policy denies writing under models/<version>/ without If-None-Match, and deleting there;
+    the pointer models/current.json stays writable (it is not under models/*/*)."""
+    [policy] = [
+        resource["Properties"]["PolicyDocument"]["Statement"]
+        for resource in template["Resources"].values()
+        if resource["Type"] == "AWS::S3::BucketPolicy" and resource["Properties"]["Bucket"] == {"Ref": "ModelBucket"}
+    ]
+    statements = {statement["Sid"]: statement for statement in policy}
+    write = statements["PublishedVersionsAreWrittenOnce"]
+    assert (write["Effect"], write["Principal"], write["Action"]) == ("Deny", "*", "s3:PutObject")
+    assert write["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/models/*/*"}
+    assert write["Condition"] == {"Null": {"s3:if-none-match": "true"}}
+    delete = statements["PublishedVersionsAreNeverDeleted"]
+    assert (delete["Effect"], delete["Principal"]) == ("Deny", "*")
+    assert set(delete["Action"]) == {"s3:DeleteObject", "s3:DeleteObjectVersion"}
+    assert delete["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/models/*/*"}
 
 
 def test_queue_table_and_function_settings(template: dict[str, Any]) -> None:

@@ -64,8 +64,23 @@ class BackfillRequest:
         return json.dumps(asdict(self), separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class ParsedMessage:
+    """What one SQS message names: the objects it names, and why each record that names none could not be read."""
+
+    refs: tuple[ObjectRef, ...]
+    malformed: tuple[str, ...] = ()
+
+
 def parse_message_body(body: str) -> list[ObjectRef]:
-    """Objects named by one SQS message; S3's ``s3:TestEvent`` gives none."""
+    """Objects named by one SQS message; S3's ``s3:TestEvent`` gives none. Malformed records among readable ones
+    are left out (``parse_message`` says why)."""
+    return list(parse_message(body).refs)
+
+
+def parse_message(body: str) -> ParsedMessage:
+    """Parse one SQS message. A malformed record among readable ones costs only itself (it is listed in
+    ``malformed``); a message with nothing readable in it raises ``MalformedMessageError``."""
     try:
         document: dict[str, Any] = json.loads(body)
     except json.JSONDecodeError as error:
@@ -73,13 +88,25 @@ def parse_message_body(body: str) -> list[ObjectRef]:
     if not isinstance(document, dict):
         raise MalformedMessageError("message body is not a JSON object")
     if document.get("Event") == "s3:TestEvent":
-        return []
+        return ParsedMessage(refs=())
     if document.get("source") == BACKFILL_SOURCE:
-        return [_backfill_ref(document)]
+        return ParsedMessage(refs=(_backfill_ref(document),))
     records = document.get("Records")
     if not isinstance(records, list):
         raise MalformedMessageError("message body has no Records list")
-    return [_object_ref(record) for record in records if str(record.get("eventName", "")).startswith("ObjectCreated:")]
+    refs: list[ObjectRef] = []
+    malformed: list[str] = []
+    for record in records:
+        if not isinstance(record, dict):
+            malformed.append("an S3 record is not a JSON object")
+        elif str(record.get("eventName", "")).startswith("ObjectCreated:"):
+            try:
+                refs.append(_object_ref(record))
+            except MalformedMessageError as error:
+                malformed.append(str(error))
+    if malformed and not refs:
+        raise MalformedMessageError("; ".join(malformed))
+    return ParsedMessage(refs=tuple(refs), malformed=tuple(malformed))
 
 
 def _object_ref(record: dict[str, Any]) -> ObjectRef:

@@ -36,6 +36,10 @@ class ServingSpec:
     test_auc: float | None
     explainer_sha256: str | None = None
     """Checksum of ``explain.tflite``; None when the card names no explainer."""
+    test_count: int | None = None
+    """How many test images ``test_auc`` was measured on."""
+    data_manifest_sha256: str | None = None
+    """Fingerprint of the exact data the model was trained and evaluated on; equal for comparable AUCs."""
     explainer_bias: float | None = None
     """The logit's bias: ``logit = explainer_bias + mean(map)`` for the explainer's contribution map."""
 
@@ -61,6 +65,8 @@ class ServingSpec:
                 test_auc=float(test["auc"]["value"]) if "auc" in test else None,
                 explainer_sha256=str(explainer["sha256"]) if explainer is not None else None,
                 explainer_bias=float(explainer["bias"]) if explainer is not None else None,
+                test_count=int(test["count"]) if "count" in test else None,
+                data_manifest_sha256=str(card["data_manifest_sha256"]) if "data_manifest_sha256" in card else None,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelArtifactError(f"model card is missing or has a malformed field: {error!r}") from error

@@ -2,27 +2,45 @@
 
 Training publishes and promotes through it; the scoring function only reads the pointer and downloads the
 artifact it names. Boto3 errors become ``RegistryError`` so callers deal in domain terms.
+
+A published version is immutable: every file is written with ``If-None-Match: *``, so a second publish under the
+same version cannot replace it (the template's bucket policy denies writes under ``models/<version>/`` without
+that header, and deletes). A model is served only when its sha256 is the one in the pointer, so a version changed
+behind the registry's back is refused, never served.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from core.model_card import CARD_FILE, EXPLAINER_FILE, MODEL_FILE, ServingSpec, read_card, verify_artifact
+from core.model_card import (
+    CARD_FILE,
+    EXPLAINER_FILE,
+    MODEL_FILE,
+    ModelArtifactError,
+    ServingSpec,
+    read_card,
+    verify_artifact,
+)
+from core.promotion_gate import GateFloor, gate_refusal
+from core.s3 import error_code
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 MODELS_PREFIX = "models/"
 POINTER_KEY = "models/current.json"
-ARTIFACT_FILES = (MODEL_FILE, CARD_FILE)
+ARTIFACT_FILES = (MODEL_FILE,)
+"""Published first; the card is written last, so a version whose publish was interrupted has no card and cannot
+be promoted."""
+_EXISTS_CODES = frozenset({"PreconditionFailed", "412"})
 OPTIONAL_ARTIFACT_FILES = (EXPLAINER_FILE,)
 """Published when the artifact has them; downloaded when the card names them."""
 
@@ -35,8 +53,16 @@ class NoCurrentModelError(RegistryError):
     """No model has been promoted yet: ``models/current.json`` does not exist."""
 
 
+class VersionExistsError(RuntimeError):
+    """The version is already published with other content; published versions are never rewritten."""
+
+
+class PointerMismatchError(ModelArtifactError):
+    """The artifact's model is not the one the pointer names (its sha256 differs): it is never served."""
+
+
 class PromotionRefusedError(RuntimeError):
-    """The candidate's test AUC is below the current model's and ``force`` was not given."""
+    """The candidate does not pass the promotion gate (``core.promotion_gate``) and ``force`` was not given."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +75,12 @@ class ModelPointer:
     test_auc: float | None
     promoted_at: str
 
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> ModelPointer:
+        """Read a pointer, ignoring fields this code does not know (a newer writer may add some)."""
+        known = {field.name for field in fields(cls)}
+        return cls(**{name: value for name, value in document.items() if name in known})
+
 
 class ModelRegistry:
     """Publish, promote and fetch model artifacts in one S3 bucket."""
@@ -59,16 +91,32 @@ class ModelRegistry:
 
     def publish(self, artifact_dir: Path) -> str:
         """Upload a verified artifact (its explainer and ``report/`` too) to ``models/<version>/``; returns the
-        prefix."""
+        prefix. Raises ``VersionExistsError`` when the version is already published with other content; publishing
+        the same files again (a retried publish) changes nothing and succeeds."""
         spec = verify_artifact(artifact_dir)
         prefix = f"{MODELS_PREFIX}{spec.version}/"
         files = [artifact_dir / name for name in ARTIFACT_FILES]
         files += [artifact_dir / name for name in OPTIONAL_ARTIFACT_FILES if (artifact_dir / name).is_file()]
         files += sorted(p for p in (artifact_dir / "report").rglob("*") if p.is_file())
+        files.append(artifact_dir / CARD_FILE)
         for path in files:
-            key = prefix + path.relative_to(artifact_dir).as_posix()
-            self._call("upload", lambda p=path, k=key: self._s3.upload_file(str(p), self.bucket, k))
+            self._put_new(prefix + path.relative_to(artifact_dir).as_posix(), path.read_bytes())
         return prefix
+
+    def _put_new(self, key: str, body: bytes) -> None:
+        """Write ``key`` only if it does not exist; an existing key must already hold exactly ``body``."""
+        try:
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+        except ClientError as error:
+            if error_code(error) not in _EXISTS_CODES:
+                raise RegistryError(f"cannot upload s3://{self.bucket}/{key}: {error}") from error
+            if self._read_bytes(key) != body:
+                raise VersionExistsError(
+                    f"s3://{self.bucket}/{key} is already published with other content; a published version is "
+                    "never rewritten: publish under a new version"
+                ) from error
+        except BotoCoreError as error:
+            raise RegistryError(f"cannot upload s3://{self.bucket}/{key}: {error}") from error
 
     def current(self) -> ModelPointer:
         """Read ``models/current.json``."""
@@ -81,26 +129,22 @@ class ModelRegistry:
         except BotoCoreError as error:
             raise RegistryError(f"cannot read s3://{self.bucket}/{POINTER_KEY}: {error}") from error
         try:
-            return ModelPointer(**json.loads(body))
-        except (TypeError, ValueError) as error:
+            return ModelPointer.from_json(json.loads(body))
+        except (TypeError, ValueError, AttributeError) as error:
             raise RegistryError(f"s3://{self.bucket}/{POINTER_KEY} is malformed: {error}") from error
 
-    def promote(self, version: str, force: bool = False) -> ModelPointer:
-        """Point ``models/current.json`` at a published version, unless its test AUC is below the current one's."""
+    def promote(self, version: str, force: bool = False, floor: GateFloor | None = None) -> ModelPointer:
+        """Point ``models/current.json`` at a published version if it passes the gate against the current model:
+        the ``floor``, then the same evaluation data and a test AUC not below the current one's."""
         prefix = f"{MODELS_PREFIX}{version}/"
         spec = ServingSpec.from_card(self._read_json(prefix + CARD_FILE))
         try:
-            current: ModelPointer | None = self.current()
+            current_spec: ServingSpec | None = ServingSpec.from_card(self._read_json(self.current().prefix + CARD_FILE))
         except NoCurrentModelError:
-            current = None
-        worse = spec.test_auc is None or (
-            current is not None and current.test_auc is not None and spec.test_auc < current.test_auc
-        )
-        if current is not None and worse and not force:
-            raise PromotionRefusedError(
-                f"{version} has test AUC {spec.test_auc}, below current {current.version} "
-                f"({current.test_auc}); use --force to promote anyway"
-            )
+            current_spec = None
+        refusal = gate_refusal(spec, current_spec, floor or GateFloor())
+        if refusal is not None and not force:
+            raise PromotionRefusedError(refusal)
         pointer = ModelPointer(
             version=version,
             prefix=prefix,
@@ -130,7 +174,8 @@ class ModelRegistry:
 
     def fetch(self, pointer: ModelPointer, cache_root: Path | None = None) -> Path:
         """The pointed-to artifact in ``cache_root/<version>``, downloaded unless a verified copy of the same card
-        is there (a card can gain files, such as an explainer, without its model changing)."""
+        is there (a card can gain files, such as an explainer, without its model changing). Raises
+        ``PointerMismatchError`` when the artifact's model is not the one the pointer names."""
         root = cache_root or Path(tempfile.gettempdir()) / "pneumoscan-models"
         destination = root / pointer.version
         if (
@@ -140,19 +185,27 @@ class ModelRegistry:
         ):
             verify_artifact(destination)
             return destination
-        self.download(pointer.prefix, destination)
+        spec = self.download(pointer.prefix, destination)
+        if spec.model_sha256 != pointer.model_sha256:
+            raise PointerMismatchError(
+                f"{pointer.prefix}{MODEL_FILE} has sha256 {spec.model_sha256}, but {POINTER_KEY} promoted "
+                f"{pointer.model_sha256}: the version was changed after promotion and is not served"
+            )
         return destination
 
     def _download(self, key: str, path: Path) -> None:
         self._call("download", lambda: self._s3.download_file(self.bucket, key, str(path)))
 
     def _read_json(self, key: str) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(self._read_bytes(key))
+        return document
+
+    def _read_bytes(self, key: str) -> bytes:
         try:
-            body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            body: bytes = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except (ClientError, BotoCoreError) as error:
             raise RegistryError(f"cannot read s3://{self.bucket}/{key}: {error}") from error
-        document: dict[str, Any] = json.loads(body)
-        return document
+        return body
 
     def _call(self, action: str, operation: Any) -> Any:
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from core.rejections import MAX_PIXELS, MIN_SIDE, InvalidImageError, RejectionReason
 
@@ -49,8 +49,8 @@ def detect_format(data: bytes) -> ImageFormat:
         return ImageFormat.JPEG
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return ImageFormat.PNG
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return ImageFormat.DICOM
+    if (len(data) >= 132 and data[128:132] == b"DICM") or data.startswith(b"DICM"):
+        return ImageFormat.DICOM  # With or without the 128-byte preamble.
     # The message never quotes the bytes: they may be the start of a patient document.
     raise InvalidImageError(RejectionReason.UNSUPPORTED_FORMAT, "not a JPEG, PNG or DICOM file signature")
 
@@ -82,7 +82,7 @@ def decode(data: bytes, size: int = INPUT_SIZE) -> DecodedImage:
     else:
         grayscale, (width, height) = _decode_with_pillow(data, image_format, size)
     if min(width, height) < MIN_SIDE:
-        raise InvalidImageError(RejectionReason.TOO_SMALL, f"{width}x{height} pixels is below {MIN_SIDE} px")
+        raise InvalidImageError(RejectionReason.TOO_SMALL, f"the shorter side is below {MIN_SIDE} px")
     return DecodedImage(grayscale, image_format, width, height)
 
 
@@ -102,8 +102,13 @@ def resize_for_model(decoded: DecodedImage, size: int = INPUT_SIZE) -> ModelInpu
 
 def _decode_with_pillow(data: bytes, image_format: ImageFormat, size: int) -> tuple[Image.Image, tuple[int, int]]:
     """Decode with Pillow hardened against bombs: an 8-bit grayscale image in display orientation, and the
-    file's full pixel size (draft mode may decode a large JPEG at a reduced scale)."""
+    file's full pixel size (draft mode may decode a large JPEG at a reduced scale).
+
+    Every rejection has a fixed text: Pillow's messages and warnings may quote what the file holds."""
+    too_many = InvalidImageError(RejectionReason.DECOMPRESSION_BOMB, f"more than {MAX_PIXELS:,} pixels")
+    undecodable = InvalidImageError(RejectionReason.CORRUPT, f"the {image_format.value} could not be decoded")
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's warnings (corrupt EXIF, odd chunks) go to stderr, i.e. the logs.
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb must be an error, not a warning.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         previous_limit = Image.MAX_IMAGE_PIXELS
@@ -111,9 +116,7 @@ def _decode_with_pillow(data: bytes, image_format: ImageFormat, size: int) -> tu
         try:
             image = Image.open(io.BytesIO(data), formats=[image_format.value])
             if image.width * image.height > MAX_PIXELS:
-                raise InvalidImageError(
-                    RejectionReason.DECOMPRESSION_BOMB, f"{image.width}x{image.height} pixels exceeds {MAX_PIXELS}"
-                )
+                raise too_many
             if image_format is ImageFormat.JPEG and image.mode in {"L", "RGB", "YCbCr"}:
                 # Draft mode lets libjpeg decode a large film at 1/2, 1/4 or 1/8 scale, never below the target.
                 image.draft("L", (size, size))
@@ -121,14 +124,14 @@ def _decode_with_pillow(data: bytes, image_format: ImageFormat, size: int) -> tu
             image.load()
             oriented = ImageOps.exif_transpose(image)
             grayscale = _to_grayscale(oriented)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise InvalidImageError(RejectionReason.DECOMPRESSION_BOMB, str(error)) from error
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            if isinstance(error, InvalidImageError):
-                raise
-            raise InvalidImageError(
-                RejectionReason.CORRUPT, f"{image_format.value} could not be decoded: {error}"
-            ) from error
+        except InvalidImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise too_many from None
+        except MemoryError:
+            raise
+        except Exception:  # noqa: BLE001  # Pillow's plugins raise many types for malformed input; all are corrupt.
+            raise undecodable from None
         finally:
             Image.MAX_IMAGE_PIXELS = previous_limit
     return grayscale, full_size

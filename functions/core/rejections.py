@@ -11,8 +11,10 @@ from enum import StrEnum
 MIN_SIDE = 64
 """Images whose shorter side is below this many pixels cannot be a chest X-ray and are rejected."""
 
-MAX_PIXELS = 80_000_000
-"""Images above this many pixels are treated as decompression bombs (a 9,000 x 9,000 X-ray still passes)."""
+MAX_PIXELS = 25_000_000
+"""Images above this many pixels (5,000 x 5,000) are treated as decompression bombs. The largest flat-panel
+detectors give about 4,300 x 4,300 pixels at 16 bits (18.5 megapixels), which pass with room to spare; the README
+states the same figures, and a test holds the two together."""
 
 
 class RejectionReason(StrEnum):
@@ -25,13 +27,17 @@ class RejectionReason(StrEnum):
     TOO_SMALL = "IMAGE_TOO_SMALL"
     DECOMPRESSION_BOMB = "DECOMPRESSION_BOMB"
     OBJECT_GONE = "OBJECT_NOT_FOUND"
-    """The notified object version was deleted before it could be read."""
+    """The notified object version (or its whole bucket) was deleted before it could be read."""
+    OBJECT_ARCHIVED = "OBJECT_ARCHIVED"
+    """The object is in an archive storage class or tier: it cannot be read until it is restored."""
 
 
 class InvalidImageError(ValueError):
     """A permanent fault in an input file: it is rejected with a specific reason, never retried."""
 
     def __init__(self, reason: RejectionReason, detail: str) -> None:
+        """``detail`` is a fixed text chosen by the code (it lands in the table, the logs and the result event):
+        never a value read from the file, nor an exception message that may quote one."""
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail

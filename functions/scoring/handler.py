@@ -84,6 +84,10 @@ class PowertoolsObserver:
         metrics.add_metric(name="NotificationsSkipped", unit=MetricUnit.Count, value=1)
         logger.info("notification skipped", extra={"image_key": image_key, "object_sequence": sequence, "why": why})
 
+    def dropped(self, why: str) -> None:
+        metrics.add_metric(name="RecordsDropped", unit=MetricUnit.Count, value=1)
+        logger.warning("record dropped: it can never be scored", extra={"why": why})
+
 
 def build_pipeline(settings: Settings, s3_client: Any = None, dynamodb_client: Any = None) -> ScoringPipeline:
     """Wire the adapters; clients can be injected (tests, local stack)."""
@@ -103,6 +107,8 @@ def build_pipeline(settings: Settings, s3_client: Any = None, dynamodb_client: A
         models=models,
         observer=observer,
         max_image_bytes=settings.max_image_bytes,
+        input_bucket=settings.input_bucket,
+        input_prefix=settings.input_prefix,
         heatmaps=HeatmapStage(HeatmapStore(s3, settings.heatmap_bucket), observer) if settings.heatmap_bucket else None,
     )
 

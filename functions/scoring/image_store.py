@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _CHANGED = {"PreconditionFailed", "412"}
+_BUCKET_GONE = {"NoSuchBucket"}
+_ARCHIVED = {"InvalidObjectState"}
+"""GET's answer for an object in an archive storage class or tier that has not been restored."""
+ARCHIVE_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+"""Storage classes whose objects cannot be read before a restore (Glacier Instant Retrieval can)."""
 EXPLAIN_METADATA = "pneumoscan-explain"
 """User metadata (``x-amz-meta-pneumoscan-explain``) that requests a heatmap for any verdict."""
 
@@ -24,6 +29,15 @@ class TransientStorageError(RuntimeError):
 
 class ObjectGoneError(RuntimeError):
     """The object version no longer exists: there is nothing left to score."""
+
+
+class BucketGoneError(ObjectGoneError):
+    """The bucket the notification names no longer exists."""
+
+
+class ObjectArchivedError(RuntimeError):
+    """The object is in an archive storage class or Intelligent-Tiering archive tier and not restored: reading it
+    fails until someone restores it, however often the message is retried."""
 
 
 class ObjectReplacedError(RuntimeError):
@@ -53,6 +67,9 @@ class ImageStore:
             response = self._s3.head_object(**self._address(ref))
         except (ClientError, BotoCoreError) as error:
             raise self._domain_error(ref, error) from error
+        archived = response.get("StorageClass") in ARCHIVE_STORAGE_CLASSES or bool(response.get("ArchiveStatus"))
+        if archived and 'ongoing-request="false"' not in str(response.get("Restore", "")):
+            raise ObjectArchivedError(f"{ref.image_key} is archived and not restored")
         return ObjectHead(
             size=int(response["ContentLength"]),
             etag=str(response.get("ETag", "")).strip('"'),
@@ -81,8 +98,12 @@ class ImageStore:
     @staticmethod
     def _domain_error(ref: ObjectRef, error: Exception) -> Exception:
         code = error_code(error) if isinstance(error, ClientError) else ""
+        if code in _BUCKET_GONE:
+            return BucketGoneError(f"the bucket of {ref.image_key} no longer exists")
         if code in GONE_CODES:
             return ObjectGoneError(f"{ref.image_key} no longer exists")
+        if code in _ARCHIVED:
+            return ObjectArchivedError(f"{ref.image_key} is archived and not restored")
         if code in _CHANGED:
             return ObjectReplacedError(f"{ref.image_key} was replaced after this notification")
         return TransientStorageError(f"cannot read {ref.image_key}: {error}")

@@ -20,14 +20,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from core.events import ObjectRef, parse_message_body
+from core.events import ObjectRef, parse_message
 from core.preprocessing import DecodedImage, decode, resize_for_model
 from core.rejections import InvalidImageError, RejectionReason
 from core.results import AlreadyScoredError, ResultsTable, ScoringResult, Status, Trigger, rescoring_sequence
 from scoring.classifier import Classifier, Prediction
 from scoring.heatmaps import HeatmapOutcome, HeatmapStage
-from scoring.image_store import ImageStore, ObjectGoneError, ObjectReplacedError
+from scoring.image_store import BucketGoneError, ImageStore, ObjectArchivedError, ObjectGoneError, ObjectReplacedError
 from scoring.model_provider import ModelProvider
+
+OBJECT_GONE_DETAIL = "the notified object version no longer exists"
+BUCKET_GONE_DETAIL = "the bucket of the notified object no longer exists"
+ARCHIVED_DETAIL = "the object is in an archive storage class or tier; restore it, then backfill it"
 
 
 class ModelVersionMismatchError(RuntimeError):
@@ -52,6 +56,10 @@ class Observer(Protocol):
     def rejected(self, result: ScoringResult) -> None: ...
 
     def skipped(self, image_key: str, sequence: str, why: str) -> None: ...
+
+    def dropped(self, why: str) -> None:
+        """A record that can never be scored and has no place in the results table (malformed, or naming an
+        object outside the input bucket and prefix) was acknowledged without a result."""
 
 
 @dataclass
@@ -83,16 +91,21 @@ class ScoringPipeline:
         models: ModelProvider,
         observer: Observer,
         max_image_bytes: int,
+        input_bucket: str,
+        input_prefix: str = "",
         heatmaps: HeatmapStage | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        """Without a ``heatmaps`` store no heatmap is made."""
+        """Only objects under ``input_prefix`` in ``input_bucket`` are read; without a ``heatmaps`` store no
+        heatmap is made."""
         self._images = images
         self._heatmaps = heatmaps
         self._results = results
         self._models = models
         self._observer = observer
         self._max_image_bytes = max_image_bytes
+        self._input_bucket = input_bucket
+        self._input_prefix = input_prefix
         self._clock = clock
 
     @property
@@ -109,8 +122,10 @@ class ScoringPipeline:
         for message in messages:
             plan = plans[message.message_id]
             try:
-                refs = parse_message_body(message.body)
-                for ref in refs:
+                parsed = parse_message(message.body)
+                for why in parsed.malformed:
+                    self._observer.dropped(f"malformed record: {why}")
+                for ref in parsed.refs:
                     image = self._read(message.message_id, ref, plan, classifier)
                     if image is not None:
                         pending.append(image)
@@ -136,6 +151,12 @@ class ScoringPipeline:
         self, message_id: str, ref: ObjectRef, plan: RecordPlan, classifier: Callable[[], Classifier]
     ) -> _PendingImage | None:
         started = self._clock()
+        if ref.bucket != self._input_bucket or not ref.key.startswith(self._input_prefix):
+            # Never read, and no row: the function reads only what it is there to score (not even the model bucket).
+            self._observer.dropped(
+                f"the record names an object outside s3://{self._input_bucket}/{self._input_prefix}: {ref.image_key}"
+            )
+            return None
         if ref.is_backfill:
             try:
                 ref = self._backfill_ref(ref, classifier().spec.version)
@@ -153,11 +174,8 @@ class ScoringPipeline:
             size = classifier().input_size
             decoded = decode(self._images.read(ref), size)
             pixels = resize_for_model(decoded, size).pixels
-        except InvalidImageError as rejection:
-            plan.results.append(self._rejection(ref, rejection.reason, rejection.detail, started))
-            return None
-        except ObjectGoneError as gone:
-            plan.results.append(self._rejection(ref, RejectionReason.OBJECT_GONE, str(gone), started))
+        except (InvalidImageError, ObjectGoneError, ObjectArchivedError) as permanent:
+            plan.results.append(self._rejection(ref, *_rejection_of(permanent), started))
             return None
         except ObjectReplacedError as replaced:
             self._observer.skipped(ref.image_key, ref.sequencer, str(replaced))
@@ -230,3 +248,14 @@ class ScoringPipeline:
             latency_ms=round((self._clock() - started) * 1000, 2),
             **verdict,
         )
+
+
+def _rejection_of(fault: InvalidImageError | ObjectGoneError | ObjectArchivedError) -> tuple[RejectionReason, str]:
+    """The reason and fixed detail of a permanent fault of one object."""
+    if isinstance(fault, InvalidImageError):
+        return fault.reason, fault.detail
+    if isinstance(fault, ObjectGoneError):
+        return RejectionReason.OBJECT_GONE, BUCKET_GONE_DETAIL if isinstance(
+            fault, BucketGoneError
+        ) else OBJECT_GONE_DETAIL
+    return RejectionReason.OBJECT_ARCHIVED, ARCHIVED_DETAIL

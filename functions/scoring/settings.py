@@ -17,6 +17,8 @@ class Settings:
     """Where results go, where the model comes from, and the limits on input."""
 
     results_table: str
+    input_bucket: str
+    """The only bucket read: a record naming another (even the model bucket) is dropped, never read."""
     model_bucket: str | None
     model_path: Path | None
     """A local artifact folder that overrides the registry (tests, or a model bundled with the function)."""
@@ -25,12 +27,16 @@ class Settings:
     max_image_bytes: int
     heatmap_bucket: str | None = None
     """Where heatmap overlays go; without it no heatmap is made."""
+    input_prefix: str = ""
+    """Only keys under this prefix are read (the function's role can read nothing else)."""
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Settings:
         try:
             settings = cls(
                 results_table=environment["RESULTS_TABLE"],
+                input_bucket=environment["INPUT_BUCKET"],
+                input_prefix=environment.get("INPUT_PREFIX", ""),
                 model_bucket=environment.get("MODEL_BUCKET") or None,
                 model_path=Path(environment["MODEL_PATH"]) if environment.get("MODEL_PATH") else None,
                 model_refresh_seconds=float(environment.get("MODEL_REFRESH_SECONDS", "60")),
@@ -44,6 +50,8 @@ class Settings:
             raise ConfigurationError(f"environment variable {missing} is required") from missing
         except ValueError as error:
             raise ConfigurationError(f"malformed setting: {error}") from error
+        if not settings.input_bucket:
+            raise ConfigurationError("INPUT_BUCKET must name the input bucket")
         if settings.model_bucket is None and settings.model_path is None:
             raise ConfigurationError("set MODEL_BUCKET (the model registry) or MODEL_PATH (a local artifact)")
         return settings
