@@ -1,51 +1,164 @@
-"""Printing results for people (a table) or programs (JSON)."""
+"""Printing results for people (a table) or programs (JSON).
+
+Tables are made for an 80-column terminal: one image's latest result is a key/value list (long values fold onto
+further lines, whole), and in a listing no cell wraps: times are compact, the fixed-width fields (time, status,
+label, probability) are always whole, and the image key and model version share what is left, cut with an ellipsis.
+JSON always carries every attribute in full."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from core.results import ResultsPage
 
-VERDICT_COLUMNS = ("scored_at", "status", "label", "pneumonia_probability", "model_version", "trigger", "reason")
+DETAIL_FIELDS = (
+    "image_key",
+    "scored_at",
+    "status",
+    "label",
+    "pneumonia_probability",
+    "threshold",
+    "confidence",
+    "model_version",
+    "trigger",
+    "reason",
+    "reason_detail",
+    "heatmap_key",
+    "latency_ms",
+    "object_etag",
+    "object_version_id",
+)
+"""The attributes one image's key/value list shows, in this order (those an item has)."""
+ELASTIC_MINIMUM = 8
+"""The narrowest an elastic column (image key, model version) gets, ellipsis included."""
 
 
 def print_history(
-    image_key: str, latest: dict[str, Any] | None, history: Sequence[dict[str, Any]], output_format: str
+    image_key: str,
+    latest: dict[str, Any] | None,
+    history: Sequence[dict[str, Any]],
+    output_format: str,
+    console: Console | None = None,
 ) -> None:
     """One image's latest result and every result it has had, oldest first."""
     if output_format == "json":
         print(json.dumps({"image_key": image_key, "latest": latest, "history": list(history)}, default=_number))
         return
-    table = _table(f"{image_key}: {len(history)} result(s), latest marked *", history, latest, VERDICT_COLUMNS)
-    Console().print(table)
+    console = console or Console()
+    console.print(details_table(image_key, latest or {}))
+    console.print(history_table(history, latest))
 
 
-def print_page(page: ResultsPage, output_format: str) -> None:
+def print_page(page: ResultsPage, output_format: str, console: Console | None = None) -> None:
     """One page of a by-time listing, and how to ask for the next."""
     if output_format == "json":
         print(json.dumps({"items": page.items, "next_page_token": page.next_token}, default=_number))
         return
-    console = Console()
-    console.print(_table(f"{len(page.items)} result(s)", page.items, None, ("image_key", *VERDICT_COLUMNS)))
+    console = console or Console()
+    console.print(listing_table(page.items))
     if page.next_token:
-        console.print(f"next page: --page-token {page.next_token}")
+        console.print(f"next page: --page-token {page.next_token}", soft_wrap=True)
 
 
-def _table(title: str, items: Sequence[dict[str, Any]], latest: dict[str, Any] | None, columns: Sequence[str]) -> Table:
-    table = Table(title=title)
-    table.add_column("")
-    for column in columns:
-        # Keys and timestamps wrap rather than lose their ends on a narrow terminal.
-        table.add_column(column.replace("_", " "), overflow="fold")
-    for item in items:
-        marker = "*" if latest is not None and item == latest else ""
-        table.add_row(marker, *(str(item.get(column, "")) for column in columns))
+def details_table(image_key: str, item: dict[str, Any]) -> Table:
+    """One result as a key/value list: the attribute's name, then its value (folded, never cut)."""
+    table = Table(box=None, show_header=False, title=f"latest result of {image_key}", title_justify="left")
+    table.add_column("field", no_wrap=True, style="bold")
+    table.add_column("value", overflow="fold")
+    for field in DETAIL_FIELDS:
+        if field == "image_key" or item.get(field) is None:
+            continue
+        table.add_row(field.replace("_", " "), _text(field, item[field]))
     return table
+
+
+def history_table(history: Sequence[dict[str, Any]], latest: dict[str, Any] | None) -> Table:
+    """Every result of one image, oldest first, the latest marked *: one line each."""
+    table = _listing(f"{len(history)} result(s), latest marked *")
+    table.add_column("", no_wrap=True)
+    _fixed_columns(table)
+    table.add_column("trigger", no_wrap=True)
+    _elastic_column(table, "model")
+    for item in history:
+        marker = "*" if latest is not None and item == latest else ""
+        table.add_row(marker, *_fixed_cells(item), str(item.get("trigger", "")), str(item.get("model_version", "")))
+    return table
+
+
+def listing_table(items: Sequence[dict[str, Any]]) -> Table:
+    """A page of results scored in a time range: one line each, times in UTC."""
+    keys = [str(item.get("image_key", "")) for item in items]
+    buckets = {_bucket_of(key) for key in keys}
+    shared = buckets.pop() if len(buckets) == 1 else ""
+    where = f" in {shared}" if shared else ""
+    table = _listing(f"{len(items)} result(s){where}, times UTC")
+    _fixed_columns(table)
+    _elastic_column(table, "image")
+    _elastic_column(table, "model")
+    for item, key in zip(items, keys, strict=True):
+        image = key.removeprefix(shared) if shared else key
+        table.add_row(*_fixed_cells(item), image, str(item.get("model_version", "")))
+    return table
+
+
+def _bucket_of(image_key: str) -> str:
+    """``s3://bucket/`` of an image key (empty for anything else): a listing names it once, in its title."""
+    if not image_key.startswith("s3://") or "/" not in image_key[5:]:
+        return ""
+    return image_key[: image_key.index("/", 5) + 1]
+
+
+def compact_time(scored_at: str) -> str:
+    """``2026-11-28T08:01:02.345Z`` as ``11-28 08:01:02``: the year and milliseconds add nothing to a listing."""
+    if re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", scored_at):
+        return f"{scored_at[5:10]} {scored_at[11:19]}"
+    return scored_at
+
+
+def _listing(title: str) -> Table:
+    # expand: the elastic columns share whatever width the fixed ones leave (see _elastic_column).
+    return Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, expand=True, pad_edge=False, collapse_padding=True
+    )
+
+
+def _fixed_columns(table: Table) -> None:
+    table.add_column("scored", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("label/reason", no_wrap=True)
+    table.add_column("p", no_wrap=True, justify="right")
+
+
+def _fixed_cells(item: dict[str, Any]) -> tuple[str, str, str, str]:
+    """Time, status, label (or the rejection's reason) and pneumonia probability: short, and always whole."""
+    verdict = item.get("label") if item.get("status") == "SCORED" else item.get("reason")
+    probability = item.get("pneumonia_probability")
+    return (
+        compact_time(str(item.get("scored_at", ""))),
+        str(item.get("status", "")),
+        str(verdict or ""),
+        "" if probability is None else f"{float(probability):.3f}",
+    )
+
+
+def _elastic_column(table: Table, header: str) -> None:
+    """A column as wide as the fixed columns leave (never under ELASTIC_MINIMUM), cut with an ellipsis."""
+    table.add_column(header, no_wrap=True, overflow="ellipsis", ratio=1, min_width=ELASTIC_MINIMUM)
+
+
+def _text(field: str, value: Any) -> str:
+    if field in ("pneumonia_probability", "threshold", "confidence"):
+        return f"{float(value):.4f}"
+    if field == "latency_ms":
+        return f"{float(value):.0f}"
+    return str(value)
 
 
 def _number(value: Any) -> Any:
