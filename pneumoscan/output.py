@@ -15,6 +15,7 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from core.results import ResultsPage
 
@@ -75,7 +76,7 @@ def details_table(image_key: str, item: dict[str, Any]) -> Table:
     for field in DETAIL_FIELDS:
         if field == "image_key" or item.get(field) is None:
             continue
-        table.add_row(field.replace("_", " "), _text(field, item[field]))
+        table.add_row(field.replace("_", " "), Text(_text(field, item[field])))
     return table
 
 
@@ -88,7 +89,8 @@ def history_table(history: Sequence[dict[str, Any]], latest: dict[str, Any] | No
     _elastic_column(table, "model")
     for item in history:
         marker = "*" if latest is not None and item == latest else ""
-        table.add_row(marker, *_fixed_cells(item), str(item.get("trigger", "")), str(item.get("model_version", "")))
+        cells = (marker, *_fixed_cells(item), str(item.get("trigger", "")), str(item.get("model_version", "")))
+        table.add_row(*map(Text, cells))  # Text: a key or reason is never read as rich markup.
     return table
 
 
@@ -98,14 +100,23 @@ def listing_table(items: Sequence[dict[str, Any]]) -> Table:
     buckets = {_bucket_of(key) for key in keys}
     shared = buckets.pop() if len(buckets) == 1 else ""
     where = f" in {shared}" if shared else ""
-    table = _listing(f"{len(items)} result(s){where}, times UTC")
+    models = {str(item["model_version"]) for item in items if item.get("model_version")}
+    one_model = models.pop() if len(models) == 1 else ""
+    by = f" by {one_model}" if one_model else ""
+    table = _listing(f"{len(items)} result(s){where}{by}, times UTC")
     _fixed_columns(table)
     _elastic_column(table, "image")
-    _elastic_column(table, "model")
+    if not one_model:  # One model scored them all: the title names it, and the key gets its room.
+        _elastic_column(table, "model")
     for item, key in zip(items, keys, strict=True):
         image = key.removeprefix(shared) if shared else key
-        table.add_row(*_fixed_cells(item), image, str(item.get("model_version", "")))
+        cells = (*_fixed_cells(item), image) if one_model else (*_fixed_cells(item), image, _model(item))
+        table.add_row(*map(Text, cells))
     return table
+
+
+def _model(item: dict[str, Any]) -> str:
+    return str(item.get("model_version", ""))
 
 
 def _bucket_of(image_key: str) -> str:

@@ -43,6 +43,12 @@ def _row_of(lines: list[str], *cells: str) -> list[str]:
     return [line for line in lines if all(cell in line for cell in cells)]
 
 
+def _body(lines: list[str]) -> int:
+    """The number of non-blank lines under a listing's header rule."""
+    rule = next(index for index, line in enumerate(lines) if line.strip().startswith("─"))
+    return sum(1 for line in lines[rule + 1 :] if line.strip())
+
+
 def test_a_listing_row_is_one_line_at_80_columns() -> None:
     """Every result of a --since listing takes one line of at most 80 columns, its time, status, label or reason and
     probability whole, and nothing of it spills onto another line."""
@@ -55,9 +61,18 @@ def test_a_listing_row_is_one_line_at_80_columns() -> None:
         if "pneumonia_probability" in item:
             cells.append("0.973")
         assert len(_row_of(lines, *cells)) == 1, cells
-    # Title, blank line, header, rule, the rows and a closing blank line: no continuation lines.
-    assert len(lines) == 4 + len(items) + 1
-    assert f"in {BUCKET}" in lines[0]
+    assert _body(lines) == len(items)  # No continuation lines.
+    title = " ".join(" ".join(lines[:3]).split())
+    assert f"in {BUCKET}" in title and f"by {MODEL}" in title
+
+
+def test_a_listing_of_several_models_has_a_model_column() -> None:
+    """Results of different models keep a model column; rows still take one line each at 80 columns."""
+    items = [_item(index, model_version=f"{MODEL}-{index % 2}") for index in range(6)]
+    lines = _render(lambda console: print_page(ResultsPage(items=items, next_token=None), "table", console))
+    assert all(len(line) <= 80 for line in lines)
+    assert _body(lines) == len(items)
+    assert "model" in next(line for line in lines if "scored" in line and "status" in line)
 
 
 def test_the_next_page_token_is_printed_whole() -> None:
