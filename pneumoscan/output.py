@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from core.results import ResultsPage
+
+if TYPE_CHECKING:
+    from pneumoscan.status import StackStatus, WindowCounts
 
 DETAIL_FIELDS = (
     "image_key",
@@ -175,3 +178,83 @@ def _text(field: str, value: Any) -> str:
 def _number(value: Any) -> Any:
     """DynamoDB numbers (Decimal) as JSON numbers."""
     return int(value) if value == int(value) else float(value)
+
+
+def print_status(status: StackStatus, output_format: str, console: Console | None = None) -> None:
+    """The operator's morning screen (``pneumoscan status``), or the same as one JSON object."""
+    if output_format == "json":
+        print(status.to_json())
+        return
+    console = console or Console()
+    console.print(f"[bold]pneumoscan status[/bold] at {status.checked_at}")
+    console.print(_section("model", _model_rows(status)))
+    queue = status.queue
+    age = (
+        "unknown (no CloudWatch datapoint)" if queue.oldest_age_seconds is None else f"{queue.oldest_age_seconds:.0f} s"
+    )
+    queue_rows: list[tuple[str, str | Text]] = [
+        ("waiting", str(queue.waiting)),
+        ("in flight", str(queue.in_flight)),
+        ("oldest message", age),
+        ("dead letters", str(queue.dead_letters)),
+    ]
+    if status.redrive_command:
+        queue_rows.append(("fix, then run", status.redrive_command))
+    console.print(_section("queue", queue_rows))
+    console.print(_section("results", [(window.window, _window_text(window)) for window in status.windows]))
+    drift = status.drift
+    observed = "-" if drift.observed_rate is None else f"{drift.observed_rate:.1%} of {drift.films} scored"
+    expected = "-" if drift.expected_rate is None else f"{drift.expected_rate:.1%}"
+    check = Text.assemble(("DRIFT: ", "bold red"), drift.note) if drift.drifted else Text(drift.note)
+    console.print(
+        _section(
+            "pneumonia rate, last day",
+            [("observed", observed), ("model card", expected), ("check", check)],
+        )
+    )
+    alarm_rows: list[tuple[str, str | Text]] = [
+        (alarm.name, f"since {alarm.since}: {alarm.reason}") for alarm in status.alarms
+    ]
+    console.print(_section("alarms in ALARM", alarm_rows or [("none", "")]))
+
+
+def _model_rows(status: StackStatus) -> list[tuple[str, str | Text]]:
+    model = status.model
+    if model is None:
+        return [("promoted", status.model_problem or "none")]
+
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    return [
+        ("promoted", model.version),
+        ("since", model.promoted_at),
+        (
+            "test figures",
+            f"AUC {figure(model.test_auc)}, sensitivity {figure(model.test_sensitivity)}, "
+            f"specificity {figure(model.test_specificity)}, threshold {figure(model.threshold)}",
+        ),
+    ]
+
+
+def _window_text(window: WindowCounts) -> str:
+    if not window.total:
+        return "none"
+    parts = [f"{count} {status}" for status, count in window.by_status.items()]
+    text = f"{window.total}: " + ", ".join(parts)
+    if window.scored:
+        text += f" ({window.pneumonia} PNEUMONIA)"
+    if window.by_reason:
+        text += "; rejected: " + ", ".join(f"{count} {reason}" for reason, count in window.by_reason.items())
+    return text
+
+
+def _section(title: str, rows: Sequence[tuple[str, str | Text]]) -> Group:
+    """A heading, then a key/value list whose values fold (whole) rather than being cut."""
+    heading = Text(title, style="bold")
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for field, value in rows:
+        table.add_row(Text(field), value if isinstance(value, Text) else Text(value))
+    return Group(heading, table)
