@@ -42,6 +42,7 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint training/Dockerfile
 
 format: $(VENV)/.dev
 	$(BIN)/ruff format .

@@ -194,6 +194,17 @@ def _add_operations_commands(commands: Any) -> None:
     redrive.add_argument("--dry-run", action="store_true", help="only count the dead-lettered messages")
     redrive.set_defaults(run=_redrive)
 
+    status = commands.add_parser(
+        "status",
+        help="the operator's morning screen: model, queues, results, drift, alarms",
+        description="The promoted model and its card's figures, queue depth and oldest message, the dead-letter "
+        "queue, results in the last hour and day, the last day's pneumonia rate against the card's, and alarms "
+        "in ALARM.",
+    )
+    _add_stack_arguments(status, bucket=False)
+    status.add_argument("--format", choices=("json", "table"), default="table", help="output format")
+    status.set_defaults(run=_status)
+
 
 def _add_stack_arguments(parser: argparse.ArgumentParser, bucket: bool = True) -> None:
     """Where the stack is: a deployed stack's name, a local stack's outputs file, or explicit names."""
@@ -476,6 +487,34 @@ def _redrive(arguments: argparse.Namespace) -> int:
         raise UsageError("name the stack with --stack-name or --outputs")
     report = redrive(target.client("sqs"), stack.dlq_url, stack.queue_url, dry_run=arguments.dry_run)
     print(json.dumps({"dead_letters": report.waiting, "moved": report.moved, "dry_run": report.dry_run}))
+    return 0
+
+
+def _status(arguments: argparse.Namespace) -> int:
+    from pneumoscan.output import print_status
+    from pneumoscan.status import collect, stack_alarm_names
+
+    target = _target(arguments)
+    stack = target.outputs
+    if stack is None:
+        raise UsageError("name the stack with --stack-name or --outputs")
+    if arguments.stack_name and arguments.outputs is None:
+        where = f"--stack-name {arguments.stack_name}"
+        alarm_names: list[str] | None = stack_alarm_names(target.client("cloudformation"), arguments.stack_name)
+    else:
+        where = f"--outputs {arguments.outputs}"
+        alarm_names = None  # A local stack's endpoint holds only its own alarms.
+    clients = {service: target.client(service) for service in ("s3", "sqs", "dynamodb", "cloudwatch")}
+    report = collect(
+        clients,
+        model_bucket=stack.model_bucket,
+        results_table=stack.results_table,
+        queue_url=stack.queue_url,
+        dlq_url=stack.dlq_url,
+        alarm_names=alarm_names,
+        redrive_command=f"pneumoscan redrive {where}",
+    )
+    print_status(report, arguments.format)
     return 0
 
 
