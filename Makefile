@@ -7,7 +7,7 @@ INFRA_VENV := .venv-infra
 PNEUMOSCAN_DATA ?= $(abspath ../shared/data/chest_xray)
 export PNEUMOSCAN_DATA
 
-.PHONY: demo test lint format bench soak release-model clean
+.PHONY: demo test lint format bench soak release-model lock clean
 
 # setuptools warns on every editable install that a folder named like a package may take precedence over it (the
 # layout is deliberate: functions/ holds the Lambda packages); a newcomer should not learn to ignore warnings.
@@ -73,6 +73,14 @@ bench: $(VENV)/.dev $(INFRA_VENV)/.installed
 # 2,000 uploads, the hostile corpus and injected faults through the local stack; prints the figures.
 soak: $(VENV)/.dev
 	$(BIN)/pneumoscan soak --uploads 2000
+
+# One lock file pins every package of the training image and the scoring function's zip for Lambda's Python 3.12
+# on x86_64, constrained by the function's pins, so training and serving decode and resize with the same numpy and
+# Pillow (tests/test_training_image.py checks that they agree).
+lock: $(VENV)/.dev
+	$(BIN)/uv pip compile pyproject.toml --extra scoring --extra training \
+		--constraint functions/requirements.txt --constraint functions/scoring/requirements.txt \
+		--python-version 3.12 --python-platform x86_64-manylinux_2_28 -o requirements.lock
 
 clean:
 	rm -rf $(VENV) $(INFRA_VENV) .pytest_cache .mypy_cache .ruff_cache .aws-sam
