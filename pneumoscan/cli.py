@@ -486,7 +486,8 @@ def _redrive(arguments: argparse.Namespace) -> int:
     if stack is None:
         raise UsageError("name the stack with --stack-name or --outputs")
     report = redrive(target.client("sqs"), stack.dlq_url, stack.queue_url, dry_run=arguments.dry_run)
-    print(json.dumps({"dead_letters": report.waiting, "moved": report.moved, "dry_run": report.dry_run}))
+    summary = {"dead_letters": report.waiting, "moved": report.moved, "dry_run": report.dry_run}
+    print(json.dumps({**summary, **({"move_task": report.move_task} if report.move_task else {})}))
     return 0
 
 

@@ -6,13 +6,14 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from core.results import ResultsTable
 from infra.local_stack import LocalStack
 from pneumoscan.cli import main
-from pneumoscan.redrive import waiting_count
+from pneumoscan.redrive import redrive, waiting_count
 from tests.conftest import RELEASE_MODEL, SAMPLES
 
 MODEL_REFRESH_SECONDS = 5.0
@@ -61,3 +62,29 @@ def test_redrive_needs_a_stack(capsys: pytest.CaptureFixture[str]) -> None:
     """Without --stack-name or --outputs there is no dead-letter queue to name: a usage error, exit code 2."""
     assert main(["redrive"]) == 2
     assert "--stack-name or --outputs" in capsys.readouterr().err
+
+
+class _MoveTaskSqs:
+    """An SQS client whose endpoint has the message move task, recording what it is asked."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, str]] = []
+
+    def get_queue_attributes(self, QueueUrl: str, AttributeNames: list[str]) -> dict[str, Any]:  # noqa: N803  # boto3's names.
+        attributes = {"QueueArn": f"arn:aws:sqs:us-east-1:123456789012:{QueueUrl.rsplit('/', 1)[-1]}"}
+        return {"Attributes": {**attributes, "ApproximateNumberOfMessages": "3"}}
+
+    def start_message_move_task(self, SourceArn: str, DestinationArn: str) -> dict[str, str]:  # noqa: N803  # boto3's names.
+        self.started.append((SourceArn, DestinationArn))
+        return {"TaskHandle": "task-1"}
+
+    def receive_message(self, **_: object) -> dict[str, Any]:
+        raise AssertionError("messages are moved one by one although the endpoint has a move task")
+
+
+def test_redrive_uses_sqs_message_move_task_where_the_endpoint_has_one() -> None:
+    """On an endpoint with StartMessageMoveTask, the task moves the messages from the DLQ to the scoring queue."""
+    sqs = _MoveTaskSqs()
+    report = redrive(sqs, "https://sqs/123/dlq", "https://sqs/123/scoring")
+    assert sqs.started == [("arn:aws:sqs:us-east-1:123456789012:dlq", "arn:aws:sqs:us-east-1:123456789012:scoring")]
+    assert (report.move_task, report.waiting, report.moved) == ("task-1", 3, 3)
