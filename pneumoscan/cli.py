@@ -22,7 +22,7 @@ from pneumoscan.errors import ExitCode, MissingPathError, UsageError, describe
 from pneumoscan.native_output import filtered_stderr
 
 if TYPE_CHECKING:
-    from pneumoscan.stack import StackTarget
+    from pneumoscan.stack import StackOutputs, StackTarget
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 RELEASE_MODEL = REPOSITORY_ROOT / "models" / "release"
@@ -224,6 +224,13 @@ def _target(arguments: argparse.Namespace) -> StackTarget:
         outputs_file=getattr(arguments, "outputs", None),
         endpoint_url=arguments.endpoint_url,
     )
+
+
+def _required_outputs(target: StackTarget) -> StackOutputs:
+    """The outputs of the stack a command cannot run without, or a usage error naming the flags."""
+    if target.outputs is None:
+        raise UsageError("name the stack with --stack-name or --outputs")
+    return target.outputs
 
 
 def _model_bucket(target: StackTarget, arguments: argparse.Namespace) -> str:
@@ -446,9 +453,7 @@ def _backfill(arguments: argparse.Namespace) -> int:
     from pneumoscan.backfill import Backfill, BackfillError, BackfillPlan, default_state_path
 
     target = _target(arguments)
-    stack = target.outputs
-    if stack is None:
-        raise UsageError("name the stack with --stack-name or --outputs")
+    stack = _required_outputs(target)
     prefix = arguments.prefix if arguments.prefix is not None else stack.input_prefix
     if not prefix.startswith(stack.input_prefix):
         raise UsageError(f"the function scores only keys under {stack.input_prefix!r}; {prefix!r} is outside it")
@@ -482,9 +487,7 @@ def _redrive(arguments: argparse.Namespace) -> int:
     from pneumoscan.redrive import redrive
 
     target = _target(arguments)
-    stack = target.outputs
-    if stack is None:
-        raise UsageError("name the stack with --stack-name or --outputs")
+    stack = _required_outputs(target)
     report = redrive(target.client("sqs"), stack.dlq_url, stack.queue_url, dry_run=arguments.dry_run)
     summary = {"dead_letters": report.waiting, "moved": report.moved, "dry_run": report.dry_run}
     print(json.dumps({**summary, **({"move_task": report.move_task} if report.move_task else {})}))
@@ -496,9 +499,7 @@ def _status(arguments: argparse.Namespace) -> int:
     from pneumoscan.status import collect, stack_alarm_names
 
     target = _target(arguments)
-    stack = target.outputs
-    if stack is None:
-        raise UsageError("name the stack with --stack-name or --outputs")
+    stack = _required_outputs(target)
     if arguments.stack_name and arguments.outputs is None:
         where = f"--stack-name {arguments.stack_name}"
         alarm_names: list[str] | None = stack_alarm_names(target.client("cloudformation"), arguments.stack_name)
