@@ -21,7 +21,7 @@ from core.model_card import read_card
 from core.preprocessing import preprocess
 from scoring.classifier import Classifier
 from training.data import list_split, patient_level_split
-from training.metrics import METRIC_NAMES, evaluate
+from training.metrics import HEADLINE_METRICS, METRIC_NAMES, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE_MODEL = ROOT / "models" / "release"
@@ -32,7 +32,6 @@ COMPARED_MODELS = {
 }
 """Artifacts shown beside the served one: the model of the pair not served, and the release it replaced."""
 RESULTS = ROOT / "bench" / "results.json"
-HEADLINE = ("accuracy", "auc", "sensitivity", "specificity", "expected_calibration_error")
 
 
 def score_with_cli(model: Path, paths: list[Path]) -> list[dict[str, Any]]:
@@ -108,17 +107,17 @@ def main() -> dict[str, Any]:
             other_card, other_measured = measure_artifact(folder, paths)
             rows[f"{name} ({other_card['architecture']})"] = (other_card, other_measured)
     print("\nSide by side on the test split, each at its own validation-chosen threshold, via `pneumoscan score`:\n")
-    print("| model | size MB | " + " | ".join(HEADLINE) + " |")
-    print("|---|---|" + "---|" * len(HEADLINE))
+    print("| model | size MB | " + " | ".join(HEADLINE_METRICS) + " |")
+    print("|---|---|" + "---|" * len(HEADLINE_METRICS))
     comparison: dict[str, Any] = {}
     for name, (row_card, row_measured) in rows.items():
-        values = " | ".join(f"{row_measured[metric]['value']:.3f}" for metric in HEADLINE)
+        values = " | ".join(f"{row_measured[metric]['value']:.3f}" for metric in HEADLINE_METRICS)
         print(f"| {name} {row_card['version']} | {row_card['model_size_bytes'] / 1e6:.1f} | {values} |")
         comparison[name] = {
             "version": row_card["version"],
             "model_size_bytes": row_card["model_size_bytes"],
-            **{metric: row_measured[metric]["value"] for metric in HEADLINE},
-            "validation": {metric: row_card["metrics"]["validation"][metric]["value"] for metric in HEADLINE},
+            **{metric: row_measured[metric]["value"] for metric in HEADLINE_METRICS},
+            "validation": {metric: row_card["metrics"]["validation"][metric]["value"] for metric in HEADLINE_METRICS},
         }
     figures["comparison"] = comparison
     print("\nFull-resolution consistency on validation films (copy vs the same film as a ~2,000 px JPEG):\n")

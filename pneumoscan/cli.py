@@ -253,6 +253,7 @@ def _train(arguments: argparse.Namespace) -> int:
             f"no data set at {data}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder with train/ and test/"
         )
     from training.job import run_job
+    from training.metrics import headline
 
     overrides = {
         key.removeprefix("hp_"): value
@@ -266,7 +267,7 @@ def _train(arguments: argparse.Namespace) -> int:
         json.dumps(
             {
                 "version": card["version"],
-                **{split: _headline(metrics) for split, metrics in card["metrics"].items()},
+                **{split: headline(metrics) for split, metrics in card["metrics"].items()},
                 "served": card["serving"]["served"],
                 "comparison": card.get("comparison", {}),
                 "training_seconds": card["training_seconds"],
@@ -289,11 +290,6 @@ def _stdout_to_stderr() -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-
-
-def _headline(metrics: dict[str, Any]) -> dict[str, float]:
-    names = ("accuracy", "auc", "sensitivity", "specificity", "expected_calibration_error")
-    return {name: round(metrics[name]["value"], 4) for name in names}
 
 
 def _evaluate(arguments: argparse.Namespace) -> int:

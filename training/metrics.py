@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -32,6 +33,9 @@ METRIC_NAMES = (
     "brier_score",
 )
 """Every metric with an interval, in the order reports list them."""
+
+HEADLINE_METRICS = ("accuracy", "auc", "sensitivity", "specificity", "expected_calibration_error")
+"""The figures that summaries (the train command's output, the card's comparison, the benchmark) show."""
 
 
 @dataclass(frozen=True)
@@ -151,3 +155,8 @@ def family_breakdown(
             "mean_probability": float(probabilities[members].mean()),
         }
     return breakdown
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The headline figures of one split's evaluation (``Evaluation.to_dict()``), rounded to four places."""
+    return {name: round(float(metrics[name]["value"]), 4) for name in HEADLINE_METRICS}

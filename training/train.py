@@ -44,7 +44,7 @@ from training.efficientnet_lite import imagenet_weights_provenance
 from training.evaluate import ArtifactScores, score_image_set
 from training.explain import export_explainer
 from training.export import ExportResult, export
-from training.metrics import evaluate, family_breakdown
+from training.metrics import evaluate, family_breakdown, headline
 from training.models import build_classifier, build_ensemble, build_training_model, is_backbone_layer
 from training.report import write_report
 
@@ -483,7 +483,7 @@ def build_card(
         card["comparison"] = {
             role: {
                 "architecture": evaluation.architecture,
-                **{split: _headline(metrics) for split, metrics in evaluation.metrics.items()},
+                **{split: headline(metrics) for split, metrics in evaluation.metrics.items()},
                 "validation_by_family": evaluation.by_family["validation"],
             }
             for role, evaluation in evaluations.items()
@@ -491,11 +491,6 @@ def build_card(
     if training_seconds is not None:
         card["training_seconds"] = training_seconds
     return card
-
-
-def _headline(metrics: dict[str, Any]) -> dict[str, float]:
-    names = ("accuracy", "auc", "sensitivity", "specificity", "expected_calibration_error")
-    return {name: round(float(metrics[name]["value"]), 4) for name in names}
 
 
 def git_commit() -> str:
