@@ -17,6 +17,7 @@ from typing import Any
 from core.model_card import CARD_FILE
 from core.model_registry import ModelRegistry, NoCurrentModelError
 from core.results import ResultsTable
+from pneumoscan.redrive import waiting_count
 
 PAGE_SIZE = 500
 """Results per ResultsByDay query page while counting."""
@@ -148,24 +149,32 @@ def drift_check(day: WindowCounts, expected: float | None) -> DriftCheck:
     return DriftCheck(observed, expected, day.scored, False, f"within {DRIFT_SIGMAS:.0f} standard errors")
 
 
-def count_window(table: ResultsTable, window: str, since: datetime, until: datetime) -> WindowCounts:
-    """Count every result scored in ``[since, until]``, page by page."""
-    statuses: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    scored = pneumonia = 0
+def results_since(table: ResultsTable, since: datetime, until: datetime) -> list[dict[str, Any]]:
+    """Every result scored in ``[since, until]``, page by page from the ResultsByDay index."""
+    items: list[dict[str, Any]] = []
     token: str | None = None
     while True:
         page = table.scored_since(since, until=until, limit=PAGE_SIZE, page_token=token)
-        for item in page.items:
-            statuses[str(item.get("status"))] += 1
-            if item.get("status") == "SCORED":
-                scored += 1
-                pneumonia += item.get("label") == "PNEUMONIA"
-            elif item.get("reason"):
-                reasons[str(item["reason"])] += 1
+        items += page.items
         token = page.next_token
         if token is None:
-            break
+            return items
+
+
+def count_window(items: list[dict[str, Any]], window: str, since: datetime) -> WindowCounts:
+    """Count the results of ``items`` scored at or after ``since``, by status and rejection reason."""
+    statuses: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    scored = pneumonia = 0
+    for item in items:
+        if datetime.fromisoformat(str(item["scored_at"])) < since:
+            continue
+        statuses[str(item.get("status"))] += 1
+        if item.get("status") == "SCORED":
+            scored += 1
+            pneumonia += item.get("label") == "PNEUMONIA"
+        elif item.get("reason"):
+            reasons[str(item["reason"])] += 1
     return WindowCounts(
         window=window,
         since=since.isoformat(timespec="seconds"),
@@ -181,7 +190,6 @@ def queue_summary(sqs: Any, cloudwatch: Any, queue_url: str, dlq_url: str, now: 
     """Depths from SQS; the oldest message's age from CloudWatch (SQS itself does not say)."""
     names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
     queue = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
-    dead = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=names[:1])["Attributes"]
     statistics = cloudwatch.get_metric_statistics(
         Namespace="AWS/SQS",
         MetricName="ApproximateAgeOfOldestMessage",
@@ -196,7 +204,7 @@ def queue_summary(sqs: Any, cloudwatch: Any, queue_url: str, dlq_url: str, now: 
         waiting=int(queue.get("ApproximateNumberOfMessages", 0)),
         in_flight=int(queue.get("ApproximateNumberOfMessagesNotVisible", 0)),
         oldest_age_seconds=float(points[-1]["Maximum"]) if points else None,
-        dead_letters=int(dead.get("ApproximateNumberOfMessages", 0)),
+        dead_letters=waiting_count(sqs, dlq_url),
     )
 
 
@@ -256,8 +264,10 @@ def collect(
         body = clients["s3"].get_object(Bucket=model_bucket, Key=pointer.prefix + CARD_FILE)["Body"].read()
         model = model_summary(pointer.version, pointer.promoted_at, json.loads(body))
     queue = queue_summary(clients["sqs"], clients["cloudwatch"], queue_url, dlq_url, now)
-    table = ResultsTable(clients["dynamodb"], results_table)
-    windows = tuple(count_window(table, name, now - length, now) for name, length in WINDOWS)
+    # The longest window is read once; the shorter ones are counted from the same results.
+    longest = max(length for _, length in WINDOWS)
+    items = results_since(ResultsTable(clients["dynamodb"], results_table), now - longest, now)
+    windows = tuple(count_window(items, name, now - length) for name, length in WINDOWS)
     return StackStatus(
         checked_at=now.isoformat(timespec="seconds"),
         model=model,
