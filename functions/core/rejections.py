@@ -16,6 +16,11 @@ MAX_PIXELS = 25_000_000
 detectors give about 4,300 x 4,300 pixels at 16 bits (18.5 megapixels), which pass with room to spare; the README
 states the same figures, and a test holds the two together."""
 
+MAX_DECODED_BYTES = 100_000_000
+"""Budget for the decoded pixels of one file, counted across every frame, channel and bit depth before anything is
+decoded: 25 megapixels of 8-bit RGBA, or a 4,300 x 4,300 16-bit film (37 MB) with room to spare. The scoring
+function has 1,024 MB; a file over budget is rejected as ``DECOMPRESSION_BOMB`` and affects only its own record."""
+
 
 class RejectionReason(StrEnum):
     """Why an input file can never be scored, however often it is retried."""
@@ -30,6 +35,9 @@ class RejectionReason(StrEnum):
     """The notified object version (or its whole bucket) was deleted before it could be read."""
     OBJECT_ARCHIVED = "OBJECT_ARCHIVED"
     """The object is in an archive storage class or tier: it cannot be read until it is restored."""
+    NOT_A_CHEST_XRAY = "NOT_A_CHEST_XRAY"
+    """The file decodes, but what it shows is not a chest radiograph the model can read (blank, noise, a photograph,
+    a document, another body part): the input gate of the model's artifact refused it."""
 
 
 class InvalidImageError(ValueError):
