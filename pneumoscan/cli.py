@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     evaluate.set_defaults(run=_evaluate)
 
+    _add_attach_gate(commands)
+
     score = commands.add_parser("score", help="score image files; one JSON line per file")
     score.add_argument(
         "--model",
@@ -241,6 +243,20 @@ def _model_bucket(target: StackTarget, arguments: argparse.Namespace) -> str:
     return bucket
 
 
+def _add_attach_gate(commands: Any) -> None:
+    """The ``attach-gate`` command, which builds its own parser (``build_parser`` would grow past ruff's limit)."""
+    attach = commands.add_parser(
+        "attach-gate", help="give an artifact trained before the input gate its gate, as a new version"
+    )
+    attach.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
+    attach.add_argument("--keras", type=Path, required=True, help="the artifact's model.keras")
+    attach.add_argument(
+        "--data", type=Path, default=os.environ.get("PNEUMOSCAN_DATA"), help="the chest_xray folder it was trained on"
+    )
+    attach.add_argument("--output", type=Path, required=True, help="folder for the new artifact")
+    attach.set_defaults(run=_attach_gate)
+
+
 def _default_test_split() -> Path:
     data = os.environ.get("PNEUMOSCAN_DATA", str(REPOSITORY_ROOT.parent / "shared" / "data" / "chest_xray"))
     return Path(data) / "test"
@@ -300,6 +316,21 @@ def _evaluate(arguments: argparse.Namespace) -> int:
     if arguments.report:
         write_split_plots(arguments.report, arguments.data.name, scores, evaluation.threshold)
     print(json.dumps(evaluation.to_dict(), indent=2))
+    return 0
+
+
+def _attach_gate(arguments: argparse.Namespace) -> int:
+    if arguments.data is None or not arguments.data.is_dir():
+        raise MissingPathError(
+            f"no data set at {arguments.data}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder"
+        )
+    from training.attach_gate import attach_gate
+
+    with _stdout_to_stderr():
+        card = attach_gate(arguments.model, arguments.keras, arguments.data, arguments.output)
+    print(
+        json.dumps({"version": card["version"], "derived_from": card["derived_from"], "input_gate": card["input_gate"]})
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from core.model_card import (
     CARD_FILE,
     EXPLAINER_FILE,
+    GATE_FILE,
     MODEL_FILE,
     ModelArtifactError,
     ServingSpec,
@@ -75,7 +76,7 @@ def _spec(size: int) -> ServingSpec:
 def _release_copy(destination: Path) -> Path:
     """The release artifact's served files (no report) in a folder that a test may change."""
     destination.mkdir()
-    for name in (MODEL_FILE, CARD_FILE, EXPLAINER_FILE):
+    for name in (MODEL_FILE, CARD_FILE, EXPLAINER_FILE, GATE_FILE):
         shutil.copyfile(RELEASE_MODEL / name, destination / name)
     return destination
 
@@ -296,7 +297,7 @@ def test_registry_round_trip_carries_the_explainer(s3: Any, tmp_path: Path) -> N
 
 
 def test_registry_round_trip_without_explainer(s3: Any, tmp_path: Path) -> None:
-    """An artifact without an explainer publishes and downloads as before, with no explain.tflite."""
+    """An artifact without an explainer publishes and downloads its other files, with no explain.tflite."""
     artifact = _release_copy(tmp_path / "artifact")
     (artifact / EXPLAINER_FILE).unlink()
     card = read_card(artifact)
@@ -305,6 +306,6 @@ def test_registry_round_trip_without_explainer(s3: Any, tmp_path: Path) -> None:
     registry = ModelRegistry(s3, MODEL_BUCKET)
     prefix = registry.publish(artifact)
     keys = {item["Key"] for item in s3.list_objects_v2(Bucket=MODEL_BUCKET)["Contents"]}
-    assert {f"{prefix}{MODEL_FILE}", f"{prefix}{CARD_FILE}"} == keys
+    assert {f"{prefix}{MODEL_FILE}", f"{prefix}{GATE_FILE}", f"{prefix}{CARD_FILE}"} == keys
     registry.download(prefix, tmp_path / "downloaded")
-    assert sorted(p.name for p in (tmp_path / "downloaded").iterdir()) == [MODEL_FILE, CARD_FILE]
+    assert sorted(p.name for p in (tmp_path / "downloaded").iterdir()) == sorted([MODEL_FILE, GATE_FILE, CARD_FILE])

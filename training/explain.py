@@ -25,7 +25,7 @@ from keras import layers
 
 from core.model_card import EXPLAINER_FILE, sha256_of
 from scoring.explainer import Explainer
-from scoring.litert import BatchedInterpreter
+from scoring.litert import ClassifierModel
 from training.export import convert
 from training.models import PerImageStandardization  # noqa: F401  # Registered for the saved models that use it.
 
@@ -152,12 +152,12 @@ def max_logit_difference(explainer_path: Path, served_model: Path, bias: float, 
     if len(images) == 0:
         raise ValueError("the parity check needs at least one image")
     explainer = Explainer(explainer_path)
-    served = BatchedInterpreter(served_model)
+    served = ClassifierModel(served_model)
     differences = []
     for start in range(0, len(images), 32):
         batch = images[start : start + 32]
         reconstructed = bias + explainer.maps(batch).astype(np.float64).mean(axis=(1, 2))
-        differences.append(np.abs(reconstructed - served.run(batch).reshape(-1)))
+        differences.append(np.abs(reconstructed - served.logits(batch)))
     return float(np.max(np.concatenate(differences)))
 
 

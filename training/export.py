@@ -13,8 +13,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from scoring.litert import BatchedInterpreter
+from scoring.litert import ClassifierModel
 from training.calibration import sigmoid
+from training.gate import serving_model
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class ExportResult:
 
 
 def convert(classifier: keras.Model, quantization: str, representative_images: np.ndarray) -> bytes:
-    """Convert the classifier to a LiteRT flatbuffer (float32, or int8 weights and activations)."""
+    """Convert a Keras model to a LiteRT flatbuffer (float32, or int8 weights and activations)."""
     converter = tf.lite.TFLiteConverter.from_keras_model(classifier)
     if quantization == "int8":
 
@@ -92,8 +93,8 @@ def measure(
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.tflite"
         path.write_bytes(model_bytes)
-        model = BatchedInterpreter(path)
-        logits = np.concatenate([model.run(images[i : i + 32]).reshape(-1) for i in range(0, len(images), 32)])
+        model = ClassifierModel(path)
+        logits = np.concatenate([model.logits(images[i : i + 32]) for i in range(0, len(images), 32)])
         single = images[:1]
         model.run(single)
         started = time.perf_counter()
@@ -125,13 +126,13 @@ def export(
     seed: int = 0,
 ) -> ExportResult:
     """Convert, measure every requested quantization on validation images, gate on parity of probabilities and
-    labels at the threshold, pick one."""
+    labels at the threshold, pick one. The served model also outputs the pooled features the input gate reads."""
     rng = np.random.default_rng(seed)
     representative = validation_images[rng.permutation(len(validation_images))[:200]]
     requested = ("float32", "int8") if quantization == "auto" else (quantization,)
     candidates: list[tuple[ExportCandidate, bytes]] = []
     for name in requested:
-        model_bytes = convert(classifier, name, representative)
+        model_bytes = convert(serving_model(classifier), name, representative)
         candidate = measure(
             model_bytes,
             quantization=name,

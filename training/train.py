@@ -23,8 +23,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from core.model_card import MODEL_FILE, ServingSpec, verify_artifact, write_card
+from core.model_card import GATE_FILE, MODEL_FILE, ServingSpec, sha256_of, verify_artifact, write_card
 from scoring.classifier import Classifier
+from scoring.litert import ClassifierModel
 from training.calibration import TARGET_SENSITIVITY, choose_threshold, fit_temperature, sigmoid
 from training.config import TrainingConfig
 from training.data import (
@@ -44,6 +45,7 @@ from training.efficientnet_lite import imagenet_weights_provenance
 from training.evaluate import ArtifactScores, score_image_set
 from training.explain import export_explainer
 from training.export import ExportResult, export
+from training.gate import FittedGate, fit_input_gate, kept_share
 from training.metrics import evaluate, family_breakdown, headline
 from training.models import build_classifier, build_ensemble, build_training_model, is_backbone_layer
 from training.report import write_report
@@ -147,8 +149,15 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
     elapsed = round(time.monotonic() - started, 1)
     cards = {}
     for model, folder in artifacts:
-        explainer = evaluations[model.role].explainer
-        cards[model.role] = build_card(model, context, evaluations, training_seconds=elapsed, explainer=explainer)
+        evaluation = evaluations[model.role]
+        cards[model.role] = build_card(
+            model,
+            context,
+            evaluations,
+            training_seconds=elapsed,
+            explainer=evaluation.explainer,
+            input_gate=evaluation.input_gate,
+        )
         write_card(folder, cards[model.role])
         verify_artifact(folder)  # The files on disk are the ones the card describes.
     return cards[served.role]
@@ -383,6 +392,8 @@ class ArtifactEvaluation:
     by_family: dict[str, dict[str, dict[str, float]]]
     explainer: dict[str, Any] | None
     """The card's explainer section, None for an architecture without a class activation map."""
+    input_gate: dict[str, Any] | None = None
+    """The card's input gate section, None for a model without a pooled features output."""
 
 
 def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> ArtifactEvaluation:
@@ -394,10 +405,18 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
         model.classifier, folder, served_model=folder / MODEL_FILE, images=model.splits.validation.images
     )
     model.classifier.save(folder / KERAS_FILE)
+    fitted = fit_artifact_gate(folder / MODEL_FILE, model.splits)
+    gate_section = None
+    if fitted is not None:
+        fitted.gate.save(folder / GATE_FILE)
+        test_kept = None
+        if context.config.evaluate_test:
+            test_kept = kept_share(fitted.gate, model.splits.test.images, served_features(folder, model.splits.test))
+        gate_section = fitted.card_section(sha256_of(folder / GATE_FILE), test_kept=test_kept)
     # The served classifier: the model file just written, with the temperature and threshold its card will hold.
     # The card itself is written once, with the metrics, when every artifact of the run has been measured.
-    spec = ServingSpec.from_card(build_card(model, context, explainer=explainer))
-    served = Classifier(folder / MODEL_FILE, spec)
+    spec = ServingSpec.from_card(build_card(model, context, explainer=explainer, input_gate=gate_section))
+    served = Classifier(folder / MODEL_FILE, spec, gate=fitted.gate if fitted is not None else None)
     scores: dict[str, ArtifactScores] = {}
     metrics: dict[str, dict[str, Any]] = {}
     by_family: dict[str, dict[str, dict[str, float]]] = {}
@@ -412,15 +431,39 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
         families = [image_family(item.path.name) for item in image_set.files]
         by_family[split] = family_breakdown(families, image_set.labels, scores[split].probabilities, model.threshold)
     write_report(folder / "report", model.histories, scores, model.threshold)
-    return ArtifactEvaluation(model.architecture, metrics, by_family, explainer)
+    return ArtifactEvaluation(model.architecture, metrics, by_family, explainer, gate_section)
+
+
+def fit_artifact_gate(model_path: Path, splits: DecodedSplits) -> FittedGate | None:
+    """Fit the input gate on the exported model's own pooled features of the fit films (threshold on validation);
+    None when the model has no features output."""
+    if ClassifierModel(model_path).feature_count is None:
+        return None
+    folder = model_path.parent
+    return fit_input_gate(
+        served_features(folder, splits.fit),
+        splits.fit.labels,
+        splits.fit.images,
+        served_features(folder, splits.validation),
+        splits.validation.images,
+    )
+
+
+def served_features(folder: Path, images: ImageSet, batch_size: int = 64) -> np.ndarray:
+    """The pooled features of an image set as the exported model in ``folder`` computes them."""
+    model = ClassifierModel(folder / MODEL_FILE)
+    batches = [model.run(images.images[i : i + batch_size])[1] for i in range(0, len(images), batch_size)]
+    return np.concatenate([batch for batch in batches if batch is not None])
 
 
 def build_card(
     model: TrainedModel,
     context: CardContext,
     evaluations: dict[str, ArtifactEvaluation] | None = None,
+    *,
     training_seconds: float | None = None,
     explainer: dict[str, Any] | None = None,
+    input_gate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card of one artifact; with ``evaluations``, its metrics and the side-by-side comparison."""
     config = context.config
@@ -476,6 +519,8 @@ def build_card(
         }
     if explainer is not None:
         card["explainer"] = explainer
+    if input_gate is not None:
+        card["input_gate"] = input_gate
     if evaluations is not None:
         own = evaluations[model.role]
         card["metrics"] = own.metrics

@@ -17,6 +17,9 @@ MODEL_FILE = "model.tflite"
 CARD_FILE = "model_card.json"
 EXPLAINER_FILE = "explain.tflite"
 """The optional class-activation-map model; an artifact has one only when its card has an ``explainer`` section."""
+GATE_FILE = "input_gate.npz"
+"""The optional input gate's statistics (``core.input_gate``); present only when the card has an ``input_gate``
+section."""
 
 
 class ModelArtifactError(RuntimeError):
@@ -42,6 +45,8 @@ class ServingSpec:
     """Fingerprint of the exact data the model was trained and evaluated on; equal for comparable AUCs."""
     explainer_bias: float | None = None
     """The logit's bias: ``logit = explainer_bias + mean(map)`` for the explainer's contribution map."""
+    gate_sha256: str | None = None
+    """Checksum of ``input_gate.npz``; None when the card names no input gate (models trained before it existed)."""
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> ServingSpec:
@@ -55,6 +60,9 @@ class ServingSpec:
             if explainer is not None and explainer.get("file", EXPLAINER_FILE) != EXPLAINER_FILE:
                 # The file name is fixed, so a card can never point the scorer at another path.
                 raise ModelArtifactError(f"the explainer must be {EXPLAINER_FILE}, not {explainer['file']!r}")
+            gate = card.get("input_gate")
+            if gate is not None and gate.get("file", GATE_FILE) != GATE_FILE:
+                raise ModelArtifactError(f"the input gate must be {GATE_FILE}, not {gate['file']!r}")
             return cls(
                 version=str(card["version"]),
                 input_size=int(card["input"]["size"]),
@@ -67,11 +75,14 @@ class ServingSpec:
                 explainer_bias=float(explainer["bias"]) if explainer is not None else None,
                 test_count=int(test["count"]) if "count" in test else None,
                 data_manifest_sha256=str(card["data_manifest_sha256"]) if "data_manifest_sha256" in card else None,
+                gate_sha256=str(gate["sha256"]) if gate is not None else None,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelArtifactError(f"model card is missing or has a malformed field: {error!r}") from error
         except AttributeError as error:
-            raise ModelArtifactError(f"model card has a malformed explainer section: {error!r}") from error
+            raise ModelArtifactError(
+                f"model card has a malformed explainer or input gate section: {error!r}"
+            ) from error
 
 
 def sha256_of(path: Path) -> str:
@@ -98,12 +109,14 @@ def write_card(directory: Path, card: dict[str, Any]) -> None:
 
 
 def verify_artifact(directory: Path) -> ServingSpec:
-    """Check that the artifact's model file (and explainer, when the card names one) matches the sha256 its card
-    states, and return the serving spec."""
+    """Check that the artifact's model file (and explainer and input gate, when the card names them) match the
+    sha256 its card states, and return the serving spec."""
     spec = ServingSpec.from_card(read_card(directory))
     verify_file(directory / MODEL_FILE, spec.model_sha256)
     if spec.explainer_sha256 is not None:
         verify_file(directory / EXPLAINER_FILE, spec.explainer_sha256)
+    if spec.gate_sha256 is not None:
+        verify_file(directory / GATE_FILE, spec.gate_sha256)
     return spec
 
 

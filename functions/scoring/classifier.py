@@ -1,4 +1,4 @@
-"""Scoring preprocessed images with the LiteRT interpreter and the calibration of the model card."""
+"""Scoring preprocessed images with the LiteRT interpreter, the calibration of the model card and its input gate."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ from pathlib import Path
 
 import numpy as np
 
-from core.model_card import EXPLAINER_FILE, MODEL_FILE, ServingSpec, verify_artifact, verify_file
+from core.input_gate import InputGate
+from core.model_card import (
+    EXPLAINER_FILE,
+    GATE_FILE,
+    MODEL_FILE,
+    ModelArtifactError,
+    ServingSpec,
+    verify_artifact,
+    verify_file,
+)
+from core.rejections import InvalidImageError, RejectionReason
 from scoring.explainer import Explainer
-from scoring.litert import BatchedInterpreter
+from scoring.litert import ClassifierModel
 
 
 @dataclass(frozen=True)
@@ -29,20 +39,33 @@ class Classifier:
     """A verified model artifact loaded into a LiteRT interpreter, scoring batches of preprocessed images."""
 
     def __init__(
-        self, model_path: Path, spec: ServingSpec, num_threads: int = 1, *, directory: Path | None = None
+        self,
+        model_path: Path,
+        spec: ServingSpec,
+        num_threads: int = 1,
+        *,
+        directory: Path | None = None,
+        gate: InputGate | None = None,
     ) -> None:
-        """``directory`` is the artifact folder the explainer is loaded from; without it there is no explainer."""
+        """``directory`` is the artifact folder the explainer is loaded from; without it there is no explainer.
+        Without a ``gate`` every decodable image is scored (artifacts made before the gate existed)."""
         self.spec = spec
         self.directory = directory
+        self.gate = gate
         self._num_threads = num_threads
-        self._model = BatchedInterpreter(model_path, num_threads=num_threads)
+        self._model = ClassifierModel(model_path, num_threads=num_threads)
+        if gate is not None and self._model.feature_count != gate.feature_count:
+            raise ModelArtifactError(
+                f"the input gate expects {gate.feature_count} features, the model gives {self._model.feature_count}"
+            )
         self._explainer: Explainer | None = None
 
     @classmethod
     def from_directory(cls, directory: Path, num_threads: int = 1) -> Classifier:
-        """Load an artifact directory after checking its model file (and explainer) against the card's sha256."""
+        """Load an artifact directory after checking its model file (explainer, input gate) against the card."""
         spec = verify_artifact(directory)
-        return cls(directory / MODEL_FILE, spec, num_threads=num_threads, directory=directory)
+        gate = InputGate.load(directory / GATE_FILE) if spec.gate_sha256 is not None else None
+        return cls(directory / MODEL_FILE, spec, num_threads=num_threads, directory=directory, gate=gate)
 
     @property
     def input_size(self) -> int:
@@ -63,13 +86,30 @@ class Classifier:
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """Raw PNEUMONIA logits of a ``(n, size, size, 1)`` uint8 batch."""
-        return self._model.run(pixels, expected_size=self.input_size).reshape(-1)
+        return self._model.logits(pixels, expected_size=self.input_size)
 
     def predict(self, pixels: np.ndarray) -> list[Prediction]:
-        """Calibrated predictions for a batch of preprocessed images."""
+        """Calibrated predictions for a batch of preprocessed images, whatever they show: for measuring the model.
+        Serving uses ``screen``, which refuses what the input gate does not accept."""
         if len(pixels) == 0:
             return []
         return [self.calibrate(float(logit)) for logit in self.logits(pixels)]
+
+    def screen(self, pixels: np.ndarray) -> list[Prediction | InvalidImageError]:
+        """For each image of a batch, its prediction, or a ``NOT_A_CHEST_XRAY`` rejection from the input gate."""
+        if len(pixels) == 0:
+            return []
+        logits, features = self._model.run(pixels, expected_size=self.input_size)
+        predictions = [self.calibrate(float(logit)) for logit in logits]
+        if self.gate is None or features is None:
+            return list(predictions)
+        verdicts = self.gate.check(pixels, features)
+        return [
+            prediction
+            if verdict.refusal is None
+            else InvalidImageError(RejectionReason.NOT_A_CHEST_XRAY, verdict.refusal)
+            for prediction, verdict in zip(predictions, verdicts, strict=True)
+        ]
 
     def calibrate(self, logit: float) -> Prediction:
         """Turn one logit into a prediction with the card's temperature and threshold."""

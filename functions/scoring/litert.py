@@ -1,4 +1,4 @@
-"""One LiteRT model with a single uint8 image input and a single output, run on batches of any size."""
+"""One LiteRT model with a single uint8 image input and one or more outputs, run on batches of any size."""
 
 from __future__ import annotations
 
@@ -14,16 +14,30 @@ class BatchedInterpreter:
     def __init__(self, model_path: Path, num_threads: int = 1) -> None:
         self._interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
         input_details = self._interpreter.get_input_details()[0]
-        output_details = self._interpreter.get_output_details()[0]
+        output_details = self._interpreter.get_output_details()
         self._input_index = input_details["index"]
-        self._output_index = output_details["index"]
+        self._output_indices = [details["index"] for details in output_details]
         self.input_size = int(input_details["shape"][1])
-        self.output_shape = tuple(int(side) for side in output_details["shape"][1:])
-        """The shape of one image's output, without the batch axis."""
+        self.output_shapes = tuple(tuple(int(side) for side in details["shape"][1:]) for details in output_details)
+        """The shape of one image's output, without the batch axis, for each output in the model's order."""
         self._batch_size = 0
 
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of one image's output of a model with a single output."""
+        if len(self.output_shapes) != 1:
+            raise ValueError(f"the model has {len(self.output_shapes)} outputs, not one")
+        return self.output_shapes[0]
+
     def run(self, pixels: np.ndarray, expected_size: int | None = None) -> np.ndarray:
-        """The output of a ``(n, size, size, 1)`` uint8 batch, as a float64 array of ``(n, *output_shape)``."""
+        """The output of a single-output model for a ``(n, size, size, 1)`` uint8 batch, as float64
+        ``(n, *output_shape)``."""
+        shape = self.output_shape
+        return self.run_all(pixels, expected_size)[0].reshape(len(pixels), *shape)
+
+    def run_all(self, pixels: np.ndarray, expected_size: int | None = None) -> list[np.ndarray]:
+        """Every output of a ``(n, size, size, 1)`` uint8 batch, as float64 ``(n, *shape)`` arrays in the order of
+        ``output_shapes``."""
         size = expected_size or self.input_size
         if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 1):
             raise ValueError(f"expected (n, {size}, {size}, 1) pixels, got {pixels.shape}")
@@ -33,5 +47,42 @@ class BatchedInterpreter:
             self._batch_size = len(pixels)
         self._interpreter.set_tensor(self._input_index, np.ascontiguousarray(pixels, dtype=np.uint8))
         self._interpreter.invoke()
-        output = np.array(self._interpreter.get_tensor(self._output_index), dtype=np.float64)
-        return output.reshape(len(pixels), *self.output_shape)
+        return [
+            np.array(self._interpreter.get_tensor(index), dtype=np.float64).reshape(len(pixels), *shape)
+            for index, shape in zip(self._output_indices, self.output_shapes, strict=True)
+        ]
+
+
+class ClassifierModel:
+    """``model.tflite``: the PNEUMONIA logit output and, for a model with an input gate, its pooled features.
+
+    LiteRT does not keep the Keras order of outputs, so they are told apart by shape: the logit has one value per
+    image, the features many."""
+
+    def __init__(self, model_path: Path, num_threads: int = 1) -> None:
+        self._model = BatchedInterpreter(model_path, num_threads=num_threads)
+        shapes = self._model.output_shapes
+        logits = [position for position, shape in enumerate(shapes) if shape in {(1,), ()}]
+        features = [position for position, shape in enumerate(shapes) if len(shape) == 1 and shape[0] > 1]
+        if len(logits) != 1 or len(features) > 1 or len(shapes) != len(logits) + len(features):
+            raise ValueError(f"expected a logit output and at most one feature output, got shapes {shapes}")
+        self._logit_position = logits[0]
+        self._features_position = features[0] if features else None
+        self.input_size = self._model.input_size
+
+    @property
+    def feature_count(self) -> int | None:
+        """The length of the pooled feature vector, or None for a model without the features output."""
+        if self._features_position is None:
+            return None
+        return self._model.output_shapes[self._features_position][0]
+
+    def run(self, pixels: np.ndarray, expected_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(n,)`` logits and ``(n, features)`` pooled features (None without that output) of a uint8 batch."""
+        outputs = self._model.run_all(pixels, expected_size)
+        features = outputs[self._features_position] if self._features_position is not None else None
+        return outputs[self._logit_position].reshape(-1), features
+
+    def logits(self, pixels: np.ndarray, expected_size: int | None = None) -> np.ndarray:
+        """``(n,)`` logits of a uint8 batch."""
+        return self.run(pixels, expected_size)[0]

@@ -201,10 +201,21 @@ class ScoringPipeline:
         if not live:
             return
         try:
-            predictions = classifier().predict(np.stack([image.pixels for image in live]))
+            verdicts = classifier().screen(np.stack([image.pixels for image in live]))
         except Exception as fault:  # noqa: BLE001  # A model fault fails the records with images, so they retry.
             for image in live:
                 plans[image.message_id].fault = fault
+            return
+        # What the input gate refuses is rejected, like a file that cannot be decoded, and gets no heatmap.
+        for image, verdict in zip(live, verdicts, strict=True):
+            if isinstance(verdict, InvalidImageError):
+                plans[image.message_id].results.append(
+                    self._rejection(image.ref, *_rejection_of(verdict), image.started)
+                )
+        accepted = [(image, v) for image, v in zip(live, verdicts, strict=True) if not isinstance(v, InvalidImageError)]
+        live = [image for image, _ in accepted]
+        predictions = [prediction for _, prediction in accepted]
+        if not live:
             return
         heatmaps = HeatmapOutcome()
         if self._heatmaps is not None:

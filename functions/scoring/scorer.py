@@ -1,4 +1,5 @@
-"""Score a batch of uploaded files: preprocess each, run one batched inference, keep per-file rejections."""
+"""Score a batch of uploaded files: preprocess each, run one batched inference behind the model's input gate, keep
+per-file rejections."""
 
 from __future__ import annotations
 
@@ -24,6 +25,6 @@ def score_files(classifier: Classifier, payloads: Sequence[bytes]) -> list[Predi
         else:
             batch_positions.append(position)
     if batch_pixels:
-        for position, prediction in zip(batch_positions, classifier.predict(np.stack(batch_pixels)), strict=True):
+        for position, prediction in zip(batch_positions, classifier.screen(np.stack(batch_pixels)), strict=True):
             results[position] = prediction
     return [result for result in results if result is not None]
