@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.model_card import MODEL_FILE, ModelArtifactError, read_card, sha256_of, verify_artifact
+from core.model_card import GATE_FILE, MODEL_FILE, ModelArtifactError, read_card, sha256_of, verify_artifact
 from core.preprocessing import preprocess
 from scoring.classifier import Classifier
 from tests.conftest import SmokeRun
 from training import train
 from training.config import TrainingConfig
 from training.data import DataLayoutError
+from training.gate import MINIMUM_VALIDATION_KEPT
 from training.job import run_job
 from training.metrics import METRIC_NAMES
 
@@ -148,3 +149,13 @@ def test_hyperparameters_arrive_as_strings() -> None:
     assert (config.student_architecture, config.evaluate_test, config.pretrained) == (None, False, False)
     with pytest.raises(ValueError, match="unknown hyper-parameter"):
         TrainingConfig().with_overrides({"epoch": "3"})
+
+
+def test_artifacts_carry_an_input_gate(smoke_artifact: Path) -> None:
+    """Training fits an input gate for the served model and for its alternative, each named and checked by its card."""
+    for folder in (smoke_artifact, *sorted((smoke_artifact / "alternatives").iterdir())):
+        section = read_card(folder)["input_gate"]
+        assert section["sha256"] == sha256_of(folder / GATE_FILE)
+        assert section["validation_kept"] >= MINIMUM_VALIDATION_KEPT
+        assert "test_kept" in section
+        assert Classifier.from_directory(folder).gate is not None
