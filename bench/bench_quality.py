@@ -1,7 +1,8 @@
 """Quality of the served artifact on the test split, recomputed from scratch through `pneumoscan score`.
 
 Every test image goes through the command users run; labels come from the folder names; the metrics (with
-bootstrap 95% intervals) are printed next to what the model card claims. Run with `make bench`.
+bootstrap 95% intervals) are printed next to what the model card claims. The input gate's figures follow: the test
+films it keeps and the share of a set of non-radiographs it refuses. Run with `make bench`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from PIL import Image
 
 from core.model_card import read_card
 from core.preprocessing import preprocess
+from core.rejections import InvalidImageError, RejectionReason
+from infra.non_radiographs import non_radiographs
 from scoring.classifier import Classifier
+from scoring.scorer import score_files
 from training.data import list_split, patient_level_split
 from training.metrics import HEADLINE_METRICS, METRIC_NAMES, evaluate
 
@@ -46,6 +50,7 @@ def measure_artifact(model: Path, paths: list[Path]) -> tuple[dict[str, Any], di
     lines = score_with_cli(model, paths)
     errors = [line for line in lines if "error" in line]
     if errors or len(lines) != len(paths):
+        # A test film refused by the input gate is a failure of the gate's bar too: nothing is left out quietly.
         raise SystemExit(f"{len(errors)} test images could not be scored by {model}: {errors[:3]}")
     labels = np.array([Path(line["path"]).parent.name == "PNEUMONIA" for line in lines], dtype=int)
     probabilities = np.array([line["pneumonia_probability"] for line in lines])
@@ -73,6 +78,7 @@ def full_resolution_consistency(model: Path, data: Path, every: int = 7, limit: 
         uploads.append(preprocess(buffer.getvalue(), size=classifier.input_size).pixels)
     copy_probabilities = np.array([p.pneumonia_probability for p in classifier.predict(np.stack(copies))])
     upload_probabilities = np.array([p.pneumonia_probability for p in classifier.predict(np.stack(uploads))])
+    refused = sum(isinstance(result, InvalidImageError) for result in classifier.screen(np.stack(uploads)))
     threshold = classifier.spec.threshold
     moved = np.abs(copy_probabilities - upload_probabilities)
     flips = (copy_probabilities >= threshold) != (upload_probabilities >= threshold)
@@ -81,6 +87,27 @@ def full_resolution_consistency(model: Path, data: Path, every: int = 7, limit: 
         "max_probability_change": round(float(moved.max()), 4),
         "mean_probability_change": round(float(moved.mean()), 4),
         "labels_changed": int(flips.sum()),
+        "uploads_refused_by_gate": refused,
+    }
+
+
+def gate_figures(model: Path, test_paths: list[Path]) -> dict[str, Any]:
+    """The input gate's bars: test films kept (all of them, through the served path) and non-radiographs refused."""
+    classifier = Classifier.from_directory(model)
+    test_results = score_files(classifier, [path.read_bytes() for path in test_paths])
+    items = non_radiographs()
+    refused_by_category: dict[str, list[int]] = {}
+    for item, result in zip(items, score_files(classifier, [item.data for item in items]), strict=True):
+        refused = isinstance(result, InvalidImageError) and result.reason is RejectionReason.NOT_A_CHEST_XRAY
+        refused_by_category.setdefault(item.category, []).append(int(refused))
+    refused_total = sum(sum(values) for values in refused_by_category.values())
+    return {
+        "test_films": len(test_paths),
+        "test_films_kept": sum(not isinstance(result, InvalidImageError) for result in test_results),
+        "non_radiographs": len(items),
+        "non_radiographs_refused": refused_total,
+        "refused_share": round(refused_total / len(items), 4),
+        "by_category": {name: f"{sum(values)}/{len(values)}" for name, values in sorted(refused_by_category.items())},
     }
 
 
@@ -121,15 +148,25 @@ def main() -> dict[str, Any]:
         }
     figures["comparison"] = comparison
     print("\nFull-resolution consistency on validation films (copy vs the same film as a ~2,000 px JPEG):\n")
-    print("| model | films | max change | mean change | labels changed |\n|---|---|---|---|---|")
+    print("| model | films | max change | mean change | labels changed | refused by gate |\n|---|---|---|---|---|---|")
     folders = {"served": RELEASE_MODEL, **{n: f for n, f in COMPARED_MODELS.items() if f.is_dir()}}
     consistency = {name: full_resolution_consistency(folder, data) for name, folder in folders.items()}
     for name, row in consistency.items():
         print(
             f"| {name} | {row['films']} | {row['max_probability_change']} | {row['mean_probability_change']} "
-            f"| {row['labels_changed']} |"
+            f"| {row['labels_changed']} | {row['uploads_refused_by_gate']} |"
         )
     figures["full_resolution_consistency"] = consistency
+    if read_card(RELEASE_MODEL).get("input_gate") is not None:
+        gate = gate_figures(RELEASE_MODEL, paths)
+        print("\nInput gate (NOT_A_CHEST_XRAY) of the served model (bars: every test film kept, >= 95% refused):\n")
+        print(f"test X-rays kept: {gate['test_films_kept']} of {gate['test_films']}")
+        print(
+            f"non-radiographs refused: {gate['non_radiographs_refused']} of {gate['non_radiographs']} "
+            f"({gate['refused_share']:.1%}); by category: "
+            + ", ".join(f"{name} {share}" for name, share in gate["by_category"].items())
+        )
+        figures["input_gate"] = gate
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**existing, "quality": figures}, indent=2) + "\n")
     return figures
