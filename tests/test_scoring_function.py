@@ -29,6 +29,7 @@ from core.model_registry import ModelRegistry
 from core.results import NEVER_NOTIFIED, ResultsTable
 from infra.corpus import PATIENT_MARKERS, hostile_files, patient_data_files, valid_variants
 from infra.local_stack import FaultInjectingClient, LocalContext, drain, scan_results
+from infra.non_radiographs import non_radiographs
 from infra.resources import create_data_plane
 from pneumoscan.stack import StackOutputs
 from publisher.handler import result_detail
@@ -597,3 +598,24 @@ def test_model_without_explainer_still_scores(stack: Stack, sample_paths: list[P
     [item] = stack.results()
     assert item["status"] == "SCORED"
     assert "heatmap_key" not in item
+
+
+def test_non_radiographs_are_refused_beside_a_film(stack: Stack, sample_paths: list[Path]) -> None:
+    """A blank image and a photograph in a film's batch are REJECTED as NOT_A_CHEST_XRAY with no verdict or heatmap;
+    the film is scored."""
+    blank = io.BytesIO()
+    Image.new("L", (512, 512), 255).save(blank, format="PNG")
+    photograph = next(item for item in non_radiographs() if item.category == "photograph")
+    stack.upload("incoming/odd/blank.png", blank.getvalue())
+    stack.upload("incoming/odd/photograph.jpeg", photograph.data)
+    stack.upload("incoming/odd/film.jpeg", sample_paths[-1].read_bytes())
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    for name in ("blank.png", "photograph.jpeg"):
+        latest = stack.latest(f"incoming/odd/{name}")
+        assert latest is not None
+        assert (latest["status"], latest["reason"]) == ("REJECTED", "NOT_A_CHEST_XRAY")
+        assert "label" not in latest
+        assert "heatmap_key" not in latest
+    film = stack.latest("incoming/odd/film.jpeg")
+    assert film is not None
+    assert film["status"] == "SCORED"

@@ -206,24 +206,25 @@ class ScoringPipeline:
             for image in live:
                 plans[image.message_id].fault = fault
             return
-        # What the input gate refuses is rejected, like a file that cannot be decoded, and gets no heatmap.
+        accepted: list[tuple[_PendingImage, Prediction]] = []
         for image, verdict in zip(live, verdicts, strict=True):
             if isinstance(verdict, InvalidImageError):
+                # What the input gate refuses is rejected like a file that cannot be decoded, and gets no heatmap.
                 plans[image.message_id].results.append(
                     self._rejection(image.ref, *_rejection_of(verdict), image.started)
                 )
-        accepted = [(image, v) for image, v in zip(live, verdicts, strict=True) if not isinstance(v, InvalidImageError)]
-        live = [image for image, _ in accepted]
-        predictions = [prediction for _, prediction in accepted]
-        if not live:
+            else:
+                accepted.append((image, verdict))
+        if not accepted:
             return
+        scored = [image for image, _ in accepted]
         heatmaps = HeatmapOutcome()
         if self._heatmaps is not None:
-            heatmaps = self._heatmaps.run(live, predictions, classifier())
-        for image in live:
+            heatmaps = self._heatmaps.run(scored, [prediction for _, prediction in accepted], classifier())
+        for image in scored:
             if id(image) in heatmaps.faults:
                 plans[image.message_id].fault = heatmaps.faults[id(image)]
-        for image, prediction in zip(live, predictions, strict=True):
+        for image, prediction in accepted:
             if plans[image.message_id].fault is None:
                 plans[image.message_id].results.append(
                     self._scored(image, prediction, heatmaps.addresses.get(id(image)))
