@@ -679,3 +679,20 @@ def test_unsuccessful_and_refused_training_runs_raise_an_alarm(template: dict[st
     assert states[choice["Default"]]["Type"] == "Fail"
     # Nothing but the choice on promoted leads to success.
     assert not [state for state in states.values() if "Promoted" in (state.get("Next"), state.get("Default"))]
+
+
+def test_alarms_can_be_delivered_to_the_encrypted_topic(template: dict[str, Any]) -> None:
+    """Every alarm notifies the alarm topic, whose key lets CloudWatch publish (the AWS managed key for SNS does not:
+    alarms sent to a topic encrypted with it are dropped)."""
+    resources = template["Resources"]
+    alarms = [resource["Properties"] for resource in resources.values() if resource["Type"] == "AWS::CloudWatch::Alarm"]
+    assert alarms
+    assert all(alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}] for alarm in alarms)
+    key = resources["AlarmTopic"]["Properties"]["KmsMasterKeyId"]
+    assert set(key) == {"Ref"}, key
+    policy = resources[key["Ref"]]["Properties"]["KeyPolicy"]["Statement"]
+    [cloudwatch] = [
+        statement for statement in policy if statement["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    ]
+    assert set(cloudwatch["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey*"}
+    assert cloudwatch["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
