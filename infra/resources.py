@@ -2,16 +2,31 @@
 endpoint: a moto server for the local stack, or moto's in-process mock in tests.
 
 Everything is read from ``template.yaml``; a resource the template changes changes here too, and a test that
-depends on a property breaks when the template drifts.
+depends on a property breaks when the template drifts. The template's conditions are evaluated for the stack's
+parameters, and a resource whose condition does not hold is not created, as in CloudFormation. The control plane
+is deliberately not created: IAM roles, queue and bucket policies, log groups, alarms, the functions and the
+training pipeline. Moto does not enforce IAM or resource policies, so creating them would test nothing; the
+local stack runs the functions in this process instead, and ``tests/test_template.py`` checks the policies.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from infra.template import Resolver, load_template, parameter_defaults, resources_of_type
+from infra.template import (
+    Resolver,
+    evaluate_conditions,
+    is_created,
+    load_template,
+    parameter_defaults,
+    resources_of_type,
+)
 from pneumoscan.stack import DATA_PLANE_OUTPUTS, StackOutputs
+
+Conditions = Mapping[str, bool]
+"""Condition name -> whether it holds for the stack's parameters."""
 
 
 def create_data_plane(
@@ -28,21 +43,22 @@ def create_data_plane(
     """Create queues, tables, buckets and event buses as the template declares them; return the stack's outputs."""
     template = template or load_template()
     resolver = Resolver(parameters={**parameter_defaults(template), **(parameters or {})}, region=region)
-    _create_queues(template, sqs, resolver)
-    _create_tables(template, dynamodb, resolver)
-    _create_buckets(template, s3, resolver, region)
-    _create_event_buses(template, events, resolver)
+    conditions = evaluate_conditions(template, resolver.parameters)
+    _create_queues(template, sqs, resolver, conditions)
+    _create_tables(template, dynamodb, resolver, conditions)
+    _create_buckets(template, s3, resolver, region, conditions)
+    _create_event_buses(template, events, resolver, conditions)
     # Outputs of resources that the local stack does not create (the function, alarms, topics) are skipped.
     outputs = {
         name: resolver.resolve(spec["Value"])
         for name, spec in template["Outputs"].items()
-        if name in DATA_PLANE_OUTPUTS
+        if name in DATA_PLANE_OUTPUTS and is_created(spec, conditions)
     }
     return StackOutputs.from_template_outputs(outputs, endpoint_url=endpoint_url, region=region)
 
 
-def _create_queues(template: dict[str, Any], sqs: Any, resolver: Resolver) -> None:
-    queues = resources_of_type(template, "AWS::SQS::Queue")
+def _create_queues(template: dict[str, Any], sqs: Any, resolver: Resolver, conditions: Conditions) -> None:
+    queues = resources_of_type(template, "AWS::SQS::Queue", conditions)
     # Dead-letter queues first: the queues that redrive to them need their ARN.
     ordered = sorted(queues, key=lambda logical_id: "RedrivePolicy" in queues[logical_id])
     for logical_id in ordered:
@@ -62,8 +78,8 @@ def _create_queues(template: dict[str, Any], sqs: Any, resolver: Resolver) -> No
         resolver.attributes[(logical_id, "QueueName")] = name
 
 
-def _create_tables(template: dict[str, Any], dynamodb: Any, resolver: Resolver) -> None:
-    for logical_id, raw in resources_of_type(template, "AWS::DynamoDB::Table").items():
+def _create_tables(template: dict[str, Any], dynamodb: Any, resolver: Resolver, conditions: Conditions) -> None:
+    for logical_id, raw in resources_of_type(template, "AWS::DynamoDB::Table", conditions).items():
         properties = resolver.resolve(raw)
         name = f"{resolver.parameters['NamePrefix']}-{logical_id}"
         arguments: dict[str, Any] = {
@@ -89,8 +105,8 @@ def _create_tables(template: dict[str, Any], dynamodb: Any, resolver: Resolver) 
         resolver.attributes[(logical_id, "StreamArn")] = description.get("LatestStreamArn", "")
 
 
-def _create_buckets(template: dict[str, Any], s3: Any, resolver: Resolver, region: str) -> None:
-    buckets = resources_of_type(template, "AWS::S3::Bucket")
+def _create_buckets(template: dict[str, Any], s3: Any, resolver: Resolver, region: str, conditions: Conditions) -> None:
+    buckets = resources_of_type(template, "AWS::S3::Bucket", conditions)
     # Buckets without notifications first, so the notification targets of the others already exist.
     for logical_id in sorted(buckets, key=lambda logical_id: "NotificationConfiguration" in buckets[logical_id]):
         properties = resolver.resolve(buckets[logical_id])
@@ -125,8 +141,8 @@ def _create_buckets(template: dict[str, Any], s3: Any, resolver: Resolver, regio
         resolver.attributes[(logical_id, "Arn")] = f"arn:aws:s3:::{name}"
 
 
-def _create_event_buses(template: dict[str, Any], events: Any, resolver: Resolver) -> None:
-    for logical_id, raw in resources_of_type(template, "AWS::Events::EventBus").items():
+def _create_event_buses(template: dict[str, Any], events: Any, resolver: Resolver, conditions: Conditions) -> None:
+    for logical_id, raw in resources_of_type(template, "AWS::Events::EventBus", conditions).items():
         name = resolver.resolve(raw)["Name"]
         arn = events.create_event_bus(Name=name)["EventBusArn"]
         resolver.references[logical_id] = name

@@ -1,9 +1,10 @@
-"""Reading ``template.yaml``: CloudFormation's short-form tags and the few intrinsic functions the data-plane
-resources use, so local stacks and tests are built from the template itself rather than a second list."""
+"""Reading ``template.yaml``: CloudFormation's short-form tags, its conditions and the few intrinsic functions the
+data-plane resources use, so local stacks and tests are built from the template itself rather than a second list."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,79 @@ def parameter_defaults(template: dict[str, Any]) -> dict[str, Any]:
     return {name: spec.get("Default") for name, spec in template.get("Parameters", {}).items()}
 
 
-def resources_of_type(template: dict[str, Any], resource_type: str) -> dict[str, dict[str, Any]]:
-    """Logical id -> properties of every resource of one type."""
+def evaluate_conditions(template: dict[str, Any], parameters: Mapping[str, Any] | None = None) -> dict[str, bool]:
+    """Each of the template's conditions for these parameters (the template's defaults where one is not given)."""
+    values = {**parameter_defaults(template), **(parameters or {})}
+    declared: dict[str, Any] = template.get("Conditions", {})
+    results: dict[str, bool] = {}
+
+    def condition(name: str) -> bool:
+        if name not in results:
+            results[name] = truth(declared[name])
+        return results[name]
+
+    def value(argument: Any) -> Any:
+        if isinstance(argument, dict) and set(argument) == {"Ref"}:
+            return values[argument["Ref"]]
+        if isinstance(argument, dict):
+            raise ValueError(f"unsupported value in a condition: {argument}")
+        return argument
+
+    def truth(expression: Any) -> bool:
+        [(function, argument)] = expression.items()
+        if function == "Condition":
+            return condition(argument)
+        if function == "Fn::Equals":
+            left, right = (str(value(item)) for item in argument)
+            return left == right
+        if function == "Fn::Not":
+            return not truth(argument[0])
+        if function == "Fn::And":
+            return all(truth(item) for item in argument)
+        if function == "Fn::Or":
+            return any(truth(item) for item in argument)
+        raise ValueError(f"unsupported condition function {function}")
+
+    return {name: condition(name) for name in declared}
+
+
+def is_created(declaration: Mapping[str, Any], conditions: Mapping[str, bool]) -> bool:
+    """Whether a resource or output exists: it names no condition, or one that holds."""
+    name = declaration.get("Condition")
+    return name is None or conditions[name]
+
+
+def resources_of_type(
+    template: dict[str, Any], resource_type: str, conditions: Mapping[str, bool] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Logical id -> properties of every resource of one type (of those the conditions create, when given)."""
     return {
         logical_id: resource.get("Properties", {})
         for logical_id, resource in template["Resources"].items()
-        if resource["Type"] == resource_type
+        if resource["Type"] == resource_type and (conditions is None or is_created(resource, conditions))
     }
+
+
+def references(value: Any, conditions: Mapping[str, bool] | None = None) -> set[str]:
+    """The logical ids and parameters a value names through Ref, Fn::GetAtt and Fn::Sub; with conditions, only in
+    the branches of Fn::If that they choose."""
+    if isinstance(value, list):
+        return {name for item in value for name in references(item, conditions)}
+    if not isinstance(value, dict):
+        return set()
+    found: set[str] = set()
+    for key, argument in value.items():
+        if key == "Ref" and isinstance(argument, str):
+            found.add(argument)
+        elif key == "Fn::GetAtt":
+            found.add(argument[0] if isinstance(argument, list) else argument.split(".", 1)[0])
+        elif key == "Fn::Sub":
+            text, variables = (argument, {}) if isinstance(argument, str) else (argument[0], argument[1])
+            named = {match.split(".", 1)[0] for match in re.findall(r"\$\{([^}!]+)\}", text)}
+            found |= (named - set(variables)) | references(variables, conditions)
+        elif key == "Fn::If" and conditions is not None:
+            name, when_true, when_false = argument
+            found |= references(when_true if conditions[name] else when_false, conditions)
+        else:
+            found |= references(argument, conditions)
+    return {name for name in found if not name.startswith("AWS::")}

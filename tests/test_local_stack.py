@@ -57,6 +57,34 @@ def test_resources_follow_the_template(queues: tuple[Any, str, str]) -> None:
     assert redrive["deadLetterTargetArn"] == dlq_arn
 
 
+@pytest.mark.parametrize("training_data_bucket", ["", "hospital-training-data"])
+def test_resources_follow_the_templates_conditions(training_data_bucket: str) -> None:
+    """A resource whose condition does not hold for the stack's parameters is not created, as in CloudFormation: a
+    queue that only the training pipeline would use exists only when a training data bucket is configured."""
+    template = load_template()
+    template["Resources"]["TrainingOnlyQueue"] = {
+        "Type": "AWS::SQS::Queue",
+        "Condition": "HasTrainingData",
+        "Properties": {"SqsManagedSseEnabled": True},
+    }
+    with mock_aws():
+        clients = {name: boto3.client(name, region_name=REGION) for name in ("s3", "sqs", "dynamodb", "events")}
+        create_data_plane(
+            clients["s3"],
+            clients["sqs"],
+            clients["dynamodb"],
+            clients["events"],
+            region=REGION,
+            template=template,
+            parameters={"TrainingDataBucket": training_data_bucket},
+        )
+        names = {url.rsplit("/", 1)[1] for url in clients["sqs"].list_queues().get("QueueUrls", [])}
+    assert ("pneumoscan-ScoringQueue" in names, "pneumoscan-TrainingOnlyQueue" in names) == (
+        True,
+        bool(training_data_bucket),
+    )
+
+
 def _count(sqs: Any, url: str) -> int:
     attributes = sqs.get_queue_attributes(
         QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]

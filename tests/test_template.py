@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from infra.template import load_template
+from infra.template import evaluate_conditions, is_created, load_template, references
 from tests.conftest import REPOSITORY_ROOT
 
 INFRA_BIN = Path(os.environ.get("PNEUMOSCAN_INFRA_BIN", REPOSITORY_ROOT / ".venv-infra" / "bin"))
@@ -42,8 +42,15 @@ def template() -> dict[str, Any]:
 
 
 def _function_statements(template: dict[str, Any], function: str = "ScoringFunction") -> list[dict[str, Any]]:
-    policies = template["Resources"][function]["Properties"]["Policies"]
-    return [statement for policy in policies for statement in policy["Statement"]]
+    """The data statements of a function's role: those about its own logs and traces are checked on their own."""
+    role = template["Resources"][function]["Properties"]["Role"]["Fn::GetAtt"][0]
+    policies = template["Resources"][role]["Properties"]["Policies"]
+    return [
+        statement
+        for policy in policies
+        for statement in policy["PolicyDocument"]["Statement"]
+        if not any(action.startswith(("logs:", "xray:")) for action in statement["Action"])
+    ]
 
 
 def _text(value: Any) -> str:
@@ -342,3 +349,356 @@ def test_batch_backfill_can_only_read_incoming_and_send_to_the_scoring_queue(tem
         else:
             assert text.endswith("${InputPrefix}*")
     assert actions == {"s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket", "sqs:SendMessage"}
+
+
+# Least privilege, read from the template CloudFormation deploys: SAM's translation adds roles, managed policies
+# and event source mappings that template.yaml does not show.
+
+NO_RESOURCE_LEVEL_PERMISSIONS = {
+    # X-Ray's write and sampling APIs name no resource: Lambda and Step Functions send traces with these.
+    "xray:PutTraceSegments",
+    "xray:PutTelemetryRecords",
+    "xray:GetSamplingRules",
+    "xray:GetSamplingTargets",
+    # The ECR login token is account-wide; pulling the image itself is scoped to the training repository.
+    "ecr:GetAuthorizationToken",
+    # CloudWatch metrics name no resource (the training role's statement is limited to SageMaker's namespace).
+    "cloudwatch:PutMetricData",
+    # Step Functions' log delivery is configured through CloudWatch Logs' account-level delivery APIs.
+    "logs:CreateLogDelivery",
+    "logs:GetLogDelivery",
+    "logs:UpdateLogDelivery",
+    "logs:DeleteLogDelivery",
+    "logs:ListLogDeliveries",
+    "logs:PutResourcePolicy",
+    "logs:DescribeResourcePolicies",
+    "logs:DescribeLogGroups",
+}
+"""The only actions a statement may grant on '*': AWS defines no resource-level permissions for them."""
+
+ALLOWED_MANAGED_POLICIES: frozenset[str] = frozenset()
+"""Managed policies a role may attach: none. Each grants on '*' what an explicit statement grants on one resource."""
+
+SQS_CONSUMER_ACTIONS = {
+    "sqs:ReceiveMessage",
+    "sqs:DeleteMessage",
+    "sqs:ChangeMessageVisibility",
+    "sqs:GetQueueAttributes",
+}
+
+
+@pytest.fixture(scope="module")
+def translated() -> dict[str, Any]:
+    """template.yaml after SAM's transform, as CloudFormation receives it (infra/sam_translate.py in .venv-infra)."""
+    result = _run(_tool("python"), "-m", "infra.sam_translate", str(TEMPLATE))
+    assert result.returncode == 0, result.stdout + result.stderr
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _role_statements(role: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every statement of a role's inline policies, both branches of an Fn::If included."""
+    statements: list[dict[str, Any]] = []
+    for policy in role["Properties"].get("Policies", []):
+        for statement in policy["PolicyDocument"]["Statement"]:
+            if "Fn::If" in statement:
+                statements.extend(branch for branch in statement["Fn::If"][1:] if "Effect" in branch)
+            else:
+                statements.append(statement)
+    return statements
+
+
+def _roles(translated: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        logical_id: resource
+        for logical_id, resource in translated["Resources"].items()
+        if resource["Type"] == "AWS::IAM::Role"
+    }
+
+
+def _role_of(translated: dict[str, Any], logical_id: str) -> str:
+    """The logical id of the role a function or state machine runs as (RoleArn or Role: !GetAtt X.Arn)."""
+    properties = translated["Resources"][logical_id]["Properties"]
+    role = properties.get("Role") or properties.get("RoleArn")
+    assert isinstance(role, dict) and "Fn::GetAtt" in role, (logical_id, role)
+    name, attribute = role["Fn::GetAtt"]
+    assert attribute == "Arn"
+    return str(name)
+
+
+def test_no_role_attaches_a_managed_policy(translated: dict[str, Any]) -> None:
+    """No role of the deployed template attaches an AWS managed policy (SAM adds them to the roles it generates:
+    AWSLambdaSQSQueueExecutionRole grants queue reads and deletes on every queue)."""
+    roles = _roles(translated)
+    assert {"ScoringFunctionRole", "ResultPublisherFunctionRole"} <= set(roles)
+    for logical_id, role in roles.items():
+        attached = set(role["Properties"].get("ManagedPolicyArns", []))
+        assert attached <= ALLOWED_MANAGED_POLICIES, (logical_id, attached)
+
+
+def test_every_function_and_the_pipeline_run_as_their_own_declared_role(
+    template: dict[str, Any], translated: dict[str, Any]
+) -> None:
+    """Each function and the state machine names a role declared in template.yaml, none shared: SAM generates none."""
+    runners = [
+        logical_id
+        for logical_id, resource in translated["Resources"].items()
+        if resource["Type"] in {"AWS::Lambda::Function", "AWS::StepFunctions::StateMachine"}
+    ]
+    assert len(runners) == 5
+    roles = [_role_of(translated, logical_id) for logical_id in runners]
+    assert len(set(roles)) == len(roles), roles
+    for runner, role in zip(runners, roles, strict=True):
+        assert template["Resources"][role]["Type"] == "AWS::IAM::Role", role
+        service = "states" if "StateMachine" in translated["Resources"][runner]["Type"] else "lambda"
+        [trust] = template["Resources"][role]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+        assert trust["Principal"] == {"Service": f"{service}.amazonaws.com"}, role
+        assert trust["Action"] == "sts:AssumeRole", role
+
+
+def _resource_text(resource: Any) -> str:
+    """A statement's resource as text: GetAtt as 'X.Arn', Sub as its template string, a literal as itself."""
+    if isinstance(resource, dict) and "Fn::GetAtt" in resource:
+        return ".".join(resource["Fn::GetAtt"])
+    if isinstance(resource, dict) and "Fn::Sub" in resource:
+        argument = resource["Fn::Sub"]
+        return str(argument if isinstance(argument, str) else argument[0])
+    assert isinstance(resource, str), resource
+    return resource
+
+
+def test_every_statement_names_its_resources(translated: dict[str, Any]) -> None:
+    """Every allowed action applies to named resources; '*' only for actions with no resource-level permissions, and
+    no ARN leaves its service, region, account or resource type open."""
+    for logical_id, role in _roles(translated).items():
+        for statement in _role_statements(role):
+            assert statement["Effect"] == "Allow", logical_id
+            actions = _as_list(statement["Action"])
+            assert all("*" not in action.split(":", 1)[1] for action in actions), (logical_id, actions)
+            for resource in _as_list(statement["Resource"]):
+                text = _resource_text(resource)
+                if text == "*":
+                    assert set(actions) <= NO_RESOURCE_LEVEL_PERMISSIONS, (logical_id, statement.get("Sid"))
+                elif text.startswith("arn:"):
+                    # arn:partition:service:region:account:resource; only the resource's own path may be a pattern.
+                    for pseudo in ("${AWS::Partition}", "${AWS::Region}", "${AWS::AccountId}"):
+                        text = text.replace(pseudo, "pseudo")
+                    parts = text.split(":", 5)
+                    assert not any("*" in part for part in parts[:5]), (logical_id, text)
+                    assert not parts[5].startswith("*"), (logical_id, text)
+                else:
+                    # A GetAtt, or a Sub that starts from one (${ModelBucket.Arn}/models/*).
+                    assert re.match(r"^\$?\{?\w+\.(Arn|StreamArn)", text), (logical_id, text)
+
+
+def _grants(translated: dict[str, Any], role: str) -> list[tuple[set[str], list[str]]]:
+    return [
+        (set(_as_list(statement["Action"])), [_resource_text(r) for r in _as_list(statement["Resource"])])
+        for statement in _role_statements(translated["Resources"][role])
+    ]
+
+
+def test_scoring_role_consumes_its_own_queue_and_no_other(translated: dict[str, Any]) -> None:
+    """The scoring function's role receives, deletes and extends messages of the scoring queue only: it cannot touch
+    its dead-letter queue (whose messages are the evidence of failures) or any other queue."""
+    role = _role_of(translated, "ScoringFunction")
+    queue_grants = [(actions, resources) for actions, resources in _grants(translated, role) if "sqs:" in str(actions)]
+    assert queue_grants
+    granted: set[str] = set()
+    for actions, resources in queue_grants:
+        assert all(action.startswith("sqs:") for action in actions), actions
+        assert resources == ["ScoringQueue.Arn"], resources
+        granted |= actions
+    assert granted == SQS_CONSUMER_ACTIONS
+    mentioned = " ".join(" ".join(resources) for _, resources in _grants(translated, role))
+    assert "DeadLetterQueue" not in mentioned
+    assert ":sqs:" not in mentioned
+    # The event source mapping reads the same queue the role is scoped to.
+    [mapping] = [
+        resource["Properties"]
+        for resource in translated["Resources"].values()
+        if resource["Type"] == "AWS::Lambda::EventSourceMapping"
+        and resource["Properties"]["FunctionName"] == {"Ref": "ScoringFunction"}
+    ]
+    assert mapping["EventSourceArn"] == {"Fn::GetAtt": ["ScoringQueue", "Arn"]}
+
+
+def test_publisher_role_reads_only_the_results_stream(translated: dict[str, Any]) -> None:
+    """The publisher's role reads the results table's stream only, sends only to its own dead-letter queue and puts
+    events only on the results bus."""
+    role = _role_of(translated, "ResultPublisherFunction")
+    for actions, resources in _grants(translated, role):
+        if any(action.startswith("dynamodb:") for action in actions):
+            assert actions <= {
+                "dynamodb:DescribeStream",
+                "dynamodb:GetRecords",
+                "dynamodb:GetShardIterator",
+                "dynamodb:ListStreams",
+            }, actions
+            assert resources in (["ResultsTable.StreamArn"], ["${ResultsTable.Arn}/stream/*"]), resources
+        if any(action.startswith("sqs:") for action in actions):
+            assert (actions, resources) == ({"sqs:SendMessage"}, ["PublisherDeadLetterQueue.Arn"])
+        if any(action.startswith("events:") for action in actions):
+            assert (actions, resources) == ({"events:PutEvents"}, ["ResultsEventBus.Arn"])
+
+
+def test_functions_log_to_their_own_log_group_only(template: dict[str, Any], translated: dict[str, Any]) -> None:
+    """Every function logs to a log group of its own with a retention, and its role writes to that group only (no
+    CreateLogGroup: it cannot create groups that keep logs forever)."""
+    functions = [
+        logical_id
+        for logical_id, resource in translated["Resources"].items()
+        if resource["Type"] == "AWS::Lambda::Function"
+    ]
+    groups = set()
+    for function in functions:
+        group = translated["Resources"][function]["Properties"]["LoggingConfig"]["LogGroup"]
+        assert set(group) == {"Ref"}, function
+        groups.add(group["Ref"])
+        assert template["Resources"][group["Ref"]]["Type"] == "AWS::Logs::LogGroup"
+        assert template["Resources"][group["Ref"]]["Properties"]["RetentionInDays"] > 0
+        log_grants = [
+            (actions, resources)
+            for actions, resources in _grants(translated, _role_of(translated, function))
+            if any(action.startswith("logs:") for action in actions)
+        ]
+        assert log_grants == [({"logs:CreateLogStream", "logs:PutLogEvents"}, [f"{group['Ref']}.Arn"])], function
+    assert len(groups) == len(functions)
+
+
+def test_queues_accept_tls_only(template: dict[str, Any]) -> None:
+    """Every queue has a policy denying every action without TLS, and S3 may still send notifications to the scoring
+    queue (from the input bucket only)."""
+    resources = template["Resources"]
+    policies = [
+        resource["Properties"] for resource in resources.values() if resource["Type"] == "AWS::SQS::QueuePolicy"
+    ]
+    queues = [logical_id for logical_id, resource in resources.items() if resource["Type"] == "AWS::SQS::Queue"]
+    assert len(queues) == 3
+    for queue in queues:
+        covering = [policy for policy in policies if {"Ref": queue} in policy["Queues"]]
+        assert len(covering) == 1, queue
+        statements = covering[0]["PolicyDocument"]["Statement"]
+        [deny] = [statement for statement in statements if statement["Effect"] == "Deny"]
+        assert (deny["Principal"], deny["Action"]) == ("*", "sqs:*")
+        assert {"Fn::GetAtt": [queue, "Arn"]} in _as_list(deny["Resource"])
+        assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    [scoring] = [policy for policy in policies if {"Ref": "ScoringQueue"} in policy["Queues"]]
+    [allow] = [statement for statement in scoring["PolicyDocument"]["Statement"] if statement["Effect"] == "Allow"]
+    assert (allow["Principal"], allow["Action"]) == ({"Service": "s3.amazonaws.com"}, "sqs:SendMessage")
+    assert "aws:SourceArn" in allow["Condition"]["ArnEquals"]
+
+
+RETAINED = ("ResultsTable", "InputBucket", "ModelBucket", "HeatmapBucket", "AccessLogsBucket")
+"""What a deleted or replaced stack leaves behind: results, the uploads they were computed from, the models that
+computed them, the heatmaps shown with them, and the access logs of all of these."""
+
+
+def test_results_images_and_models_outlive_the_stack(template: dict[str, Any], translated: dict[str, Any]) -> None:
+    """The results table and the buckets are retained when the stack is deleted or a change replaces them."""
+    stateful = {
+        logical_id
+        for logical_id, resource in template["Resources"].items()
+        if resource["Type"] in {"AWS::S3::Bucket", "AWS::DynamoDB::Table"}
+    }
+    assert stateful == set(RETAINED)
+    for document in (template, translated):
+        for logical_id in RETAINED:
+            resource = document["Resources"][logical_id]
+            assert resource.get("DeletionPolicy") == "Retain", logical_id
+            assert resource.get("UpdateReplacePolicy") == "Retain", logical_id
+
+
+# The training pipeline: created only with training data, and every run that does not promote raises an alarm.
+
+PIPELINE_ONLY = (
+    "TrainingPipeline",
+    "TrainingPipelineRole",
+    "TrainingPipelineLogs",
+    "TrainingPipelineUnsuccessfulAlarm",
+    "TrainingJobRole",
+    "PromotionFunction",
+    "PromotionFunctionRole",
+    "PromotionFunctionLogs",
+)
+"""The resources that only the training pipeline uses."""
+
+
+def test_the_pipeline_exists_only_with_a_training_data_bucket(template: dict[str, Any]) -> None:
+    """Without TrainingDataBucket none of the pipeline's resources is created; with it all are."""
+    resources = template["Resources"]
+    without = evaluate_conditions(template)
+    with_data = evaluate_conditions(template, {"TrainingDataBucket": "hospital-training-data"})
+    for logical_id in PIPELINE_ONLY:
+        assert not is_created(resources[logical_id], without), logical_id
+        assert is_created(resources[logical_id], with_data), logical_id
+    assert is_created(resources["ScoringFunction"], without)
+
+
+@pytest.mark.parametrize("training_data_bucket", ["", "hospital-training-data"])
+def test_nothing_refers_to_a_resource_that_is_not_created(template: dict[str, Any], training_data_bucket: str) -> None:
+    """Every resource and output that exists refers only to resources that exist (and to parameters), with and
+    without training data."""
+    conditions = evaluate_conditions(template, {"TrainingDataBucket": training_data_bucket})
+    created = {logical_id for logical_id, resource in template["Resources"].items() if is_created(resource, conditions)}
+    known = created | set(template["Parameters"])
+    declarations = [
+        *(template["Resources"][logical_id] for logical_id in created),
+        *(output for output in template["Outputs"].values() if is_created(output, conditions)),
+    ]
+    for declaration in declarations:
+        named = references({key: value for key, value in declaration.items() if key != "Condition"}, conditions)
+        named |= set(_as_list(declaration.get("DependsOn", [])))
+        assert named <= known, named - known
+
+
+def test_unsuccessful_and_refused_training_runs_raise_an_alarm(template: dict[str, Any]) -> None:
+    """A pipeline execution that fails, times out or is aborted raises an alarm on the alarm topic, and a model the
+    gate refuses (or a gate that errs) fails the execution: the only way to succeed is promoted == true."""
+    alarm = template["Resources"]["TrainingPipelineUnsuccessfulAlarm"]
+    assert alarm["Condition"] == "HasTrainingData"
+    properties = alarm["Properties"]
+    assert properties["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+    assert (properties["ComparisonOperator"], properties["Threshold"]) == ("GreaterThanThreshold", 0)
+    watched = {}
+    for query in properties["Metrics"]:
+        if "MetricStat" in query:
+            metric = query["MetricStat"]["Metric"]
+            assert metric["Namespace"] == "AWS/States"
+            assert metric["Dimensions"] == [{"Name": "StateMachineArn", "Value": {"Ref": "TrainingPipeline"}}]
+            assert query["MetricStat"]["Stat"] == "Sum"
+            watched[query["Id"]] = metric["MetricName"]
+    assert set(watched.values()) == {"ExecutionsFailed", "ExecutionsTimedOut", "ExecutionsAborted"}
+    [total] = [query for query in properties["Metrics"] if query.get("ReturnData", True)]
+    assert all(identifier in total["Expression"] for identifier in watched)
+    definition = json.loads((REPOSITORY_ROOT / "infra" / "training_pipeline.asl.json").read_text())
+    states = definition["States"]
+    assert not any("Catch" in state for state in states.values())
+    succeed = [name for name, state in states.items() if state["Type"] == "Succeed"]
+    assert succeed == ["Promoted"]
+    [choice] = [state for state in states.values() if state["Type"] == "Choice"]
+    assert choice["Choices"] == [{"Variable": "$.gate.promoted", "BooleanEquals": True, "Next": "Promoted"}]
+    assert states[choice["Default"]]["Type"] == "Fail"
+    # Nothing but the choice on promoted leads to success.
+    assert not [state for state in states.values() if "Promoted" in (state.get("Next"), state.get("Default"))]
+
+
+def test_alarms_can_be_delivered_to_the_encrypted_topic(template: dict[str, Any]) -> None:
+    """Every alarm notifies the alarm topic, whose key lets CloudWatch publish (the AWS managed key for SNS does not:
+    alarms sent to a topic encrypted with it are dropped)."""
+    resources = template["Resources"]
+    alarms = [resource["Properties"] for resource in resources.values() if resource["Type"] == "AWS::CloudWatch::Alarm"]
+    assert alarms
+    assert all(alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}] for alarm in alarms)
+    key = resources["AlarmTopic"]["Properties"]["KmsMasterKeyId"]
+    assert set(key) == {"Ref"}, key
+    policy = resources[key["Ref"]]["Properties"]["KeyPolicy"]["Statement"]
+    [cloudwatch] = [
+        statement for statement in policy if statement["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    ]
+    assert set(cloudwatch["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey*"}
+    assert cloudwatch["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
