@@ -7,6 +7,8 @@ address-space limit (``--limit-gb``, 8 by default) so a regression cannot take t
 
     .venv/bin/python bench/bench_dicom_bombs.py                          # this checkout's functions/
     .venv/bin/python bench/bench_dicom_bombs.py --functions ../main/functions   # another checkout's, for "before"
+
+`make bench` runs it on this checkout and merges the figures into bench/results.json.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from infra.dicom_bombs import (  # noqa: E402
 )
 
 FILM = ROOT / "samples" / "PNEUMONIA" / "person100_bacteria_475.jpeg"
+RESULTS = ROOT / "bench" / "results.json"
 
 # The child decodes one file and prints its outcome, seconds and peak resident memory as JSON. It sets its own
 # address-space limit before importing anything large. The peak is the process's VmHWM: ru_maxrss would carry
@@ -95,14 +98,20 @@ def main() -> None:
     parser.add_argument("--limit-gb", type=float, default=8.0, help="address-space limit of each child")
     arguments = parser.parse_args()
     film = Image.open(FILM).convert("L")
-    print(f"DICOM decode cost, {arguments.functions.resolve()}")
+    functions = arguments.functions.resolve()
+    print(f"DICOM decode cost, {functions}")
     print("| file | size | outcome | seconds | peak RSS |\n|---|---|---|---|---|")
+    measured: dict[str, dict[str, object]] = {}
     for name, make in cases(film).items():
         data = make()
-        figures = measure(arguments.functions.resolve(), data, int(arguments.limit_gb * 2**30))
+        figures = measure(functions, data, int(arguments.limit_gb * 2**30))
+        measured[name] = {"kb": round(len(data) / 1024), **figures}
         seconds = f"{figures['seconds']:.2f}" if isinstance(figures["seconds"], float) else "-"
         peak = f"{figures['peak_mb']:,.0f} MB" if isinstance(figures["peak_mb"], float) else "-"
         print(f"| {name} | {len(data) / 1024:,.0f} KB | {figures['outcome']} | {seconds} | {peak} |")
+    if functions == (ROOT / "functions").resolve():
+        existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        RESULTS.write_text(json.dumps({**existing, "dicom_bombs": measured}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,15 @@ def test_elements_in_a_defined_length_sequence_of_unknown_vr_are_counted() -> No
     assert _rejection(raw).detail == TOO_MANY_ELEMENTS
 
 
+def test_pixel_data_that_looks_like_items_is_not_counted() -> None:
+    """Implicit-VR pixel data whose 16-bit values happen to spell item headers (0xFFFE, 0xE000, ...) is pixels,
+    not a sequence: the file is read, not rejected for its 'elements'."""
+    item = np.array([0xFFFE, 0xE000, 0, 0], dtype="<u2")
+    dataset = film_dataset(np.tile(item, 300 * 300 // 4).reshape(300, 300))
+    dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    assert preprocess(saved(dataset)).original_width == 300
+
+
 def test_deflate_bomb_is_rejected_without_inflating_it() -> None:
     """190 KB of deflated data set that inflates to 200 MB is DECOMPRESSION_BOMB; nothing near its size is held."""
     data = deflate_bomb()

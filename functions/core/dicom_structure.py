@@ -171,7 +171,9 @@ def _walk(data: bytes, position: int, top: _Level, counter: _Counter) -> None:
             pixels = (group, element) == _PIXEL_DATA or vr in {b"OB", b"OW"}
             kind = "fragments" if pixels else "sequence"
             levels.append(_Level(None, nested_implicit, nested_little, kind))
-        elif vr == b"SQ" or (vr in {b"", b"UN"} and _starts_an_item(data, position, nested_little)):
+        elif vr == b"SQ" or (
+            vr in {b"", b"UN"} and not _holds_pixels(group) and _starts_an_item(data, position, nested_little)
+        ):
             levels.append(_Level(position + length, nested_implicit, nested_little, "sequence"))
         else:
             position += length
@@ -196,6 +198,11 @@ def _delimiter(data: bytes, position: int, length: int, element: int, levels: li
                 del levels[depth:]
                 break
     return position
+
+
+def _holds_pixels(group: int) -> bool:
+    """Pixel data and overlay groups: their values are never sequences, whatever their first bytes are."""
+    return group == 0x7FE0 or 0x6000 <= group <= 0x60FF
 
 
 def _starts_an_item(data: bytes, position: int, little: bool) -> bool:
