@@ -417,7 +417,8 @@ def test_patient_data_in_files_never_leaves_them(
     recwarn: pytest.WarningsRecorder,
 ) -> None:
     """A patient name and record number planted in every DICOM text element (malformed or not), in corrupt files
-    and in DICOM files through the decode budgets' paths (too many elements, deflated) appear in no table item, result event, log line, metric, warning or output stream."""
+    and in DICOM files through the decode budgets' paths (too many elements, deflated) appear in no table item,
+    result event, log line, metric, warning or output stream."""
     planted = patient_data_files(Image.open(FILM).convert("L"))
     for name, body in planted.items():
         stack.upload(f"incoming/planted/{name}", body)
