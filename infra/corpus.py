@@ -18,10 +18,26 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from core.rejections import RejectionReason
 from core.results import Status
+from infra.dicom_bombs import (
+    deep_pixel_bomb,
+    deflate_bomb,
+    header_element_bomb,
+    jpeg_film_at_pixel_limit,
+    with_private_elements,
+)
+
+CLINICAL_DICOM = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "dicom" / "jpeg-lossless-sv1.dcm"
+"""A real film in JPEG Lossless SV1, 12 bits: the clinical archives' syntax (written by tests/dicom_fixtures.py)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +149,11 @@ def patient_data_files(film: Image.Image) -> dict[str, bytes]:
             element.value = PLANTED.decode()[:16] if element.VR in {"SH"} else PLANTED.decode()
     files["identified.dcm"] = _saved(identified)
     files["identified-truncated.dcm"] = files["identified.dcm"][: len(files["identified.dcm"]) * 2 // 3]
+    # The decode budgets' paths: too many elements (rejected before parsing) and a deflated data set (inflated and
+    # counted first).
+    files["identified-too-many-elements.dcm"] = with_private_elements(files["identified.dcm"], 20_001)
+    identified.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    files["identified-deflated.dcm"] = _saved(identified)
     comment = b"\xff\xfe" + (len(PLANTED) + 2).to_bytes(2, "big") + PLANTED
     jpeg = encode(small, "JPEG")
     files["commented-truncated.jpeg"] = (jpeg[:2] + comment + jpeg[2:])[: len(jpeg) // 2]
@@ -184,6 +205,18 @@ def hostile_files(film: Image.Image, max_image_bytes: int) -> list[CorpusFile]:
         CorpusFile("animation.gif", encode(noise, "GIF"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
         CorpusFile("scan.tiff", encode(film, "TIFF"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
         CorpusFile("scan.bmp", encode(film, "BMP"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
+        *dicom_bombs(film),
+    ]
+
+
+def dicom_bombs(film: Image.Image) -> list[CorpusFile]:
+    """DICOM files over the decode budgets (infra/dicom_bombs.py), each under 2 MB: 200,000 header elements, a
+    32-bit film at the pixel limit, a deflated data set that inflates to 200 MB."""
+    bomb = RejectionReason.DECOMPRESSION_BOMB
+    return [
+        CorpusFile("header-elements.dcm", header_element_bomb(film, 200_000), Status.REJECTED, bomb),
+        CorpusFile("deep-pixels.dcm", deep_pixel_bomb(), Status.REJECTED, bomb),
+        CorpusFile("deflate-bomb.dcm", deflate_bomb(), Status.REJECTED, bomb),
     ]
 
 
@@ -202,6 +235,9 @@ def valid_variants(film: Image.Image) -> list[CorpusFile]:
         ("full-resolution.jpeg", lambda: encode(large, "JPEG", quality=90)),
         ("uncompressed.dcm", lambda: dicom_bytes(film)),
         ("baseline-jpeg.dcm", lambda: dicom_bytes(film, jpeg=True)),
+        # A 5,000 x 5,000 film in three frames (1.3 MB; only the first is decoded) and a clinical-syntax film.
+        ("pixel-limit-frames.dcm", lambda: jpeg_film_at_pixel_limit(film, frames=3, quality=50)),
+        ("jpeg-lossless-sv1.dcm", CLINICAL_DICOM.read_bytes),
         ("with space.jpeg", lambda: encode(film, "JPEG", quality=92)),
         ("plus+sign.jpeg", lambda: encode(film, "JPEG", quality=92)),
         ("ünïcødé 肺.jpeg", lambda: encode(film, "JPEG", quality=92)),

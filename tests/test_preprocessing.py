@@ -230,3 +230,17 @@ def test_dicom_without_pixels_is_corrupt(sample_xray: Image.Image) -> None:
     with pytest.raises(InvalidImageError) as raised:
         preprocess(data[: len(data) // 2])
     assert raised.value.reason is RejectionReason.CORRUPT
+
+
+def test_undecodable_dicom_pixels_log_nothing(sample_xray: Image.Image, caplog: pytest.LogCaptureFixture) -> None:
+    """A DICOM whose JPEG frame no decoder can read is corrupt, and pydicom's loggers (its decoders log the failure
+    with a traceback) write nothing while it is decoded."""
+    dataset = dcmread(io.BytesIO(dicom_bytes(sample_xray, jpeg=True)))
+    dataset.PixelData = encapsulate([b"\xff\xd8 not the rest of a JPEG"])
+    dataset["PixelData"].is_undefined_length = True
+    output = io.BytesIO()
+    dataset.save_as(output)
+    with caplog.at_level("DEBUG"), pytest.raises(InvalidImageError) as raised:
+        preprocess(output.getvalue())
+    assert raised.value.reason is RejectionReason.CORRUPT
+    assert caplog.records == []

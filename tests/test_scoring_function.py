@@ -417,8 +417,9 @@ def test_patient_data_in_files_never_leaves_them(
     capsys: pytest.CaptureFixture[str],
     recwarn: pytest.WarningsRecorder,
 ) -> None:
-    """A patient name and record number planted in every DICOM text element (malformed or not) and in corrupt
-    files appear in no table item, result event, log line, metric, warning or output stream."""
+    """A patient name and record number planted in every DICOM text element (malformed or not), in corrupt files
+    and in DICOM files through the decode budgets' paths (too many elements, deflated) appear in no table item,
+    result event, log line, metric, warning or output stream."""
     planted = patient_data_files(Image.open(FILM).convert("L"))
     for name, body in planted.items():
         stack.upload(f"incoming/planted/{name}", body)
@@ -433,6 +434,9 @@ def test_patient_data_in_files_never_leaves_them(
     items = stack.results()
     assert {item["image_key"].rsplit("/", 1)[-1] for item in items} == set(planted)
     assert next(item for item in items if item["image_key"].endswith("/identified.dcm"))["status"] == "SCORED"
+    outcomes = {item["image_key"].rsplit("/", 1)[-1]: (item["status"], item.get("reason")) for item in items}
+    assert outcomes["identified-too-many-elements.dcm"] == ("REJECTED", "DECOMPRESSION_BOMB")
+    assert outcomes["identified-deflated.dcm"] == ("SCORED", None)
     formatter = handler.logger.registered_formatter
     streams = capsys.readouterr()
     written = [
