@@ -35,6 +35,7 @@ from infra.dicom_bombs import (
     jpeg_film_at_pixel_limit,
     with_private_elements,
 )
+from infra.non_radiographs import NonRadiograph, non_radiographs
 
 CLINICAL_DICOM = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "dicom" / "jpeg-lossless-sv1.dcm"
 """A real film in JPEG Lossless SV1, 12 bits: the clinical archives' syntax (written by tests/dicom_fixtures.py)."""
@@ -245,7 +246,24 @@ def valid_variants(film: Image.Image) -> list[CorpusFile]:
     return [CorpusFile(name, make(), Status.SCORED) for name, make in variants]
 
 
+def non_radiograph_files() -> list[CorpusFile]:
+    """The first file of each kind in the non-radiograph set, each to be REJECTED as NOT_A_CHEST_XRAY by the model's
+    input gate."""
+    first_of_each: dict[str, NonRadiograph] = {}
+    for item in non_radiographs():
+        first_of_each.setdefault(item.category, item)
+    return [
+        CorpusFile(
+            f"not-an-x-ray-{category.replace(' ', '-')}-{item.name}",
+            item.data,
+            Status.REJECTED,
+            RejectionReason.NOT_A_CHEST_XRAY,
+        )
+        for category, item in first_of_each.items()
+    ]
+
+
 def build_corpus(sample: Path, max_image_bytes: int) -> list[CorpusFile]:
-    """The whole corpus, from one real X-ray."""
+    """The whole corpus, from one real X-ray, and the non-radiographs."""
     film = Image.open(sample).convert("L")
-    return hostile_files(film, max_image_bytes) + valid_variants(film)
+    return hostile_files(film, max_image_bytes) + valid_variants(film) + non_radiograph_files()
