@@ -27,12 +27,13 @@ from core.events import BackfillRequest
 from core.model_card import read_card
 from core.model_registry import ModelRegistry
 from core.results import NEVER_NOTIFIED, ResultsTable
-from infra.corpus import PATIENT_MARKERS, hostile_files, patient_data_files, valid_variants
+from infra.corpus import PATIENT_MARKERS, decode_cost_bombs, hostile_files, patient_data_files, valid_variants
 from infra.local_stack import FaultInjectingClient, LocalContext, drain, scan_results
 from infra.resources import create_data_plane
 from pneumoscan.stack import StackOutputs
 from publisher.handler import result_detail
 from scoring import handler
+from scoring.isolated_decode import OVER_BUDGET_DETAIL, IsolationLimits
 from scoring.settings import Settings
 from tests.conftest import RELEASE_MODEL, SAMPLES
 
@@ -126,7 +127,9 @@ def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Stack]:
         handler.pipeline.set(None)
 
 
-def rewire(stack: Stack, s3: Any = None, dynamodb: Any = None, **env: str) -> None:
+def rewire(
+    stack: Stack, s3: Any = None, dynamodb: Any = None, isolation: IsolationLimits | None = None, **env: str
+) -> None:
     """Point the handler at (possibly faulty) clients."""
     settings = Settings.from_environment(
         {
@@ -139,7 +142,7 @@ def rewire(stack: Stack, s3: Any = None, dynamodb: Any = None, **env: str) -> No
             **env,
         }
     )
-    handler.pipeline.set(handler.build_pipeline(settings, s3 or stack.s3, dynamodb or stack.dynamodb))
+    handler.pipeline.set(handler.build_pipeline(settings, s3 or stack.s3, dynamodb or stack.dynamodb, isolation))
 
 
 def test_upload_is_scored_into_the_results_table(stack: Stack, sample_paths: list[Path]) -> None:
@@ -260,6 +263,30 @@ def test_unusual_valid_xrays_are_scored_in_one_batch(stack: Stack) -> None:
         latest = stack.latest(f"incoming/valid/{name}")
         assert latest is not None, name
         assert latest["status"] == "SCORED", (name, latest.get("reason_detail"))
+
+
+def test_retried_batch_is_decoded_record_by_record_in_isolation(stack: Stack, sample_paths: list[Path]) -> None:
+    """Records delivered a second time (their batch failed or its process was killed) are decoded one by one in a
+    child process: the file whose decoding exceeds the child's memory is rejected as a decompression bomb with a
+    fixed detail, and the other films of the batch are scored."""
+    rewire(stack, isolation=IsolationLimits(memory_bytes=40 * 2**20))
+    films = {f"incoming/batch/{path.name}": path.read_bytes() for path in sample_paths[:9]}
+    bomb = "incoming/batch/palette-5000.png"  # Decodes within the budget, in about 55 MB.
+    for key, body in {**films, bomb: decode_cost_bombs()["palette-5000.png"]}.items():
+        stack.upload(key, body)
+    records = stack.receive()
+    assert len(records) == 10
+    for record in records:
+        record["attributes"]["ApproximateReceiveCount"] = "2"
+    assert invoke(records) == {"batchItemFailures": []}
+    rejected = stack.latest(bomb)
+    assert rejected is not None
+    assert (rejected["status"], rejected["reason"]) == ("REJECTED", "DECOMPRESSION_BOMB")
+    assert rejected["reason_detail"] == OVER_BUDGET_DETAIL
+    for key in films:
+        latest = stack.latest(key)
+        assert latest is not None
+        assert latest["status"] == "SCORED", key
 
 
 def test_s3_test_event_is_acknowledged(stack: Stack) -> None:
