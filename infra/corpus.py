@@ -184,6 +184,23 @@ def hostile_files(film: Image.Image, max_image_bytes: int) -> list[CorpusFile]:
         CorpusFile("animation.gif", encode(noise, "GIF"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
         CorpusFile("scan.tiff", encode(film, "TIFF"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
         CorpusFile("scan.bmp", encode(film, "BMP"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
+        *decode_cost_files(film),
+    ]
+
+
+def decode_cost_files(film: Image.Image) -> list[CorpusFile]:
+    """Files within the pixel limit that are over a decode budget (bytes or scans) or beyond the pixel limit in a
+    few hundred bytes, and films cut short that libjpeg and zlib would decode with a warning or partly."""
+    bombs = decode_cost_bombs()
+    bomb = Status.REJECTED, RejectionReason.DECOMPRESSION_BOMB
+    corrupt = Status.REJECTED, RejectionReason.CORRUPT
+    large = encode(film.resize((2000, 1800), Image.Resampling.BICUBIC), "JPEG", quality=90)
+    png = encode(film, "PNG")
+    return [
+        *(CorpusFile(name, bombs[name], *bomb) for name in BUDGET_BOMBS),
+        CorpusFile("declares-4000.jpeg", declared_size_jpeg(4_000, 4_000), *corrupt),
+        CorpusFile("truncated-5pct-with-end.jpeg", truncated_with_end_marker(large), *corrupt),
+        CorpusFile("truncated-with-end.png", png[: len(png) // 20] + png[-12:], *corrupt),
     ]
 
 
@@ -213,6 +230,22 @@ def build_corpus(sample: Path, max_image_bytes: int) -> list[CorpusFile]:
     """The whole corpus, from one real X-ray."""
     film = Image.open(sample).convert("L")
     return hostile_files(film, max_image_bytes) + valid_variants(film)
+
+
+MEMORY_HOG_MARKER = b"pneumoscan soak: this decode exhausts memory"
+"""Carried in a comment segment of ``memory_hog``; the soak's fault plan makes decoding such a file allocate until
+its process is killed (``FaultPlan.decoder_memory_hog``)."""
+
+
+def memory_hog(film: Image.Image) -> CorpusFile:
+    """A valid JPEG carrying ``MEMORY_HOG_MARKER``: with the fault plan's hog, a file whose decoding exceeds
+    Lambda's memory, the kind of file no budget foresaw. It kills its invocation the first time, and is rejected as
+    a decompression bomb once its record is decoded in isolation."""
+    jpeg = encode(film, "JPEG", quality=90)
+    comment = b"\xff\xfe" + (len(MEMORY_HOG_MARKER) + 2).to_bytes(2, "big") + MEMORY_HOG_MARKER
+    return CorpusFile(
+        "memory-hog.jpeg", jpeg[:2] + comment + jpeg[2:], Status.REJECTED, RejectionReason.DECOMPRESSION_BOMB
+    )
 
 
 BOMB_SIDE = 5_000
@@ -267,6 +300,10 @@ def declared_size_jpeg(width: int, height: int) -> bytes:
 def truncated_with_end_marker(data: bytes, share: float = 0.05) -> bytes:
     """The first ``share`` of a JPEG, then its end marker: a film cut short that libjpeg decodes with a warning."""
     return data[: int(len(data) * share)] + b"\xff\xd9"
+
+
+BUDGET_BOMBS = ("gray-alpha-5000.png", "cmyk-5000.jpeg", "scans-1000.jpeg", "declares-8900.jpeg")
+"""The decode-cost bombs that are over a budget; the palette and 16-bit ones decode within it."""
 
 
 def decode_cost_bombs() -> dict[str, bytes]:
