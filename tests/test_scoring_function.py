@@ -33,6 +33,7 @@ from infra.resources import create_data_plane
 from pneumoscan.stack import StackOutputs
 from publisher.handler import result_detail
 from scoring import handler
+from scoring import pipeline as pipeline_module
 from scoring.isolated_decode import OVER_BUDGET_DETAIL, IsolationLimits
 from scoring.settings import Settings
 from tests.conftest import RELEASE_MODEL, SAMPLES
@@ -287,6 +288,22 @@ def test_retried_batch_is_decoded_record_by_record_in_isolation(stack: Stack, sa
         latest = stack.latest(key)
         assert latest is not None
         assert latest["status"] == "SCORED", key
+
+
+def test_first_delivery_is_decoded_in_process(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record on its first delivery takes the fast path: decoded in the function's own process, no child."""
+
+    def no_child(data: bytes, size: int, limits: IsolationLimits | None = None) -> None:
+        raise AssertionError("a first delivery was decoded in a child process")
+
+    monkeypatch.setattr(pipeline_module, "decode_isolated", no_child)
+    stack.upload("incoming/first.jpeg", sample_paths[0].read_bytes())
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    latest = stack.latest("incoming/first.jpeg")
+    assert latest is not None
+    assert latest["status"] == "SCORED"
 
 
 def test_s3_test_event_is_acknowledged(stack: Stack) -> None:

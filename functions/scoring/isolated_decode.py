@@ -62,15 +62,21 @@ def decode_isolated(data: bytes, size: int, limits: IsolationLimits | None = Non
     of memory or time or died)."""
     limits = limits or IsolationLimits()
     read_end, write_end = os.pipe()
-    with warnings.catch_warnings():
-        # Python warns that forking a process with threads may deadlock the child if it takes a lock another
-        # thread held. The child only decodes (Pillow, numpy, libjpeg-turbo), writes to its pipe and exits.
-        warnings.filterwarnings("ignore", message=".*fork", category=DeprecationWarning)
-        pid = os.fork()
+    try:
+        with warnings.catch_warnings():
+            # Python warns that forking a process with threads may deadlock the child if it takes a lock another
+            # thread held. The child only decodes (Pillow, numpy, libjpeg-turbo), writes to its pipe and exits.
+            warnings.filterwarnings("ignore", message=".*fork", category=DeprecationWarning)
+            pid = os.fork()
+    except OSError:  # No process could be started: a transient fault, the record is retried.
+        os.close(read_end)
+        os.close(write_end)
+        raise
     if pid == 0:  # pragma: no cover  # The child; coverage of it is not collected.
         os.close(read_end)
         _run_child(data, size, limits, write_end)
     os.close(write_end)
+    payload: bytes | None = None
     try:
         payload = _read_until(read_end, pid, limits)
     finally:
