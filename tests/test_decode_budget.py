@@ -194,3 +194,17 @@ def test_truncated_png_is_corrupt(sample_xray: Image.Image, encode: Encoder) -> 
     rechunked = png[:header_end] + _chunk(b"IDAT", pixels[: len(pixels) // 3]) + end
     for data in [png[: len(png) // 2], png[: len(png) // 20] + end, rechunked]:
         assert _rejection(data).reason is RejectionReason.CORRUPT
+
+
+@pytest.mark.parametrize("bomb", ["text", "icc-profile"])
+def test_png_metadata_bombs_stay_bounded(sample_xray: Image.Image, encode: Encoder, bomb: str) -> None:
+    """Compressed PNG metadata that would inflate far beyond its size (300 zTXt chunks of 1 MB each, or an ICC
+    profile of 50 MB) is refused by Pillow's own limits (1 MB a chunk, 64 MB of text in all) and is corrupt."""
+    png = encode(sample_xray, "PNG")
+    if bomb == "text":
+        text = zlib.compress(b"A" * 1_000_000, 9)
+        metadata = b"".join(_chunk(b"zTXt", b"k%d\x00\x00" % index + text) for index in range(300))
+    else:
+        metadata = _chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(b"\x00" * 50_000_000, 9))
+    header_end = 8 + 25  # The signature, then the IHDR chunk.
+    assert _rejection(png[:header_end] + metadata + png[header_end:]).reason is RejectionReason.CORRUPT
