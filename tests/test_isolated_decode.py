@@ -31,6 +31,15 @@ def test_isolated_decode_gives_the_in_process_pixels(sample_xray: Image.Image, e
     assert np.array_equal(pixels, resize_for_model(expected, 192).pixels)
 
 
+@pytest.mark.parametrize("name", ["palette-5000.png", "sixteen-bit-5000.png"])
+def test_costliest_files_within_the_budget_decode_under_the_default_limits(name: str) -> None:
+    """The 25-megapixel palette and 16-bit PNGs, as costly as the decode budget allows, decode in the child within
+    its default memory and time."""
+    decoded, pixels = decode_isolated(decode_cost_bombs()[name], 192)
+    assert decoded.original_width == 5_000
+    assert pixels.shape == (192, 192, 1)
+
+
 def test_file_keeps_its_own_rejection(sample_xray: Image.Image, encode: Encoder) -> None:
     """A corrupt file decoded in the child is rejected for what it is, not as a bomb."""
     data = encode(sample_xray, "JPEG")

@@ -36,9 +36,10 @@ POLL_SECONDS = 0.01
 class IsolationLimits:
     """What one isolated decode may use."""
 
-    memory_bytes: int = 512 * 2**20
-    """Address space the child may add to what it inherited. The scoring function has 1,024 MB and uses about
-    250 MB at rest; a decode within the budget (``MAX_DECODED_BYTES``) needs well under this."""
+    memory_bytes: int = 384 * 2**20
+    """Memory the child may add to what it inherited. The scoring function has 1,024 MB: about 250 MB at rest and
+    the decoded films of the batch beside it leave room for this; a decode within the budget
+    (``MAX_DECODED_BYTES``, 100 MB) needs well under it."""
     seconds: float = 5.0
     """Wall time of one decode: ten of them fit the function's 60 s timeout with room for the rest of the batch; a
     25-megapixel film decodes in about half a second."""
