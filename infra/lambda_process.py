@@ -5,9 +5,10 @@ invocation runs past its timeout: the invocation returns nothing, and SQS makes 
 visible again after the visibility timeout. The local stack emulates that for the scoring function: each
 invocation forks a child that runs the real handler, talking to the moto server over HTTP like the function would.
 The parent watches the child (and any process the child starts, such as the pipeline's isolated decodes) and kills
-it once the memory it has added since the fork passes the memory size less the function's resting footprint, or
-once the timeout passes; the emulator then treats the invocation as crashed. An address-space limit in the child
-keeps a runaway allocation from ever hurting the machine.
+it once the anonymous memory it has allocated since the fork (``RssAnon``, cheap to read, unlike a walk of its
+pages) passes the memory size less the function's resting footprint, or once the timeout passes; the emulator
+then treats the invocation as crashed. An address-space limit in the child keeps a runaway allocation from ever
+hurting the machine.
 
 What the handler changes in its own process stays in the child. The state the harness reads afterwards (the fault
 plan's random generator and its counts of injected faults) travels back with the response.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scoring.isolated_decode import private_bytes
+from scoring.isolated_decode import anonymous_bytes
 
 Handler = Callable[[dict[str, Any], Any], Any]
 
@@ -111,6 +112,7 @@ class LambdaProcess:
         if self._warm is not None:
             self._warm()
         read_end, write_end = os.pipe()
+        inherited = anonymous_bytes(os.getpid())
         gc.freeze()  # The child's collections then leave the parent's objects (and their pages) untouched.
         with warnings.catch_warnings():
             # Forking with threads running (the moto server, the stream emulator) is what this harness means to
@@ -123,7 +125,7 @@ class LambdaProcess:
         gc.unfreeze()
         os.close(write_end)
         try:
-            payload, cause = self._watch(pid, read_end)
+            payload, cause = self._watch(pid, read_end, inherited)
         finally:
             os.close(read_end)
             os.waitpid(pid, 0)
@@ -153,12 +155,13 @@ class LambdaProcess:
             code = 1
         os._exit(code)
 
-    def _watch(self, pid: int, read_end: int) -> tuple[bytes, str | None]:
-        """Read the child's report, killing it past the memory or time limit; the report and the kill's cause."""
+    def _watch(self, pid: int, read_end: int, inherited: int) -> tuple[bytes, str | None]:
+        """Read the child's report, killing it past the memory or time limit; the report and the kill's cause.
+        ``inherited`` is the anonymous memory the child started with."""
         deadline = time.monotonic() + self._limits.timeout_seconds
         chunks: list[bytes] = []
         while True:
-            added = sum(private_bytes(process) for process in _process_tree(pid))
+            added = _added_bytes(pid, inherited)
             self.killed.peak_added_mb = max(self.killed.peak_added_mb, added / 2**20)
             cause = None
             if added > self._limits.added_bytes:
@@ -184,16 +187,27 @@ class LambdaProcess:
                 chunks.append(chunk)
 
 
-def _process_tree(pid: int) -> list[int]:
-    """``pid`` and every process it started, still running."""
-    tree = [pid]
-    for member in tree:
+def _process_tree(pid: int) -> list[tuple[int, int]]:
+    """``pid`` and every process it started and still running, each with the process that started it."""
+    tree = [(pid, 0)]
+    for member, _ in tree:
         children = Path(f"/proc/{member}/task/{member}/children")
         try:
-            tree.extend(int(child) for child in children.read_text().split())
+            tree.extend((int(child), member) for child in children.read_text().split())
         except OSError:
             continue  # It has exited meanwhile.
     return tree
+
+
+def _added_bytes(pid: int, inherited: int) -> int:
+    """Anonymous memory the child has added since the fork, and each process it started beyond what that process
+    inherited from its own parent (pages copied on write are counted where they were allocated)."""
+    tree = _process_tree(pid)
+    anonymous = {member: anonymous_bytes(member) for member, _ in tree}
+    added = anonymous[pid] - inherited
+    for member, parent in tree[1:]:
+        added += max(0, anonymous[member] - anonymous.get(parent, 0))
+    return max(0, added)
 
 
 def _address_space_bytes(pid: int) -> int:
@@ -203,7 +217,7 @@ def _address_space_bytes(pid: int) -> int:
 
 def _kill_tree(pid: int) -> None:
     """Kill the child and what it started, as Lambda ends the whole environment."""
-    for member in reversed(_process_tree(pid)):
+    for member, _ in reversed(_process_tree(pid)):
         try:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:

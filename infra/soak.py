@@ -50,8 +50,8 @@ class SoakReport:
     invocations_killed: int
     """Invocations whose process was killed past the function's memory size or timeout, as Lambda kills them."""
     peak_invocation_memory_mb: float
-    """The most memory one invocation's processes added to what they inherited (Lambda's kill is past
-    the memory size less the function's resting footprint)."""
+    """The most anonymous memory one invocation's processes allocated beyond what they inherited (Lambda's kill is
+    past the memory size less the function's resting footprint)."""
     films_sharing_a_batch_with_a_bomb: int
     films_lost_to_a_bomb: int
     """Valid films that shared an invocation with a decompression bomb and have no SCORED result."""

@@ -3,15 +3,16 @@
 A file that makes the decoder exceed Lambda's memory or time kills the whole invocation, and with it every other
 record of the batch. The pipeline decodes a record whose batch already failed once (SQS's
 ``ApproximateReceiveCount`` above 1) here: the child sets an address-space limit (``RLIMIT_AS``) on top of what it
-inherited, decodes, and sends the result back through a pipe; the parent kills it when the memory it holds alone
-passes the limit (the address-space limit cannot see the child reuse heap the parent had freed) or the time limit
-passes. A
+inherited, decodes, and sends the result back through a pipe; the parent kills it when the anonymous memory it has
+added since the fork passes the limit (the address-space limit cannot see the child reuse heap the parent had
+freed) or the time limit passes. A
 child that runs out of memory, dies or overruns costs only its own record: it is rejected as
 ``DECOMPRESSION_BOMB``. The pipe is a plain ``os.pipe``: Lambda has no ``/dev/shm`` for multiprocessing's queues.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import resource
@@ -63,6 +64,10 @@ def decode_isolated(data: bytes, size: int, limits: IsolationLimits | None = Non
     of memory or time or died)."""
     limits = limits or IsolationLimits()
     read_end, write_end = os.pipe()
+    inherited = anonymous_bytes(os.getpid())
+    # A garbage collection in the child would write to every object it inherited and so copy every page of the
+    # parent's heap into the child's own memory; frozen objects are left alone.
+    gc.freeze()
     try:
         with warnings.catch_warnings():
             # Python warns that forking a process with threads may deadlock the child if it takes a lock another
@@ -76,10 +81,11 @@ def decode_isolated(data: bytes, size: int, limits: IsolationLimits | None = Non
     if pid == 0:  # pragma: no cover  # The child; coverage of it is not collected.
         os.close(read_end)
         _run_child(data, size, limits, write_end)
+    gc.unfreeze()
     os.close(write_end)
     payload: bytes | None = None
     try:
-        payload = _read_until(read_end, pid, limits)
+        payload = _read_until(read_end, pid, inherited + limits.memory_bytes, limits.seconds)
     finally:
         os.close(read_end)
         completed = _reap(pid, kill=payload is None)
@@ -120,12 +126,12 @@ def _address_space_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-def _read_until(read_end: int, pid: int, limits: IsolationLimits) -> bytes | None:
-    """Everything the child writes before it closes the pipe, or None when it first holds more memory than the
-    limit or the time limit passes."""
-    deadline = time.monotonic() + limits.seconds
+def _read_until(read_end: int, pid: int, most_anonymous_bytes: int, seconds: float) -> bytes | None:
+    """Everything the child writes before it closes the pipe, or None when its anonymous memory first passes
+    ``most_anonymous_bytes`` or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
     chunks: list[bytes] = []
-    while (remaining := deadline - time.monotonic()) > 0 and private_bytes(pid) <= limits.memory_bytes:
+    while (remaining := deadline - time.monotonic()) > 0 and anonymous_bytes(pid) <= most_anonymous_bytes:
         ready, _, _ = select.select([read_end], [], [], min(remaining, POLL_SECONDS))
         if not ready:
             continue
@@ -136,15 +142,16 @@ def _read_until(read_end: int, pid: int, limits: IsolationLimits) -> bytes | Non
     return None
 
 
-def private_bytes(pid: int) -> int:
-    """Memory a process holds alone (its private clean and dirty pages): for a forked child, what it allocated or
-    copied since the fork; 0 once it has exited."""
+def anonymous_bytes(pid: int) -> int:
+    """A process's resident anonymous memory (``RssAnon``; 0 once it has exited). A forked child starts with its
+    parent's; pages it copies on write keep the figure, pages it allocates raise it: what it grows by is what it
+    allocated. Reading it is cheap, unlike a walk of the pages (``smaps_rollup``), which would stall the child."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:  # noqa: PTH123  # A proc file.
-            lines = rollup.read().splitlines()
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:  # noqa: PTH123  # One line of a proc file.
+            line = next((line for line in status if line.startswith("RssAnon:")), "RssAnon: 0 kB")
     except OSError:
         return 0
-    return sum(int(line.split()[1]) * 1024 for line in lines if line.startswith(("Private_Clean:", "Private_Dirty:")))
+    return int(line.split()[1]) * 1024
 
 
 def _reap(pid: int, *, kill: bool) -> bool:
