@@ -75,6 +75,7 @@ def decode_isolated(data: bytes, size: int, limits: IsolationLimits | None = Non
             warnings.filterwarnings("ignore", message=".*fork", category=DeprecationWarning)
             pid = os.fork()
     except OSError:  # No process could be started: a transient fault, the record is retried.
+        gc.unfreeze()
         os.close(read_end)
         os.close(write_end)
         raise
