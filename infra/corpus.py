@@ -207,6 +207,7 @@ def hostile_files(film: Image.Image, max_image_bytes: int) -> list[CorpusFile]:
         CorpusFile("scan.tiff", encode(film, "TIFF"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
         CorpusFile("scan.bmp", encode(film, "BMP"), Status.REJECTED, RejectionReason.UNSUPPORTED_FORMAT),
         *dicom_bombs(film),
+        *decode_cost_files(film),
     ]
 
 
@@ -218,6 +219,24 @@ def dicom_bombs(film: Image.Image) -> list[CorpusFile]:
         CorpusFile("header-elements.dcm", header_element_bomb(film, 200_000), Status.REJECTED, bomb),
         CorpusFile("deep-pixels.dcm", deep_pixel_bomb(), Status.REJECTED, bomb),
         CorpusFile("deflate-bomb.dcm", deflate_bomb(), Status.REJECTED, bomb),
+    ]
+
+
+def decode_cost_files(film: Image.Image) -> list[CorpusFile]:
+    """Files within the pixel limit that are over a decode budget (bytes or scans) or beyond the pixel limit in a
+    few hundred bytes, and films cut short that libjpeg and zlib would decode with a warning or partly."""
+    bombs = decode_cost_bombs()
+    bomb = Status.REJECTED, RejectionReason.DECOMPRESSION_BOMB
+    corrupt = Status.REJECTED, RejectionReason.CORRUPT
+    large = encode(film.resize((2000, 1800), Image.Resampling.BICUBIC), "JPEG", quality=90)
+    png = encode(film, "PNG")
+    return [
+        *(CorpusFile(name, bombs[name], *bomb) for name in BUDGET_BOMBS),
+        # Within the budget, these decode to a blank frame, which the model's input gate refuses.
+        *(CorpusFile(name, bombs[name], Status.REJECTED, RejectionReason.NOT_A_CHEST_XRAY) for name in BLANK_BOMBS),
+        CorpusFile("declares-4000.jpeg", declared_size_jpeg(4_000, 4_000), *corrupt),
+        CorpusFile("truncated-5pct-with-end.jpeg", truncated_with_end_marker(large), *corrupt),
+        CorpusFile("truncated-with-end.png", png[: len(png) // 20] + png[-12:], *corrupt),
     ]
 
 
@@ -267,3 +286,95 @@ def build_corpus(sample: Path, max_image_bytes: int) -> list[CorpusFile]:
     """The whole corpus, from one real X-ray, and the non-radiographs."""
     film = Image.open(sample).convert("L")
     return hostile_files(film, max_image_bytes) + valid_variants(film) + non_radiograph_files()
+
+
+MEMORY_HOG_MARKER = b"pneumoscan soak: this decode exhausts memory"
+"""Carried in a comment segment of ``memory_hog``; the soak's fault plan makes decoding such a file allocate until
+its process is killed (``FaultPlan.decoder_memory_hog``)."""
+
+
+def memory_hog(film: Image.Image) -> CorpusFile:
+    """A valid JPEG carrying ``MEMORY_HOG_MARKER``: with the fault plan's hog, a file whose decoding exceeds
+    Lambda's memory, the kind of file no budget foresaw. It kills its invocation the first time, and is rejected as
+    a decompression bomb once its record is decoded in isolation."""
+    jpeg = encode(film, "JPEG", quality=90)
+    comment = b"\xff\xfe" + (len(MEMORY_HOG_MARKER) + 2).to_bytes(2, "big") + MEMORY_HOG_MARKER
+    return CorpusFile(
+        "memory-hog.jpeg", jpeg[:2] + comment + jpeg[2:], Status.REJECTED, RejectionReason.DECOMPRESSION_BOMB
+    )
+
+
+BOMB_SIDE = 5_000
+"""Side of the decode-cost bombs: exactly the pixel limit (25 megapixels), so only their cost per pixel is hostile."""
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """The marker, start and end of each segment of a JPEG from its first marker after SOI to EOI; a scan's segment
+    runs to the end of its entropy-coded data (to the next marker that is neither stuffing nor a restart)."""
+    segments: list[tuple[int, int, int]] = []
+    position = 2
+    while position + 1 < len(data):
+        marker = data[position + 1]
+        if marker == 0xD9:
+            segments.append((marker, position, position + 2))
+            break
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        segments.append((marker, position, end))
+        position = end
+    return segments
+
+
+def many_scans_jpeg(side: int = BOMB_SIDE, scans: int = 1_000) -> bytes:
+    """A progressive gray JPEG of ``side`` x ``side`` with ``scans`` scans (its last refinement scan repeated): a
+    few hundred kilobytes whose every scan makes libjpeg walk every block of the image again."""
+    progressive = encode(Image.new("L", (side, side), 128), "JPEG", progressive=True, quality=90)
+    segments = _jpeg_segments(progressive)
+    last_scan = max(index for index, (marker, _, _) in enumerate(segments) if marker == 0xDA)
+    _, start, end = segments[last_scan]
+    # The last scan keeps the Huffman table that precedes it, so each copy decodes with the right table.
+    table_start = segments[last_scan - 1][1] if segments[last_scan - 1][0] == 0xC4 else start
+    repeated = progressive[table_start:end] * (scans - sum(marker == 0xDA for marker, _, _ in segments))
+    return progressive[:end] + repeated + progressive[end:]
+
+
+def declared_size_jpeg(width: int, height: int) -> bytes:
+    """A JPEG of a few hundred bytes whose header declares ``width`` x ``height``: the start of a tiny film's scan,
+    then the end marker. libjpeg fills the missing data with gray and only warns."""
+    tiny = encode(Image.new("L", (64, 64), 100), "JPEG", quality=50)
+    segments = _jpeg_segments(tiny)
+    frame = next(start for marker, start, _ in segments if marker in {0xC0, 0xC1, 0xC2})
+    scan_start, scan_end = next((start, end) for marker, start, end in segments if marker == 0xDA)
+    header_length = int.from_bytes(tiny[scan_start + 2 : scan_start + 4], "big") + 2
+    patched = bytearray(tiny[: min(scan_end, scan_start + header_length + 8)])
+    patched[frame + 5 : frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(patched) + b"\xff\xd9"
+
+
+def truncated_with_end_marker(data: bytes, share: float = 0.05) -> bytes:
+    """The first ``share`` of a JPEG, then its end marker: a film cut short that libjpeg decodes with a warning."""
+    return data[: int(len(data) * share)] + b"\xff\xd9"
+
+
+BUDGET_BOMBS = ("gray-alpha-5000.png", "cmyk-5000.jpeg", "scans-1000.jpeg", "declares-8900.jpeg")
+"""The decode-cost bombs that are over a budget; the palette and 16-bit ones decode within it."""
+
+BLANK_BOMBS = ("palette-5000.png", "sixteen-bit-5000.png")
+"""The decode-cost bombs that decode within the budget, to blank frames."""
+
+
+def decode_cost_bombs() -> dict[str, bytes]:
+    """Small files within the pixel limit whose decoding costs many bytes per pixel or many passes, by name."""
+    side = (BOMB_SIDE, BOMB_SIDE)
+    sixteen_bit = np.zeros(side, dtype=np.uint16)
+    sixteen_bit[0, 0] = 65_535
+    return {
+        "palette-5000.png": encode(Image.new("P", side), "PNG", optimize=True),
+        "sixteen-bit-5000.png": encode(Image.fromarray(sixteen_bit), "PNG", optimize=True),
+        "gray-alpha-5000.png": encode(Image.new("LA", side), "PNG", optimize=True),
+        "cmyk-5000.jpeg": encode(Image.new("CMYK", side), "JPEG", quality=50),
+        "scans-1000.jpeg": many_scans_jpeg(),
+        "declares-8900.jpeg": declared_size_jpeg(8_900, 8_900),
+    }

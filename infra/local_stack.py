@@ -26,19 +26,27 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import boto3
+import numpy as np
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
+from core import preprocessing
 from core.model_card import read_card
 from core.model_registry import ModelRegistry, NoCurrentModelError
+from core.preprocessing import DecodedImage
 from core.results import plain_item
+from infra.corpus import MEMORY_HOG_MARKER
+from infra.lambda_process import LambdaLimits, LambdaProcess, SharedState
 from infra.resources import create_data_plane
 from infra.template import load_template, parameter_defaults
 from pneumoscan.stack import StackOutputs
 from publisher import handler as publisher
-from scoring import handler
+from scoring import handler, isolated_decode
+from scoring import pipeline as pipeline_module
+from scoring.model_provider import ModelUnavailableError
 from scoring.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -149,6 +157,8 @@ class SqsEventSourceEmulator(_Poller):
             "QueueArn"
         ]
         self.stats = DeliveryStats()
+        self.batches: list[list[str]] = []
+        """The message bodies of every invocation, in order: which uploads shared a batch."""
 
     def poll_once(self) -> int:
         """Gather one batch (up to the batch size, within the batching window) and deliver it; returns its size."""
@@ -178,6 +188,7 @@ class SqsEventSourceEmulator(_Poller):
         self._duplicate_some(messages)
         event = {"Records": [self._record(message) for message in messages]}
         self.stats.invocations += 1
+        self.batches.append([message["Body"] for message in messages])
         try:
             response = self._handler(event, LocalContext(aws_request_id=str(uuid.uuid4())))
         except Exception:  # A crashed invocation, whatever the cause, leaves the whole batch for retry.
@@ -391,6 +402,9 @@ class FaultPlan:
     """Share of S3 notifications delivered twice, as separate SQS messages."""
     crash_on_invocation: int | None = None
     """This invocation handles half of its batch, then the handler crashes."""
+    decoder_memory_hog: bool = False
+    """Decoding a file that carries ``infra.corpus.MEMORY_HOG_MARKER`` allocates memory until its process is killed
+    or refused more: a file whose decoding exceeds Lambda's memory in a way the decode budget does not foresee."""
     seed: int = 0
 
 
@@ -420,6 +434,36 @@ class FaultInjectingClient:
             return operation(**arguments)
 
         return maybe_fail
+
+
+class MemoryHoggingDecoders:
+    """Replaces the scoring pipeline's decoders (in-process and isolated) with ones that exhaust memory on a file
+    carrying ``MEMORY_HOG_MARKER``, and puts the real ones back."""
+
+    def __init__(self) -> None:
+        self._patches = [
+            patch.object(module, "decode", _hogging(preprocessing.decode))
+            for module in (pipeline_module, isolated_decode)
+        ]
+
+    def enter(self) -> None:
+        for replacement in self._patches:
+            replacement.start()
+
+    def exit(self) -> None:
+        for replacement in self._patches:
+            replacement.stop()
+
+
+def _hogging(decode: Callable[[bytes, int], DecodedImage]) -> Callable[[bytes, int], DecodedImage]:
+    def run(data: bytes, size: int) -> DecodedImage:
+        if MEMORY_HOG_MARKER in data:
+            hog: list[np.ndarray] = []
+            while True:  # Every page is written, so it is resident: until the process is killed or refused.
+                hog.append(np.ones(32 * 2**20, dtype=np.uint8))
+        return decode(data, size)
+
+    return run
 
 
 class CrashingHandler:
@@ -477,6 +521,22 @@ class QuietFunctions:
             os.environ["POWERTOOLS_METRICS_DISABLED"] = self._metrics_disabled
 
 
+def _load_model() -> None:
+    """Load the served model into the scoring pipeline of this process, if one is promoted."""
+    try:
+        handler.pipeline.get().load_model()
+    except ModelUnavailableError:
+        return  # Nothing is promoted yet: the invocation fails and its messages wait, as in AWS.
+
+
+def _restore_faults(rng: random.Random, clients: tuple[FaultInjectingClient, ...], exported: Any) -> None:
+    """Continue the fault plan where an invocation's process left it."""
+    rng_state, counts = exported
+    rng.setstate(rng_state)
+    for client, injected in zip(clients, counts, strict=True):
+        client.injected.update(injected)
+
+
 def _is_s3_test_event(body: str) -> bool:
     """S3's message on a new notification configuration: no upload, and scored by nothing."""
     try:
@@ -498,11 +558,17 @@ class LocalStack:
         faults: FaultPlan | None = None,
         quiet: bool = False,
         on_waiting_without_model: Callable[[int], None] | None = None,
+        lambda_process: bool = False,
     ) -> None:
         """``quiet`` keeps the handler's per-image logs and metrics off the terminal (demo and soak).
+        ``lambda_process`` runs each scoring invocation in a forked child under the function's memory size and
+        timeout from the template, killed past either as Lambda kills it (``infra.lambda_process``; the soak).
         ``on_waiting_without_model`` is told, once per delivered batch, how many messages arrived while no model
         is promoted (they fail and wait for a retry, then the dead-letter queue)."""
         self._quiet = quiet
+        self._hog = MemoryHoggingDecoders() if faults is not None and faults.decoder_memory_hog else None
+        self._lambda_process = lambda_process
+        self.lambda_process: LambdaProcess | None = None
         self._on_waiting_without_model = on_waiting_without_model
         self._quieted: QuietFunctions | None = None
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -572,6 +638,8 @@ class LocalStack:
         if self._quiet:
             self._quieted = QuietFunctions()
             self._quieted.enter()
+        if self._hog is not None:
+            self._hog.enter()
         # Moto accepts any credentials; clients of this process sign with these unless real ones are set.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
@@ -639,6 +707,14 @@ class LocalStack:
         self.fault_clients.extend([s3, dynamodb])
         handler.pipeline.set(handler.build_pipeline(settings, s3, dynamodb))
         invoke = self._invoke(handler)
+        if self._lambda_process:
+            # The fault plan's generator and counts change in the invocation's process; they come back with it.
+            state = SharedState(
+                export=lambda: (rng.getstate(), [dict(client.injected) for client in (s3, dynamodb)]),
+                restore=lambda exported: _restore_faults(rng, (s3, dynamodb), exported),
+            )
+            self.lambda_process = LambdaProcess(invoke, LambdaLimits.from_template(template), state, _load_model)
+            invoke = self.lambda_process
         if self._on_waiting_without_model is not None:
             invoke = self._watch_for_missing_model(invoke, ModelRegistry(clients["s3"], self.outputs.model_bucket))
         if self.faults.crash_on_invocation is not None:
@@ -703,6 +779,8 @@ class LocalStack:
             thread.join(timeout=30)
         handler.pipeline.set(None)
         publisher.feed.set(None)
+        if self._hog is not None:
+            self._hog.exit()
         if self._quieted is not None:
             self._quieted.exit()
             self._quieted = None

@@ -1,12 +1,15 @@
 """The soak test: thousands of real X-ray uploads and a hostile corpus through the local stack while faults are
 injected, then proof that nothing was lost or double-counted.
 
-Faults follow a seeded schedule: a share of S3 GetObject calls fail, a share of DynamoDB writes are throttled, a
-share of notifications arrive twice, one invocation crashes after handling half of its batch, and a share of the
-result publisher's PutEvents calls fail. Afterwards every valid upload must have exactly one SCORED result from
+Every invocation runs in its own process under the function's memory size and timeout (``infra.lambda_process``),
+killed past either as Lambda kills it. Faults follow a seeded schedule: a share of S3 GetObject calls fail, a share
+of DynamoDB writes are throttled, a share of notifications arrive twice, one invocation crashes after handling half
+of its batch, decoding one file exhausts memory (its invocation is killed), and a share of the result publisher's
+PutEvents calls fail. Afterwards every valid upload must have exactly one SCORED result from
 the promoted model (with a heatmap when it is called PNEUMONIA), every hostile file a REJECTED result with its
-reason, the dead-letter queue only the messages whose every delivery failed, and a downstream subscriber of the
-results bus at least one event for every result.
+reason (decode-cost bombs, truncated films), no valid film that shared a batch with a bomb may lose its result, the
+dead-letter queue holds only the messages whose every delivery failed, and a downstream subscriber of the results
+bus at least one event for every result.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
+from PIL import Image
+
+from core.rejections import RejectionReason
 from core.results import Status
-from infra.corpus import CorpusFile, build_corpus
+from infra.corpus import CorpusFile, build_corpus, memory_hog
 from infra.local_stack import FaultPlan, LocalStack, drain, scan_results
 
 SOAK_MAX_IMAGE_BYTES = 4 * 1024 * 1024
@@ -41,6 +47,14 @@ class SoakReport:
     injected_put_item_faults: int
     injected_put_events_faults: int
     handler_crashes: int
+    invocations_killed: int
+    """Invocations whose process was killed past the function's memory size or timeout, as Lambda kills them."""
+    peak_invocation_memory_mb: float
+    """The most anonymous memory one invocation's processes allocated beyond what they inherited (Lambda's kill is
+    past the memory size less the function's resting footprint)."""
+    films_sharing_a_batch_with_a_bomb: int
+    films_lost_to_a_bomb: int
+    """Valid films that shared an invocation with a decompression bomb and have no SCORED result."""
     in_dlq: int
     predicted_dlq: int
     lost: int
@@ -84,12 +98,17 @@ def run_soak(
         put_events_failure_rate=0.05,
         duplicate_rate=0.10,
         crash_on_invocation=7,
+        decoder_memory_hog=True,
         seed=11,
     )
-    keys, files = _plan_uploads(data_root, sample, uploads)
+    keys, files = _plan_uploads(data_root, sample, uploads, hog=faults.decoder_memory_hog)
     started = time.perf_counter()
     with LocalStack(
-        retry_delay_seconds=1, parameters={"MaxImageBytes": SOAK_MAX_IMAGE_BYTES}, faults=faults, quiet=True
+        retry_delay_seconds=1,
+        parameters={"MaxImageBytes": SOAK_MAX_IMAGE_BYTES},
+        faults=faults,
+        quiet=True,
+        lambda_process=True,
     ) as stack:
         assert stack.outputs is not None and stack.emulator is not None
         outputs = stack.outputs
@@ -111,6 +130,9 @@ def run_soak(
         stats = stack.emulator.stats
         injected = {name: count for client in stack.fault_clients for name, count in client.injected.items()}
         predicted_dlq = stack.emulator.exhausted(int(stack.redrive_policy()["maxReceiveCount"]))
+        batches = list(stack.emulator.batches)
+        assert stack.lambda_process is not None
+        killed = stack.lambda_process.killed
     outcome = _check(files, items, dead_letters, f"s3://{outputs.input_bucket}/", version)
     if len(dead_letters) != predicted_dlq:
         outcome.problems.append(f"DLQ holds {len(dead_letters)} messages, the fault schedule predicts {predicted_dlq}")
@@ -122,6 +144,8 @@ def run_soak(
         heatmap = item.get("heatmap_key")
         if (item.get("label") == "PNEUMONIA") != (heatmap is not None) or (heatmap and heatmap not in heatmap_keys):
             outcome.problems.append(f"heatmap of {item['image_key']}: {heatmap} for {item.get('label')}")
+    sharing, lost_to_bomb = _films_beside_bombs(files, items, batches, f"s3://{outputs.input_bucket}/")
+    outcome.problems.extend(f"lost beside a bomb: {key}" for key in sorted(lost_to_bomb)[:5])
     return SoakReport(
         uploads=len(files),
         scored=outcome.statuses[Status.SCORED],
@@ -132,6 +156,10 @@ def run_soak(
         injected_put_item_faults=injected.get("put_item", 0),
         injected_put_events_faults=injected.get("put_events", 0),
         handler_crashes=stats.handler_crashes,
+        invocations_killed=killed.memory + killed.timeout + killed.died,
+        peak_invocation_memory_mb=round(killed.peak_added_mb, 1),
+        films_sharing_a_batch_with_a_bomb=len(sharing),
+        films_lost_to_a_bomb=len(lost_to_bomb),
         in_dlq=len(dead_letters),
         predicted_dlq=predicted_dlq,
         lost=outcome.lost,
@@ -147,10 +175,13 @@ def run_soak(
     )
 
 
-def _plan_uploads(data_root: Path, sample: Path, uploads: int) -> tuple[list[str], dict[str, CorpusFile]]:
-    """Keys in upload order, and what each must end as: X-rays from the test split with the corpus mixed in."""
+def _plan_uploads(data_root: Path, sample: Path, uploads: int, *, hog: bool) -> tuple[list[str], dict[str, CorpusFile]]:
+    """Keys in upload order, and what each must end as: X-rays from the test split with the corpus mixed in (and
+    the memory hog when the fault plan makes its decoding exhaust memory)."""
     xrays = sorted((data_root / "test").glob("*/*.jpeg"))
     corpus = build_corpus(sample, SOAK_MAX_IMAGE_BYTES)
+    if hog:
+        corpus.append(memory_hog(Image.open(sample).convert("L")))
     files: dict[str, CorpusFile] = {}
     for index, path in zip(range(uploads), itertools.cycle(xrays), strict=False):
         files[f"incoming/soak/{index:05d}-{path.name}"] = CorpusFile(path.name, path.read_bytes(), Status.SCORED)
@@ -193,6 +224,21 @@ def _check(
             problems.append(f"{key}: {result['status']} {result.get('reason')}, expected {expected.expected_status}")
     statuses = Counter(results[0]["status"] for results in by_key.values())
     return _Outcome(lost, duplicated, wrong, statuses, problems)
+
+
+def _films_beside_bombs(
+    files: dict[str, CorpusFile], items: list[dict[str, Any]], batches: list[list[str]], prefix: str
+) -> tuple[set[str], set[str]]:
+    """The valid films that shared an invocation with a decompression bomb, and those of them without a SCORED
+    result."""
+    bombs = {key for key, file in files.items() if file.expected_reason is RejectionReason.DECOMPRESSION_BOMB}
+    sharing: set[str] = set()
+    for bodies in batches:
+        keys = {key for body in bodies for key in _keys_in(body)}
+        if keys & bombs:
+            sharing.update(key for key in keys if key in files and files[key].expected_status is Status.SCORED)
+    scored = {item["image_key"].removeprefix(prefix) for item in items if item["status"] == Status.SCORED}
+    return sharing, sharing - scored
 
 
 def _wait_until_drained(sqs: Any, queue_url: str, deadline: float) -> None:

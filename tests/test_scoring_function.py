@@ -27,13 +27,15 @@ from core.events import BackfillRequest
 from core.model_card import read_card
 from core.model_registry import ModelRegistry
 from core.results import NEVER_NOTIFIED, ResultsTable
-from infra.corpus import PATIENT_MARKERS, hostile_files, patient_data_files, valid_variants
+from infra.corpus import PATIENT_MARKERS, decode_cost_bombs, hostile_files, patient_data_files, valid_variants
 from infra.local_stack import FaultInjectingClient, LocalContext, drain, scan_results
 from infra.non_radiographs import non_radiographs
 from infra.resources import create_data_plane
 from pneumoscan.stack import StackOutputs
 from publisher.handler import result_detail
 from scoring import handler
+from scoring import pipeline as pipeline_module
+from scoring.isolated_decode import OVER_BUDGET_DETAIL, IsolationLimits
 from scoring.settings import Settings
 from tests.conftest import RELEASE_MODEL, SAMPLES
 
@@ -127,7 +129,9 @@ def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Stack]:
         handler.pipeline.set(None)
 
 
-def rewire(stack: Stack, s3: Any = None, dynamodb: Any = None, **env: str) -> None:
+def rewire(
+    stack: Stack, s3: Any = None, dynamodb: Any = None, isolation: IsolationLimits | None = None, **env: str
+) -> None:
     """Point the handler at (possibly faulty) clients."""
     settings = Settings.from_environment(
         {
@@ -140,7 +144,7 @@ def rewire(stack: Stack, s3: Any = None, dynamodb: Any = None, **env: str) -> No
             **env,
         }
     )
-    handler.pipeline.set(handler.build_pipeline(settings, s3 or stack.s3, dynamodb or stack.dynamodb))
+    handler.pipeline.set(handler.build_pipeline(settings, s3 or stack.s3, dynamodb or stack.dynamodb, isolation))
 
 
 def test_upload_is_scored_into_the_results_table(stack: Stack, sample_paths: list[Path]) -> None:
@@ -261,6 +265,46 @@ def test_unusual_valid_xrays_are_scored_in_one_batch(stack: Stack) -> None:
         latest = stack.latest(f"incoming/valid/{name}")
         assert latest is not None, name
         assert latest["status"] == "SCORED", (name, latest.get("reason_detail"))
+
+
+def test_retried_batch_is_decoded_record_by_record_in_isolation(stack: Stack, sample_paths: list[Path]) -> None:
+    """Records delivered a second time (their batch failed or its process was killed) are decoded one by one in a
+    child process: the file whose decoding exceeds the child's memory is rejected as a decompression bomb with a
+    fixed detail, and the other films of the batch are scored."""
+    rewire(stack, isolation=IsolationLimits(memory_bytes=40 * 2**20))
+    films = {f"incoming/batch/{path.name}": path.read_bytes() for path in sample_paths[:9]}
+    bomb = "incoming/batch/palette-5000.png"  # Decodes within the budget, in about 55 MB.
+    for key, body in {**films, bomb: decode_cost_bombs()["palette-5000.png"]}.items():
+        stack.upload(key, body)
+    records = stack.receive()
+    assert len(records) == 10
+    for record in records:
+        record["attributes"]["ApproximateReceiveCount"] = "2"
+    assert invoke(records) == {"batchItemFailures": []}
+    rejected = stack.latest(bomb)
+    assert rejected is not None
+    assert (rejected["status"], rejected["reason"]) == ("REJECTED", "DECOMPRESSION_BOMB")
+    assert rejected["reason_detail"] == OVER_BUDGET_DETAIL
+    for key in films:
+        latest = stack.latest(key)
+        assert latest is not None
+        assert latest["status"] == "SCORED", key
+
+
+def test_first_delivery_is_decoded_in_process(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record on its first delivery takes the fast path: decoded in the function's own process, no child."""
+
+    def no_child(data: bytes, size: int, limits: IsolationLimits | None = None) -> None:
+        raise AssertionError("a first delivery was decoded in a child process")
+
+    monkeypatch.setattr(pipeline_module, "decode_isolated", no_child)
+    stack.upload("incoming/first.jpeg", sample_paths[0].read_bytes())
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    latest = stack.latest("incoming/first.jpeg")
+    assert latest is not None
+    assert latest["status"] == "SCORED"
 
 
 def test_s3_test_event_is_acknowledged(stack: Stack) -> None:

@@ -14,7 +14,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 
 def test_short_soak_loses_nothing(data_root: Path) -> None:
-    """150 uploads plus the corpus, with faults three times as frequent as in the full soak: every upload ends right,
+    """150 uploads plus the corpus (decode-cost bombs and truncated films among them), each invocation in a process
+    under the function's memory size and timeout, one file whose decoding exhausts memory, and faults three times
+    as frequent as in the full soak: every upload ends right, no film sharing a batch with a bomb loses its result,
     and every result reaches a subscriber of the results bus."""
     faults = FaultPlan(
         get_object_failure_rate=0.15,
@@ -22,6 +24,7 @@ def test_short_soak_loses_nothing(data_root: Path) -> None:
         put_events_failure_rate=0.15,
         duplicate_rate=0.2,
         crash_on_invocation=3,
+        decoder_memory_hog=True,
         seed=5,
     )
     report = run_soak(
@@ -31,7 +34,10 @@ def test_short_soak_loses_nothing(data_root: Path) -> None:
     assert report.problems == ()
     assert report.lost == 0
     assert report.duplicated_results == 0
-    assert report.handler_crashes == 1
+    assert report.invocations_killed >= 1  # The memory hog's first invocation, killed past the memory size.
+    assert report.handler_crashes == 1 + report.invocations_killed
+    assert report.films_sharing_a_batch_with_a_bomb > 0
+    assert report.films_lost_to_a_bomb == 0
     assert report.injected_get_object_faults > 0
     assert report.injected_put_item_faults > 0
     assert report.duplicates_sent > 0

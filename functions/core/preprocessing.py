@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import cast
 
 import numpy as np
-from PIL import Image, ImageOps
+import simplejpeg
+from PIL import ExifTags, Image, JpegImagePlugin
 
+from core import decode_budget
 from core.rejections import MAX_PIXELS, MIN_SIDE, InvalidImageError, RejectionReason
 
 INPUT_SIZE = 224
@@ -101,10 +105,13 @@ def resize_for_model(decoded: DecodedImage, size: int = INPUT_SIZE) -> ModelInpu
 
 
 def _decode_with_pillow(data: bytes, image_format: ImageFormat, size: int) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode with Pillow hardened against bombs: an 8-bit grayscale image in display orientation, and the
-    file's full pixel size (draft mode may decode a large JPEG at a reduced scale).
+    """Decode within the decode budget: an 8-bit grayscale image in display orientation, and the file's full
+    pixel size (a large JPEG is decoded at a reduced scale, as Pillow's draft mode would).
 
-    Every rejection has a fixed text: Pillow's messages and warnings may quote what the file holds."""
+    Pillow reads the header; the budget (``core.decode_budget``) is checked before any pixel is decoded. JPEGs are
+    decoded by libjpeg-turbo through simplejpeg in strict mode, so data that ends early or is damaged, which libjpeg
+    only warns about and fills with gray, is corrupt. Every rejection has a fixed text: the decoders' messages and
+    warnings may quote what the file holds."""
     too_many = InvalidImageError(RejectionReason.DECOMPRESSION_BOMB, f"more than {MAX_PIXELS:,} pixels")
     undecodable = InvalidImageError(RejectionReason.CORRUPT, f"the {image_format.value} could not be decoded")
     with warnings.catch_warnings():
@@ -117,33 +124,115 @@ def _decode_with_pillow(data: bytes, image_format: ImageFormat, size: int) -> tu
             image = Image.open(io.BytesIO(data), formats=[image_format.value])
             if image.width * image.height > MAX_PIXELS:
                 raise too_many
-            if image_format is ImageFormat.JPEG and image.mode in {"L", "RGB", "YCbCr"}:
-                # Draft mode lets libjpeg decode a large film at 1/2, 1/4 or 1/8 scale, never below the target.
-                image.draft("L", (size, size))
             full_size = image.size
-            image.load()
-            oriented = ImageOps.exif_transpose(image)
-            grayscale = _to_grayscale(oriented)
+            if isinstance(image, JpegImagePlugin.JpegImageFile):
+                orientation = _orientation(image)
+                grayscale = _decode_jpeg(data, image, size, oriented=orientation is not None)
+            else:
+                # Checked before the pixels are decoded, then again once the orientation is known: a PNG's EXIF
+                # chunk may follow its pixels, so Pillow reads it only while loading them.
+                stored = image.width * image.height * decode_budget.pillow_bytes_per_pixel(image.mode)
+                decode_budget.check(stored + decode_budget.conversion_bytes(image.mode, *image.size, oriented=False))
+                image.load()
+                orientation = _orientation(image)
+                oriented = orientation is not None
+                decode_budget.check(stored + decode_budget.conversion_bytes(image.mode, *image.size, oriented=oriented))
+                grayscale = _to_grayscale(image)
+            del image  # The decoded pixels go as soon as the gray image exists.
+            if orientation is not None:
+                # The conversion is pixel by pixel, so turning the gray image equals turning the decoded one.
+                grayscale = grayscale.transpose(orientation)
         except InvalidImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise too_many from None
         except MemoryError:
             raise
-        except Exception:  # noqa: BLE001  # Pillow's plugins raise many types for malformed input; all are corrupt.
+        except Exception:  # noqa: BLE001  # The decoders raise many types for malformed input; all are corrupt.
             raise undecodable from None
         finally:
             Image.MAX_IMAGE_PIXELS = previous_limit
     return grayscale, full_size
 
 
+_EXIF_TRANSPOSITIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""EXIF orientation -> the transposition that shows the image upright, as ``ImageOps.exif_transpose`` applies it."""
+
+
+def _orientation(image: Image.Image) -> Image.Transpose | None:
+    """The transposition the image's EXIF orientation asks for, if any."""
+    return _EXIF_TRANSPOSITIONS.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+
+
+def _decode_jpeg(data: bytes, header: JpegImagePlugin.JpegImageFile, size: int, *, oriented: bool) -> Image.Image:
+    """Decode a JPEG whose header Pillow has read: gray, luminance-only JPEGs at Pillow's draft scale (the
+    largest of 1/8, 1/4, 1/2 that keeps both sides at least ``size``), CMYK at full size through Pillow after a
+    strict libjpeg pass has checked the data."""
+    width, height = header.size
+    layout = decode_budget.JpegLayout(
+        width=width,
+        height=height,
+        sampling=tuple((h, v) for _, h, v, _ in header.layer) or ((1, 1),),
+        progressive="progressive" in header.info or "progression" in header.info,
+        scans=decode_budget.count_scans(data),
+    )
+    if header.mode in {"L", "RGB", "YCbCr"}:
+        scale = next((s for s in (8, 4, 2) if min(width // size, height // size) >= s), 1)
+        out_width, out_height = -(-width // scale), -(-height // scale)
+        budget = decode_budget.jpeg_cost(layout, out_width * out_height, out_width * out_height if oriented else 0)
+        decode_budget.check(budget, layout.scans)
+        # libjpeg converts to luminance itself (for YCbCr it keeps the Y channel), as Pillow's draft("L") asks it.
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="GRAY", min_width=out_width, min_height=out_height, strict=True
+        )
+        if pixels.shape[:2] != (out_height, out_width):
+            raise InvalidImageError(RejectionReason.CORRUPT, "the JPEG could not be decoded")
+        return Image.frombuffer("L", (out_width, out_height), pixels, "raw", "L", 0, 1)
+    stored = width * height * decode_budget.pillow_bytes_per_pixel(header.mode)
+    budget = decode_budget.jpeg_cost(
+        layout, stored, decode_budget.conversion_bytes(header.mode, width, height, oriented=oriented)
+    )
+    decode_budget.check(budget, layout.scans)
+    simplejpeg.decode_jpeg(data, colorspace="CMYK", min_factor=8, strict=True)
+    header.load()
+    return _to_grayscale(header)
+
+
 def _to_grayscale(image: Image.Image) -> Image.Image:
-    """Reduce any Pillow mode to 8-bit luminance, stretching high bit depths to the full 0-255 range."""
+    """Reduce any Pillow mode to 8-bit luminance, stretching high bit depths to the full 0-255 range.
+
+    An 8-bit gray image is returned as it is; any other is converted ``STRIP_ROWS`` rows at a time, so no
+    intermediate mode (RGBA, float64) ever exists at full size. Every step is per pixel (the stretch uses the
+    whole image's extremes), so the pixels equal those of converting the whole image at once."""
+    if image.mode == "L":
+        return image
+    convert: Callable[[Image.Image], Image.Image] = _strip_to_grayscale
     if image.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
-        values = np.asarray(image, dtype=np.float64)
-        low, high = float(values.min()), float(values.max())
+        low, high = (float(value) for value in cast(tuple[float, float], image.getextrema()))
         scale = 255.0 / (high - low) if high > low else 0.0
-        return Image.fromarray(np.round((values - low) * scale).astype(np.uint8), mode="L")
+
+        def stretch(strip: Image.Image) -> Image.Image:
+            values = np.asarray(strip, dtype=np.float64)
+            return Image.fromarray(np.round((values - low) * scale).astype(np.uint8), mode="L")
+
+        convert = stretch
+    gray = Image.new("L", image.size)
+    for top in range(0, image.height, decode_budget.STRIP_ROWS):
+        bottom = min(top + decode_budget.STRIP_ROWS, image.height)
+        gray.paste(convert(image.crop((0, top, image.width, bottom))), (0, top))
+    return gray
+
+
+def _strip_to_grayscale(image: Image.Image) -> Image.Image:
+    """Reduce a strip of any 8-bit mode to luminance."""
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in {"RGBA", "LA", "PA"}:

@@ -16,6 +16,11 @@ MAX_PIXELS = 25_000_000
 detectors give about 4,300 x 4,300 pixels at 16 bits (18.5 megapixels), which pass with room to spare; the README
 states the same figures, and a test holds the two together."""
 
+MAX_JPEG_SCANS = 64
+"""A JPEG with more scans than this is a decompression bomb: every scan makes the decoder walk the whole image
+again (a few hundred kilobytes of 1,000 scans took 8 s to decode at 5,000 x 5,000 pixels). libjpeg's progressive
+files have at most about a dozen scans."""
+
 MAX_DECODED_BYTES = 100_000_000
 """Budget for the decoded pixels of one file, counted across every frame, channel and bit depth before anything is
 decoded: 25 megapixels of 8-bit RGBA, or a 4,300 x 4,300 16-bit film (37 MB) with room to spare. The scoring

@@ -22,6 +22,7 @@ from core.provider import Provider
 from core.results import ResultsTable, ScoringResult
 from scoring.heatmaps import HeatmapStage, HeatmapStore
 from scoring.image_store import ImageStore
+from scoring.isolated_decode import IsolationLimits
 from scoring.model_provider import ModelProvider
 from scoring.pipeline import ScoringPipeline
 from scoring.settings import Settings
@@ -89,8 +90,10 @@ class PowertoolsObserver:
         logger.warning("record dropped: it can never be scored", extra={"why": why})
 
 
-def build_pipeline(settings: Settings, s3_client: Any = None, dynamodb_client: Any = None) -> ScoringPipeline:
-    """Wire the adapters; clients can be injected (tests, local stack)."""
+def build_pipeline(
+    settings: Settings, s3_client: Any = None, dynamodb_client: Any = None, isolation: IsolationLimits | None = None
+) -> ScoringPipeline:
+    """Wire the adapters; clients and the isolated decode's limits can be injected (tests, local stack)."""
     s3 = s3_client or boto3.client("s3")
     dynamodb = dynamodb_client or boto3.client("dynamodb")
     registry = ModelRegistry(s3, settings.model_bucket) if settings.model_bucket else None
@@ -110,6 +113,7 @@ def build_pipeline(settings: Settings, s3_client: Any = None, dynamodb_client: A
         input_bucket=settings.input_bucket,
         input_prefix=settings.input_prefix,
         heatmaps=HeatmapStage(HeatmapStore(s3, settings.heatmap_bucket), observer) if settings.heatmap_bucket else None,
+        isolation=isolation,
     )
 
 

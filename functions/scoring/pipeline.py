@@ -27,6 +27,7 @@ from core.results import AlreadyScoredError, ResultsTable, ScoringResult, Status
 from scoring.classifier import Classifier, Prediction
 from scoring.heatmaps import HeatmapOutcome, HeatmapStage
 from scoring.image_store import BucketGoneError, ImageStore, ObjectArchivedError, ObjectGoneError, ObjectReplacedError
+from scoring.isolated_decode import IsolationLimits, decode_isolated
 from scoring.model_provider import ModelProvider
 
 OBJECT_GONE_DETAIL = "the notified object version no longer exists"
@@ -38,6 +39,13 @@ class ModelVersionMismatchError(RuntimeError):
     """A backfill asks for a model other than the one served; retried once the function has refreshed."""
 
 
+class ReceiveAttributes(Protocol):
+    """The SQS system attributes of a record the pipeline reads."""
+
+    @property
+    def approximate_receive_count(self) -> str: ...
+
+
 class Message(Protocol):
     """The parts of an SQS record the pipeline reads (Powertools' ``SQSRecord`` has them)."""
 
@@ -46,6 +54,17 @@ class Message(Protocol):
 
     @property
     def body(self) -> str: ...
+
+    @property
+    def attributes(self) -> ReceiveAttributes: ...
+
+
+def is_retry(message: Message) -> bool:
+    """Whether SQS has delivered the message before: its batch failed, or the invocation that had it died."""
+    try:
+        return int(message.attributes.approximate_receive_count) > 1
+    except (KeyError, ValueError):  # An event without the attribute (tests, other sources): a first delivery.
+        return False
 
 
 class Observer(Protocol):
@@ -94,10 +113,12 @@ class ScoringPipeline:
         input_bucket: str,
         input_prefix: str = "",
         heatmaps: HeatmapStage | None = None,
+        isolation: IsolationLimits | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """Only objects under ``input_prefix`` in ``input_bucket`` are read; without a ``heatmaps`` store no
-        heatmap is made."""
+        heatmap is made. A record delivered before is decoded in a child process within ``isolation``'s limits
+        (``scoring.isolated_decode``), so a file that kills its decoder costs only its own record."""
         self._images = images
         self._heatmaps = heatmaps
         self._results = results
@@ -106,12 +127,18 @@ class ScoringPipeline:
         self._max_image_bytes = max_image_bytes
         self._input_bucket = input_bucket
         self._input_prefix = input_prefix
+        self._isolation = isolation or IsolationLimits()
         self._clock = clock
 
     @property
     def model_version(self) -> str | None:
         """The version of the model in memory, if one has been loaded."""
         return self._models.loaded_version
+
+    def load_model(self) -> None:
+        """Load, or refresh when due, the served model now, outside an invocation (the local stack does so before
+        it forks one, as a warm execution environment keeps its model); raises ``ModelUnavailableError``."""
+        self._models.get()
 
     def prepare(self, messages: Sequence[Message]) -> dict[str, RecordPlan]:
         """Read, validate and score every image of every message; nothing is written yet."""
@@ -126,7 +153,7 @@ class ScoringPipeline:
                 for why in parsed.malformed:
                     self._observer.dropped(f"malformed record: {why}")
                 for ref in parsed.refs:
-                    image = self._read(message.message_id, ref, plan, classifier)
+                    image = self._read(message.message_id, ref, plan, classifier, isolated=is_retry(message))
                     if image is not None:
                         pending.append(image)
             except Exception as fault:  # noqa: BLE001  # Any fault of one record must fail that record only.
@@ -148,7 +175,13 @@ class ScoringPipeline:
                 self._observer.rejected(result)
 
     def _read(
-        self, message_id: str, ref: ObjectRef, plan: RecordPlan, classifier: Callable[[], Classifier]
+        self,
+        message_id: str,
+        ref: ObjectRef,
+        plan: RecordPlan,
+        classifier: Callable[[], Classifier],
+        *,
+        isolated: bool,
     ) -> _PendingImage | None:
         started = self._clock()
         if ref.bucket != self._input_bucket or not ref.key.startswith(self._input_prefix):
@@ -172,8 +205,12 @@ class ScoringPipeline:
                     RejectionReason.TOO_LARGE, f"{head.size} bytes exceeds the limit of {self._max_image_bytes}"
                 )
             size = classifier().input_size
-            decoded = decode(self._images.read(ref), size)
-            pixels = resize_for_model(decoded, size).pixels
+            data = self._images.read(ref)
+            if isolated:
+                decoded, pixels = decode_isolated(data, size, self._isolation)
+            else:
+                decoded = decode(data, size)
+                pixels = resize_for_model(decoded, size).pixels
         except (InvalidImageError, ObjectGoneError, ObjectArchivedError) as permanent:
             plan.results.append(self._rejection(ref, *_rejection_of(permanent), started))
             return None

@@ -1,0 +1,163 @@
+"""Decoding one file in a forked child process under memory and time limits.
+
+A file that makes the decoder exceed Lambda's memory or time kills the whole invocation, and with it every other
+record of the batch. The pipeline decodes a record whose batch already failed once (SQS's
+``ApproximateReceiveCount`` above 1) here: the child sets an address-space limit (``RLIMIT_AS``) on top of what it
+inherited, decodes, and sends the result back through a pipe; the parent kills it when the anonymous memory it has
+added since the fork passes the limit (the address-space limit cannot see the child reuse heap the parent had
+freed) or the time limit passes. A
+child that runs out of memory, dies or overruns costs only its own record: it is rejected as
+``DECOMPRESSION_BOMB``. The pipe is a plain ``os.pipe``: Lambda has no ``/dev/shm`` for multiprocessing's queues.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import resource
+import select
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.preprocessing import DecodedImage, decode, resize_for_model
+from core.rejections import InvalidImageError, RejectionReason
+
+OVER_BUDGET_DETAIL = "decoding exceeded the memory or time budget"
+
+POLL_SECONDS = 0.01
+"""How often the parent reads the child's memory while it waits."""
+
+
+@dataclass(frozen=True)
+class IsolationLimits:
+    """What one isolated decode may use."""
+
+    memory_bytes: int = 384 * 2**20
+    """Memory the child may add to what it inherited. The scoring function has 1,024 MB: about 250 MB at rest and
+    the decoded films of the batch beside it leave room for this; a decode within the budget
+    (``MAX_DECODED_BYTES``, 100 MB) needs well under it."""
+    seconds: float = 5.0
+    """Wall time of one decode: ten of them fit the function's 60 s timeout with room for the rest of the batch; a
+    25-megapixel film decodes in about half a second."""
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    decoded: DecodedImage
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    reason: RejectionReason
+    detail: str
+
+
+def decode_isolated(data: bytes, size: int, limits: IsolationLimits | None = None) -> tuple[DecodedImage, np.ndarray]:
+    """``decode`` and ``resize_for_model`` of ``data`` in a child process: the decoded image and the model's
+    pixels, or ``InvalidImageError`` (the file's own rejection, or ``DECOMPRESSION_BOMB`` when the child ran out
+    of memory or time or died)."""
+    limits = limits or IsolationLimits()
+    read_end, write_end = os.pipe()
+    inherited = anonymous_bytes(os.getpid())
+    # A garbage collection in the child would write to every object it inherited and so copy every page of the
+    # parent's heap into the child's own memory; frozen objects are left alone.
+    gc.freeze()
+    try:
+        with warnings.catch_warnings():
+            # Python warns that forking a process with threads may deadlock the child if it takes a lock another
+            # thread held. The child only decodes (Pillow, numpy, libjpeg-turbo), writes to its pipe and exits.
+            warnings.filterwarnings("ignore", message=".*fork", category=DeprecationWarning)
+            pid = os.fork()
+    except OSError:  # No process could be started: a transient fault, the record is retried.
+        gc.unfreeze()
+        os.close(read_end)
+        os.close(write_end)
+        raise
+    if pid == 0:  # pragma: no cover  # The child; coverage of it is not collected.
+        os.close(read_end)
+        _run_child(data, size, limits, write_end)
+    gc.unfreeze()
+    os.close(write_end)
+    payload: bytes | None = None
+    try:
+        payload = _read_until(read_end, pid, inherited + limits.memory_bytes, limits.seconds)
+    finally:
+        os.close(read_end)
+        completed = _reap(pid, kill=payload is None)
+    # Only a child that wrote everything and exited cleanly has an outcome; the pickle is its own, just written.
+    outcome = pickle.loads(payload) if completed and payload else None
+    if isinstance(outcome, _Decoded):
+        return outcome.decoded, outcome.pixels
+    if isinstance(outcome, _Rejected):
+        raise InvalidImageError(outcome.reason, outcome.detail)
+    raise InvalidImageError(RejectionReason.DECOMPRESSION_BOMB, OVER_BUDGET_DETAIL)
+
+
+def _run_child(data: bytes, size: int, limits: IsolationLimits, write_end: int) -> None:
+    """Decode under the limits, write the pickled outcome (nothing when it ran out of memory), and exit."""
+    try:
+        limit = _address_space_bytes() + limits.memory_bytes
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)  # A limit set above this process (a test harness's) can only be lowered.
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            decoded = decode(data, size)
+            outcome: _Decoded | _Rejected = _Decoded(decoded, resize_for_model(decoded, size).pixels)
+        except InvalidImageError as rejected:
+            outcome = _Rejected(rejected.reason, rejected.detail)
+        payload = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(payload)
+    except BaseException:  # noqa: BLE001  # Out of memory or anything else: the parent sees no outcome.
+        os._exit(1)
+    os._exit(0)
+
+
+def _address_space_bytes() -> int:
+    """The process's virtual memory size (``VmSize``)."""
+    with open("/proc/self/status", encoding="ascii") as status:  # noqa: PTH123  # One line of a proc file.
+        line = next(line for line in status if line.startswith("VmSize:"))
+    return int(line.split()[1]) * 1024
+
+
+def _read_until(read_end: int, pid: int, most_anonymous_bytes: int, seconds: float) -> bytes | None:
+    """Everything the child writes before it closes the pipe, or None when its anonymous memory first passes
+    ``most_anonymous_bytes`` or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    chunks: list[bytes] = []
+    while (remaining := deadline - time.monotonic()) > 0 and anonymous_bytes(pid) <= most_anonymous_bytes:
+        ready, _, _ = select.select([read_end], [], [], min(remaining, POLL_SECONDS))
+        if not ready:
+            continue
+        chunk = os.read(read_end, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+    return None
+
+
+def anonymous_bytes(pid: int) -> int:
+    """A process's resident anonymous memory (``RssAnon``; 0 once it has exited). A forked child starts with its
+    parent's; pages it copies on write keep the figure, pages it allocates raise it: what it grows by is what it
+    allocated. Reading it is cheap, unlike a walk of the pages (``smaps_rollup``), which would stall the child."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:  # noqa: PTH123  # One line of a proc file.
+            line = next((line for line in status if line.startswith("RssAnon:")), "RssAnon: 0 kB")
+    except OSError:
+        return 0
+    return int(line.split()[1]) * 1024
+
+
+def _reap(pid: int, *, kill: bool) -> bool:
+    """Collect the child (killing it first when it overran) so no zombie is left; whether it exited with 0."""
+    if kill:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0

@@ -1,0 +1,77 @@
+"""Decoding in a forked child: the same pixels as in-process, the file's own rejection, and a child that runs out
+of memory or time, or dies, costs only its own file (DECOMPRESSION_BOMB with a fixed detail)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.preprocessing import decode, resize_for_model
+from core.rejections import InvalidImageError, RejectionReason
+from infra.corpus import decode_cost_bombs
+from scoring import isolated_decode
+from scoring.isolated_decode import OVER_BUDGET_DETAIL, IsolationLimits, decode_isolated
+
+Encoder = Callable[..., bytes]
+
+
+def test_isolated_decode_gives_the_in_process_pixels(sample_xray: Image.Image, encode: Encoder) -> None:
+    """A valid film decodes in the child to exactly the image and model input of decoding it in-process."""
+    data = encode(sample_xray.resize((2000, 1800)), "JPEG", quality=90)
+    decoded, pixels = decode_isolated(data, 192)
+    expected = decode(data, 192)
+    assert decoded.original_width == 2000
+    assert decoded.image_format is expected.image_format
+    assert np.array_equal(np.asarray(decoded.grayscale), np.asarray(expected.grayscale))
+    assert np.array_equal(pixels, resize_for_model(expected, 192).pixels)
+
+
+@pytest.mark.parametrize("name", ["palette-5000.png", "sixteen-bit-5000.png"])
+def test_costliest_files_within_the_budget_decode_under_the_default_limits(name: str) -> None:
+    """The 25-megapixel palette and 16-bit PNGs, as costly as the decode budget allows, decode in the child within
+    its default memory and time."""
+    decoded, pixels = decode_isolated(decode_cost_bombs()[name], 192)
+    assert decoded.original_width == 5_000
+    assert pixels.shape == (192, 192, 1)
+
+
+def test_file_keeps_its_own_rejection(sample_xray: Image.Image, encode: Encoder) -> None:
+    """A corrupt file decoded in the child is rejected for what it is, not as a bomb."""
+    data = encode(sample_xray, "JPEG")
+    with pytest.raises(InvalidImageError) as raised:
+        decode_isolated(data[: len(data) // 2], 192)
+    assert raised.value.reason is RejectionReason.CORRUPT
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [IsolationLimits(memory_bytes=24 * 2**20), IsolationLimits(seconds=0.05)],
+    ids=["memory", "time"],
+)
+def test_child_over_its_limits_is_a_bomb(limits: IsolationLimits) -> None:
+    """A 25-megapixel 16-bit PNG (about 80 MB and half a second to decode) under a smaller memory or time limit
+    is rejected as a decompression bomb with the fixed detail."""
+    with pytest.raises(InvalidImageError) as raised:
+        decode_isolated(decode_cost_bombs()["sixteen-bit-5000.png"], 192, limits)
+    assert raised.value.reason is RejectionReason.DECOMPRESSION_BOMB
+    assert raised.value.detail == OVER_BUDGET_DETAIL
+
+
+def test_killed_child_is_a_bomb(monkeypatch: pytest.MonkeyPatch, sample_xray: Image.Image, encode: Encoder) -> None:
+    """A child killed while decoding (as the out-of-memory killer would) rejects only its file, and leaves no
+    zombie."""
+
+    def killed(data: bytes, size: int) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(isolated_decode, "decode", killed)
+    with pytest.raises(InvalidImageError) as raised:
+        decode_isolated(encode(sample_xray, "JPEG"), 192)
+    assert raised.value.detail == OVER_BUDGET_DETAIL
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
