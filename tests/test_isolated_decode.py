@@ -4,6 +4,7 @@ of memory or time, or dies, costs only its own file (DECOMPRESSION_BOMB with a f
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 from collections.abc import Callable
 
@@ -75,3 +76,19 @@ def test_killed_child_is_a_bomb(monkeypatch: pytest.MonkeyPatch, sample_xray: Im
     assert raised.value.detail == OVER_BUDGET_DETAIL
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [pickle.dumps({"format": "JPEG"}), b'{"format": "JPEG", "original": [1, 1], "grayscale": [4, 4]}\n' + b"\0" * 3],
+    ids=["pickle", "short"],
+)
+def test_child_message_is_read_as_data(
+    monkeypatch: pytest.MonkeyPatch, sample_xray: Image.Image, encode: Encoder, message: bytes
+) -> None:
+    """What the child sends back is parsed, never unpickled: a pickle, or a header whose lengths the bytes do not
+    match, is a failed child."""
+    monkeypatch.setattr(isolated_decode, "_write_outcome", lambda decoded, pixels: message)
+    with pytest.raises(InvalidImageError) as raised:
+        decode_isolated(encode(sample_xray, "JPEG"), 192)
+    assert raised.value.detail == OVER_BUDGET_DETAIL

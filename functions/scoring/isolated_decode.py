@@ -8,13 +8,16 @@ added since the fork passes the limit (the address-space limit cannot see the ch
 freed) or the time limit passes. A
 child that runs out of memory, dies or overruns costs only its own record: it is rejected as
 ``DECOMPRESSION_BOMB``. The pipe is a plain ``os.pipe``: Lambda has no ``/dev/shm`` for multiprocessing's queues.
+
+The child decodes a hostile file, so what it sends back is read as data, never unpickled: a JSON header line, then
+the raw bytes of the grayscale image and of the model's pixels, whose lengths the header must account for exactly.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
-import pickle
 import resource
 import select
 import signal
@@ -23,8 +26,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
-from core.preprocessing import DecodedImage, decode, resize_for_model
+from core.preprocessing import DecodedImage, ImageFormat, decode, resize_for_model
 from core.rejections import InvalidImageError, RejectionReason
 
 OVER_BUDGET_DETAIL = "decoding exceeded the memory or time budget"
@@ -44,18 +48,6 @@ class IsolationLimits:
     seconds: float = 5.0
     """Wall time of one decode: ten of them fit the function's 60 s timeout with room for the rest of the batch; a
     25-megapixel film decodes in about half a second."""
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    decoded: DecodedImage
-    pixels: np.ndarray
-
-
-@dataclass(frozen=True)
-class _Rejected:
-    reason: RejectionReason
-    detail: str
 
 
 def decode_isolated(data: bytes, size: int, limits: IsolationLimits | None = None) -> tuple[DecodedImage, np.ndarray]:
@@ -90,17 +82,54 @@ def decode_isolated(data: bytes, size: int, limits: IsolationLimits | None = Non
     finally:
         os.close(read_end)
         completed = _reap(pid, kill=payload is None)
-    # Only a child that wrote everything and exited cleanly has an outcome; the pickle is its own, just written.
-    outcome = pickle.loads(payload) if completed and payload else None
-    if isinstance(outcome, _Decoded):
-        return outcome.decoded, outcome.pixels
-    if isinstance(outcome, _Rejected):
-        raise InvalidImageError(outcome.reason, outcome.detail)
-    raise InvalidImageError(RejectionReason.DECOMPRESSION_BOMB, OVER_BUDGET_DETAIL)
+    # Only a child that wrote everything and exited cleanly has an outcome.
+    decoded = _read_outcome(payload, size) if completed and payload else None
+    if decoded is None:
+        raise InvalidImageError(RejectionReason.DECOMPRESSION_BOMB, OVER_BUDGET_DETAIL)
+    return decoded
+
+
+def _write_outcome(decoded: DecodedImage, pixels: np.ndarray) -> bytes:
+    """The child's message for a decoded file: a JSON header line, the grayscale image's bytes, the pixels."""
+    header = {
+        "format": decoded.image_format.value,
+        "original": [decoded.original_width, decoded.original_height],
+        "grayscale": list(decoded.grayscale.size),
+    }
+    return json.dumps(header).encode() + b"\n" + decoded.grayscale.tobytes() + np.ascontiguousarray(pixels).tobytes()
+
+
+def _write_rejection(rejected: InvalidImageError) -> bytes:
+    """The child's message for a file it rejected: its reason and fixed detail."""
+    return json.dumps({"reason": rejected.reason.value, "detail": rejected.detail}).encode() + b"\n"
+
+
+def _read_outcome(payload: bytes, size: int) -> tuple[DecodedImage, np.ndarray] | None:
+    """The decoded image and pixels the child sent, raising the file's own rejection; None for a malformed message
+    (treated as a child that failed)."""
+    header_bytes, _, body = payload.partition(b"\n")
+    try:
+        header = json.loads(header_bytes)
+        rejection = (RejectionReason(header["reason"]), str(header["detail"])) if "reason" in header else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    if rejection is not None:
+        raise InvalidImageError(*rejection)
+    try:
+        width, height = (int(side) for side in header["grayscale"])
+        original_width, original_height = (int(side) for side in header["original"])
+        image_format = ImageFormat(header["format"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if width <= 0 or height <= 0 or len(body) != width * height + size * size:
+        return None
+    grayscale = Image.frombytes("L", (width, height), body[: width * height])
+    pixels = np.frombuffer(body[width * height :], dtype=np.uint8).reshape(size, size, 1).copy()
+    return DecodedImage(grayscale, image_format, original_width, original_height), pixels
 
 
 def _run_child(data: bytes, size: int, limits: IsolationLimits, write_end: int) -> None:
-    """Decode under the limits, write the pickled outcome (nothing when it ran out of memory), and exit."""
+    """Decode under the limits, write the outcome (nothing when it ran out of memory), and exit."""
     try:
         limit = _address_space_bytes() + limits.memory_bytes
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -109,10 +138,9 @@ def _run_child(data: bytes, size: int, limits: IsolationLimits, write_end: int) 
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         try:
             decoded = decode(data, size)
-            outcome: _Decoded | _Rejected = _Decoded(decoded, resize_for_model(decoded, size).pixels)
+            payload = _write_outcome(decoded, resize_for_model(decoded, size).pixels)
         except InvalidImageError as rejected:
-            outcome = _Rejected(rejected.reason, rejected.detail)
-        payload = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+            payload = _write_rejection(rejected)
         with os.fdopen(write_end, "wb") as pipe:
             pipe.write(payload)
     except BaseException:  # noqa: BLE001  # Out of memory or anything else: the parent sees no outcome.
