@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import numpy as np
 import pytest
 from moto import mock_aws
 from PIL import Image
@@ -33,7 +34,7 @@ from infra.non_radiographs import non_radiographs
 from infra.resources import create_data_plane
 from pneumoscan.stack import StackOutputs
 from publisher.handler import result_detail
-from scoring import handler
+from scoring import handler, isolated_decode
 from scoring import pipeline as pipeline_module
 from scoring.isolated_decode import OVER_BUDGET_DETAIL, IsolationLimits
 from scoring.settings import Settings
@@ -267,14 +268,26 @@ def test_unusual_valid_xrays_are_scored_in_one_batch(stack: Stack) -> None:
         assert latest["status"] == "SCORED", (name, latest.get("reason_detail"))
 
 
-def test_retried_batch_is_decoded_record_by_record_in_isolation(stack: Stack, sample_paths: list[Path]) -> None:
+def test_retried_batch_is_decoded_record_by_record_in_isolation(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Records delivered a second time (their batch failed or its process was killed) are decoded one by one in a
     child process: the file whose decoding exceeds the child's memory is rejected as a decompression bomb with a
     fixed detail, and the other films of the batch are scored."""
     rewire(stack, isolation=IsolationLimits(memory_bytes=40 * 2**20))
     films = {f"incoming/batch/{path.name}": path.read_bytes() for path in sample_paths[:9]}
-    bomb = "incoming/batch/palette-5000.png"  # Decodes within the budget, in about 55 MB.
-    for key, body in {**films, bomb: decode_cost_bombs()["palette-5000.png"]}.items():
+    bomb, bomb_body = "incoming/batch/hog.png", decode_cost_bombs()["palette-5000.png"]
+    decode = isolated_decode.decode
+
+    def hogging_decode(data: bytes, size: int) -> Any:
+        # Decoding this one file allocates far past the child's 40 MB, as a file no budget foresaw would: a fixed
+        # overrun, so the outcome never depends on how much freed heap the child inherited.
+        if data == bomb_body:
+            np.ones(512 * 2**20, dtype=np.uint8)
+        return decode(data, size)
+
+    monkeypatch.setattr(isolated_decode, "decode", hogging_decode)
+    for key, body in {**films, bomb: bomb_body}.items():
         stack.upload(key, body)
     records = stack.receive()
     assert len(records) == 10
