@@ -17,7 +17,7 @@ import pytest
 from moto import mock_aws
 from PIL import Image
 
-from core.model_card import read_card, write_card
+from core.model_card import CARD_FILE, EXPLAINER_FILE, GATE_FILE, MODEL_FILE, read_card, write_card
 from infra.corpus import encode as encode_image
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +61,15 @@ def copy_artifact(artifact: Path, destination: Path, version: str, test_auc: flo
     if test_auc is not None:
         card["metrics"]["test"]["auc"]["value"] = test_auc
     write_card(destination, card)
+    return destination
+
+
+def release_copy(destination: Path) -> Path:
+    """The release artifact's served files (model, card, explainer, input gate; no report) in a folder that a test
+    may change."""
+    destination.mkdir()
+    for name in (MODEL_FILE, CARD_FILE, EXPLAINER_FILE, GATE_FILE):
+        shutil.copyfile(RELEASE_MODEL / name, destination / name)
     return destination
 
 

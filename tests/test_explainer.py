@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from core.model_registry import ModelRegistry
 from core.preprocessing import preprocess
 from scoring.classifier import Classifier
 from scoring.explainer import Explainer, render_overlay
-from tests.conftest import MODEL_BUCKET, RELEASE_MODEL, noise_image
+from tests.conftest import MODEL_BUCKET, RELEASE_MODEL, noise_image, release_copy
 from training.explain import ExplainerParityError, build_cam_model, cam_bias, export_explainer
 from training.export import convert
 from training.models import build_classifier, build_ensemble
@@ -71,14 +70,6 @@ def _reconstructed_logits(classifier: keras.Model, batch: np.ndarray) -> np.ndar
 
 def _spec(size: int) -> ServingSpec:
     return ServingSpec("test", size, ("NORMAL", "PNEUMONIA"), 1.0, 0.5, "", None)
-
-
-def _release_copy(destination: Path) -> Path:
-    """The release artifact's served files (no report) in a folder that a test may change."""
-    destination.mkdir()
-    for name in (MODEL_FILE, CARD_FILE, EXPLAINER_FILE, GATE_FILE):
-        shutil.copyfile(RELEASE_MODEL / name, destination / name)
-    return destination
 
 
 def _sample_pixels(sample_paths: list[Path], size: int) -> np.ndarray:
@@ -194,7 +185,7 @@ def test_release_explainer_reproduces_the_release_logits(sample_paths: list[Path
 
 def test_tampered_or_missing_explainer_is_refused(tmp_path: Path) -> None:
     """An explainer file that is missing or does not match its card's sha256 fails verification."""
-    artifact = _release_copy(tmp_path / "artifact")
+    artifact = release_copy(tmp_path / "artifact")
     data = bytearray((artifact / EXPLAINER_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (artifact / EXPLAINER_FILE).write_bytes(bytes(data))
@@ -207,7 +198,7 @@ def test_tampered_or_missing_explainer_is_refused(tmp_path: Path) -> None:
 
 def test_explainer_replaced_after_loading_is_refused(tmp_path: Path) -> None:
     """The explainer is checked again when it is first used, so a file changed since the model loaded is refused."""
-    artifact = _release_copy(tmp_path / "artifact")
+    artifact = release_copy(tmp_path / "artifact")
     classifier = Classifier.from_directory(artifact)
     with (artifact / EXPLAINER_FILE).open("ab") as explainer:
         explainer.write(b"\0")
@@ -217,7 +208,7 @@ def test_explainer_replaced_after_loading_is_refused(tmp_path: Path) -> None:
 
 def test_card_without_explainer_serves_without_one(tmp_path: Path) -> None:
     """An artifact whose card names no explainer loads, verifies and has no explainer, whatever files lie beside it."""
-    artifact = _release_copy(tmp_path / "artifact")
+    artifact = release_copy(tmp_path / "artifact")
     card = read_card(artifact)
     del card["explainer"]
     (artifact / CARD_FILE).write_text(json.dumps(card))
@@ -228,7 +219,7 @@ def test_card_without_explainer_serves_without_one(tmp_path: Path) -> None:
 
 def test_card_naming_another_explainer_file_is_refused(tmp_path: Path) -> None:
     """The explainer's file name is fixed, so a card cannot point the scorer at another path."""
-    artifact = _release_copy(tmp_path / "artifact")
+    artifact = release_copy(tmp_path / "artifact")
     card = read_card(artifact)
     card["explainer"]["file"] = "../elsewhere.tflite"
     (artifact / CARD_FILE).write_text(json.dumps(card))
@@ -285,7 +276,7 @@ def test_overlay_heat_lands_where_the_map_is_positive() -> None:
 
 def test_registry_round_trip_carries_the_explainer(s3: Any, tmp_path: Path) -> None:
     """Publishing uploads explain.tflite, and downloading the version brings it back, verified."""
-    artifact = _release_copy(tmp_path / "artifact")
+    artifact = release_copy(tmp_path / "artifact")
     registry = ModelRegistry(s3, MODEL_BUCKET)
     prefix = registry.publish(artifact)
     keys = {item["Key"] for item in s3.list_objects_v2(Bucket=MODEL_BUCKET)["Contents"]}
@@ -298,7 +289,7 @@ def test_registry_round_trip_carries_the_explainer(s3: Any, tmp_path: Path) -> N
 
 def test_registry_round_trip_without_explainer(s3: Any, tmp_path: Path) -> None:
     """An artifact without an explainer publishes and downloads its other files, with no explain.tflite."""
-    artifact = _release_copy(tmp_path / "artifact")
+    artifact = release_copy(tmp_path / "artifact")
     (artifact / EXPLAINER_FILE).unlink()
     card = read_card(artifact)
     del card["explainer"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -13,13 +12,13 @@ import numpy as np
 import pytest
 
 from core.input_gate import BLANK_OR_SMOOTH, InputGate, InputGateError, image_statistics
-from core.model_card import CARD_FILE, EXPLAINER_FILE, GATE_FILE, MODEL_FILE, ModelArtifactError, read_card
+from core.model_card import CARD_FILE, GATE_FILE, MODEL_FILE, ModelArtifactError, read_card
 from core.preprocessing import preprocess
 from core.rejections import InvalidImageError, RejectionReason
 from infra.non_radiographs import non_radiographs
 from scoring.classifier import Classifier, Prediction
 from scoring.scorer import score_files
-from tests.conftest import RELEASE_MODEL, SAMPLES
+from tests.conftest import RELEASE_MODEL, SAMPLES, release_copy
 from training.data import list_split, load_images
 from training.gate import DISTANCE_MARGIN, MINIMUM_VALIDATION_KEPT, GateFitError, fit_input_gate
 
@@ -30,13 +29,6 @@ REQUIRED_REJECTED_SHARE = 0.95
 @pytest.fixture(scope="module")
 def release() -> Classifier:
     return Classifier.from_directory(RELEASE_MODEL)
-
-
-def _copy(destination: Path) -> Path:
-    destination.mkdir()
-    for name in (MODEL_FILE, CARD_FILE, EXPLAINER_FILE, GATE_FILE):
-        shutil.copyfile(RELEASE_MODEL / name, destination / name)
-    return destination
 
 
 def test_release_card_names_its_gate(release: Classifier) -> None:
@@ -87,7 +79,7 @@ def test_predict_still_measures_any_image(release: Classifier) -> None:
 
 def test_tampered_gate_is_refused(tmp_path: Path) -> None:
     """A gate file that does not match the card's sha256 is never served."""
-    artifact = _copy(tmp_path / "artifact")
+    artifact = release_copy(tmp_path / "artifact")
     with (artifact / GATE_FILE).open("ab") as gate:
         gate.write(b"\0")
     with pytest.raises(ModelArtifactError, match="sha256"):
@@ -96,7 +88,7 @@ def test_tampered_gate_is_refused(tmp_path: Path) -> None:
 
 def test_card_naming_another_gate_file_is_refused(tmp_path: Path) -> None:
     """The gate's file name is fixed, so a card cannot point the scorer at another path."""
-    artifact = _copy(tmp_path / "artifact")
+    artifact = release_copy(tmp_path / "artifact")
     card = read_card(artifact)
     card["input_gate"]["file"] = "../other.npz"
     (artifact / CARD_FILE).write_text(json.dumps(card))

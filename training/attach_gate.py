@@ -107,9 +107,6 @@ def attach_gate(artifact_dir: Path, keras_path: Path, data_dir: Path, output_dir
 
 def _largest_logit_difference(old_model: Path, new_model: Path, images: ImageSet) -> float:
     """The largest difference of the two model files' logits over an image set."""
-    old, new = ClassifierModel(old_model), ClassifierModel(new_model)
-    differences = [
-        np.max(np.abs(old.logits(images.images[i : i + 64]) - new.logits(images.images[i : i + 64])))
-        for i in range(0, len(images), 64)
-    ]
-    return float(np.max(differences))
+    old_logits, _ = ClassifierModel(old_model).run_in_batches(images.images)
+    new_logits, _ = ClassifierModel(new_model).run_in_batches(images.images)
+    return float(np.max(np.abs(old_logits - new_logits)))

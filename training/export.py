@@ -94,7 +94,7 @@ def measure(
         path = Path(folder) / "model.tflite"
         path.write_bytes(model_bytes)
         model = ClassifierModel(path)
-        logits = np.concatenate([model.logits(images[i : i + 32]) for i in range(0, len(images), 32)])
+        logits, _ = model.run_in_batches(images, batch_size=32)
         single = images[:1]
         model.run(single)
         started = time.perf_counter()

@@ -449,11 +449,12 @@ def fit_artifact_gate(model_path: Path, splits: DecodedSplits) -> FittedGate | N
     )
 
 
-def served_features(folder: Path, images: ImageSet, batch_size: int = 64) -> np.ndarray:
+def served_features(folder: Path, images: ImageSet) -> np.ndarray:
     """The pooled features of an image set as the exported model in ``folder`` computes them."""
-    model = ClassifierModel(folder / MODEL_FILE)
-    batches = [model.run(images.images[i : i + batch_size])[1] for i in range(0, len(images), batch_size)]
-    return np.concatenate([batch for batch in batches if batch is not None])
+    _, features = ClassifierModel(folder / MODEL_FILE).run_in_batches(images.images)
+    if features is None:
+        raise ValueError(f"{folder / MODEL_FILE} has no pooled features output")
+    return features
 
 
 def build_card(

@@ -86,3 +86,11 @@ class ClassifierModel:
     def logits(self, pixels: np.ndarray, expected_size: int | None = None) -> np.ndarray:
         """``(n,)`` logits of a uint8 batch."""
         return self.run(pixels, expected_size)[0]
+
+    def run_in_batches(self, pixels: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        """``run`` over a whole image set, ``batch_size`` images at a time (training and its checks)."""
+        outputs = [self.run(pixels[start : start + batch_size]) for start in range(0, len(pixels), batch_size)]
+        logits = np.concatenate([batch_logits for batch_logits, _ in outputs])
+        if self._features_position is None:
+            return logits, None
+        return logits, np.concatenate([features for _, features in outputs if features is not None])
