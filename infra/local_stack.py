@@ -39,7 +39,7 @@ from core.model_registry import ModelRegistry, NoCurrentModelError
 from core.preprocessing import DecodedImage
 from core.results import plain_item
 from infra.corpus import MEMORY_HOG_MARKER
-from infra.lambda_process import LambdaLimits, LambdaProcess, SharedState
+from infra.lambda_process import InvocationKilledError, LambdaLimits, LambdaProcess, SharedState
 from infra.resources import create_data_plane
 from infra.template import load_template, parameter_defaults
 from pneumoscan.stack import StackOutputs
@@ -145,6 +145,9 @@ class SqsEventSourceEmulator(_Poller):
         at-least-once notifications do."""
         self._sqs = sqs
         self._failed_deliveries: Counter[str] = Counter()
+        self._killed_deliveries: Counter[str] = Counter()
+        """Deliveries whose invocation was killed past the function's memory size or timeout, by message."""
+        self._bodies: dict[str, str] = {}
         self._duplicate_rate = duplicate_rate
         self._rng = rng or random.Random(0)
         self._retry_delay_seconds = retry_delay_seconds
@@ -191,11 +194,14 @@ class SqsEventSourceEmulator(_Poller):
         self.batches.append([message["Body"] for message in messages])
         try:
             response = self._handler(event, LocalContext(aws_request_id=str(uuid.uuid4())))
-        except Exception:  # A crashed invocation, whatever the cause, leaves the whole batch for retry.
+        except Exception as crash:  # A crashed invocation, whatever the cause, leaves the whole batch for retry.
             logger.exception("handler crashed; the whole batch of %d becomes visible again", len(messages))
             self.stats.handler_crashes += 1
             self.stats.messages_failed += len(messages)
             self._failed_deliveries.update(message["MessageId"] for message in messages)
+            if isinstance(crash, InvocationKilledError):
+                self._killed_deliveries.update(message["MessageId"] for message in messages)
+            self._bodies.update((message["MessageId"], message["Body"]) for message in messages)
             self._schedule_retry(messages)
             return
         failed: set[str] = set()
@@ -211,11 +217,24 @@ class SqsEventSourceEmulator(_Poller):
         self.stats.messages_deleted += len(done)
         self.stats.messages_failed += len(messages) - len(done)
         self._failed_deliveries.update(failed)
+        self._bodies.update(
+            (message["MessageId"], message["Body"]) for message in messages if message["MessageId"] in failed
+        )
         self._schedule_retry([message for message in messages if message["MessageId"] in failed])
 
     def exhausted(self, max_receive_count: int) -> int:
         """How many messages failed every one of their ``max_receive_count`` deliveries: SQS dead-letters them."""
         return sum(count >= max_receive_count for count in self._failed_deliveries.values())
+
+    def exhausted_by_faults(self, max_receive_count: int) -> list[str]:
+        """The bodies of the dead-lettered messages whose deliveries were killed at most once: a message that shared
+        its first batch with a file that kills its invocation loses that one delivery, however the function is
+        written (Lambda kills the process); the other failures were the fault plan's."""
+        return [
+            self._bodies[message_id]
+            for message_id, count in self._failed_deliveries.items()
+            if count >= max_receive_count and self._killed_deliveries[message_id] <= 1
+        ]
 
     def _duplicate_some(self, messages: list[dict[str, Any]]) -> None:
         for message in messages:

@@ -16,7 +16,8 @@ import pytest
 from moto import mock_aws
 
 from infra.demo import run_demo
-from infra.local_stack import EventSourceMapping, SqsEventSourceEmulator
+from infra.lambda_process import InvocationKilledError
+from infra.local_stack import EventSourceMapping, SqsEventSourceEmulator, drain
 from infra.resources import create_data_plane
 from infra.template import load_template
 from pneumoscan.stack import outputs_of_deployed_stack
@@ -115,6 +116,33 @@ def test_partial_failures_are_retried_then_dead_lettered(queues: tuple[Any, str,
     assert deliveries["poison"] == 5  # maxReceiveCount of the template
     assert _count(sqs, queue_url) == 0
     assert _count(sqs, dlq_url) == 1
+
+
+def test_dead_letters_tell_fault_failures_from_repeated_kills(queues: tuple[Any, str, str]) -> None:
+    """A message whose deliveries were killed at most once (a bomb's first batch) and otherwise failed is counted as
+    exhausted by faults; one killed on every delivery is not."""
+    sqs, queue_url, _ = queues
+    drain(sqs, queue_url)  # S3's s3:TestEvent.
+    kills = {"killed-once": 1, "killed-always": 5}
+    seen: dict[str, int] = {}
+
+    def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
+        [record] = event["Records"]
+        body = record["body"]
+        seen[body] = seen.get(body, 0) + 1
+        if seen[body] <= kills[body]:
+            raise InvocationKilledError("memory past 1024 MB")
+        return {"batchItemFailures": [{"itemIdentifier": record["messageId"]}]}
+
+    for body in kills:
+        sqs.send_message(QueueUrl=queue_url, MessageBody=body)
+    mapping = EventSourceMapping(batch_size=1, batching_window_seconds=0, report_batch_item_failures=True)
+    emulator = SqsEventSourceEmulator(sqs, queue_url, handler, mapping, retry_delay_seconds=0, region=REGION)
+    for _ in range(20):
+        emulator.poll_once()
+    assert seen == {"killed-once": 5, "killed-always": 5}
+    assert emulator.exhausted(5) == 2
+    assert emulator.exhausted_by_faults(5) == ["killed-once"]
 
 
 def test_a_crashed_invocation_retries_the_whole_batch(queues: tuple[Any, str, str]) -> None:
