@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import tracemalloc
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -30,6 +32,8 @@ from infra.dicom_bombs import (
 )
 from tests.conftest import SAMPLES
 from tests.dicom_fixtures import film_dataset, film_in_syntax, reference_film, saved
+
+T = TypeVar("T")
 
 
 def _rejection(data: bytes) -> InvalidImageError:
@@ -98,16 +102,22 @@ def test_pixel_data_that_looks_like_items_is_not_counted() -> None:
     assert preprocess(saved(dataset)).original_width == 300
 
 
+def _with_peak_allocation(run: Callable[[], T]) -> tuple[T, int]:
+    """What ``run`` returns, and the most memory Python and numpy held while it ran (tracemalloc's peak)."""
+    tracemalloc.start()
+    try:
+        result = run()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak
+
+
 def test_deflate_bomb_is_rejected_without_inflating_it() -> None:
     """190 KB of deflated data set that inflates to 200 MB is DECOMPRESSION_BOMB; nothing near its size is held."""
     data = deflate_bomb()
     assert len(data) < 300_000
-    tracemalloc.start()
-    try:
-        rejection = _rejection(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    rejection, peak = _with_peak_allocation(lambda: _rejection(data))
     assert rejection.reason is RejectionReason.DECOMPRESSION_BOMB
     assert rejection.detail == INFLATES_TOO_FAR
     assert peak < 20_000_000
@@ -141,12 +151,7 @@ def test_film_at_the_pixel_limit_decodes_within_budget(sample_xray: Image.Image)
     """A 5,000 x 5,000 JPEG DICOM with 12 frames (the issue's 960 MB, all frames decoded) decodes with at most
     the decode budget of memory that numpy and pydicom allocate."""
     data = jpeg_film_at_pixel_limit(sample_xray, frames=12, quality=30)
-    tracemalloc.start()
-    try:
-        decoded = decode_dicom(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    decoded, peak = _with_peak_allocation(lambda: decode_dicom(data))
     assert decoded.size == (5_000, 5_000)
     assert peak < MAX_DECODED_BYTES
 

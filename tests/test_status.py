@@ -43,6 +43,21 @@ def _day(scored: int, pneumonia: int) -> WindowCounts:
     return WindowCounts("last day", "", scored, {"SCORED": scored}, {}, scored, pneumonia)
 
 
+def raise_alarm(cloudwatch: Any, name: str, reason: str) -> None:
+    """Create an alarm on the age of the oldest queued message and set it to ALARM."""
+    cloudwatch.put_metric_alarm(
+        AlarmName=name,
+        Namespace="AWS/SQS",
+        MetricName="ApproximateAgeOfOldestMessage",
+        Statistic="Maximum",
+        Period=60,
+        EvaluationPeriods=1,
+        Threshold=300,
+        ComparisonOperator="GreaterThanThreshold",
+    )
+    cloudwatch.set_alarm_state(AlarmName=name, StateValue="ALARM", StateReason=reason)
+
+
 def test_the_expected_rate_is_the_share_of_test_films_called_pneumonia() -> None:
     """The card's expectation is the share of its test films the model called PNEUMONIA (true and false positives)."""
     matrix = read_card(RELEASE_MODEL)["metrics"]["test"]["confusion_matrix"]
@@ -89,17 +104,7 @@ def test_status_on_the_local_stack(tmp_path: Path, capsys: pytest.CaptureFixture
         assert early["model"] is None and "pneumoscan promote" in early["model_problem"]
 
         cloudwatch = stack.client("cloudwatch")
-        cloudwatch.put_metric_alarm(
-            AlarmName=ALARM,
-            Namespace="AWS/SQS",
-            MetricName="ApproximateAgeOfOldestMessage",
-            Statistic="Maximum",
-            Period=60,
-            EvaluationPeriods=1,
-            Threshold=300,
-            ComparisonOperator="GreaterThanThreshold",
-        )
-        cloudwatch.set_alarm_state(AlarmName=ALARM, StateValue="ALARM", StateReason="uploads wait too long")
+        raise_alarm(cloudwatch, ALARM, "uploads wait too long")
 
         stack.serve(RELEASE_MODEL)
         time.sleep(MODEL_REFRESH_SECONDS + 1)
@@ -165,17 +170,7 @@ def test_a_deployed_stacks_alarms_are_those_of_its_cloudformation_stack() -> Non
     with mock_aws():
         cloudwatch = boto3.client("cloudwatch", region_name="us-east-1")
         for name in [*names, "someone-elses"]:
-            cloudwatch.put_metric_alarm(
-                AlarmName=name,
-                Namespace="AWS/SQS",
-                MetricName="ApproximateAgeOfOldestMessage",
-                Statistic="Maximum",
-                Period=60,
-                EvaluationPeriods=1,
-                Threshold=300,
-                ComparisonOperator="GreaterThanThreshold",
-            )
-            cloudwatch.set_alarm_state(AlarmName=name, StateValue="ALARM", StateReason="test")
+            raise_alarm(cloudwatch, name, "test")
         assert [found.name for found in alarms_in_alarm(cloudwatch, names)] == names
         assert len(alarms_in_alarm(cloudwatch, None)) == 2
         assert alarms_in_alarm(cloudwatch, []) == ()
