@@ -321,9 +321,8 @@ def _evaluate(arguments: argparse.Namespace) -> int:
 
 def _attach_gate(arguments: argparse.Namespace) -> int:
     if arguments.data is None or not arguments.data.is_dir():
-        raise MissingPathError(
-            f"no data set at {arguments.data}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder"
-        )
+        where = f"at {arguments.data}" if arguments.data is not None else "given"
+        raise MissingPathError(f"no data set {where}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder")
     from training.attach_gate import attach_gate
 
     with _stdout_to_stderr():
