@@ -117,8 +117,9 @@ class ScoringPipeline:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """Only objects under ``input_prefix`` in ``input_bucket`` are read; without a ``heatmaps`` store no
-        heatmap is made. A record delivered before is decoded in a child process within ``isolation``'s limits
-        (``scoring.isolated_decode``), so a file that kills its decoder costs only its own record."""
+        heatmap is made. A batch holding a record delivered before is decoded in child processes within
+        ``isolation``'s limits (``scoring.isolated_decode``), so a file that kills its decoder costs only its own
+        record."""
         self._images = images
         self._heatmaps = heatmaps
         self._results = results
@@ -146,6 +147,10 @@ class ScoringPipeline:
         # One model per invocation, loaded on first use: preprocessing and inference never see two versions.
         classifier = functools.cache(self._models.get)
         pending: list[_PendingImage] = []
+        # A batch holding any record SQS delivered before is decoded record by record in child processes, its first
+        # deliveries too: a record whose invocation was killed once is never killed again by a file beside it (a
+        # duplicate notification of the same bomb arrives as a first delivery).
+        isolated = any(is_retry(message) for message in messages)
         for message in messages:
             plan = plans[message.message_id]
             try:
@@ -153,7 +158,7 @@ class ScoringPipeline:
                 for why in parsed.malformed:
                     self._observer.dropped(f"malformed record: {why}")
                 for ref in parsed.refs:
-                    image = self._read(message.message_id, ref, plan, classifier, isolated=is_retry(message))
+                    image = self._read(message.message_id, ref, plan, classifier, isolated=isolated)
                     if image is not None:
                         pending.append(image)
             except Exception as fault:  # noqa: BLE001  # Any fault of one record must fail that record only.
