@@ -293,6 +293,9 @@ MEMORY_HOG_MARKER = b"pneumoscan soak: this decode exhausts memory"
 its process is killed (``FaultPlan.decoder_memory_hog``)."""
 
 
+MEMORY_HOG_NAME = "memory-hog.jpeg"
+
+
 def memory_hog(film: Image.Image) -> CorpusFile:
     """A valid JPEG carrying ``MEMORY_HOG_MARKER``: with the fault plan's hog, a file whose decoding exceeds
     Lambda's memory, the kind of file no budget foresaw. It kills its invocation the first time, and is rejected as
@@ -300,7 +303,7 @@ def memory_hog(film: Image.Image) -> CorpusFile:
     jpeg = encode(film, "JPEG", quality=90)
     comment = b"\xff\xfe" + (len(MEMORY_HOG_MARKER) + 2).to_bytes(2, "big") + MEMORY_HOG_MARKER
     return CorpusFile(
-        "memory-hog.jpeg", jpeg[:2] + comment + jpeg[2:], Status.REJECTED, RejectionReason.DECOMPRESSION_BOMB
+        MEMORY_HOG_NAME, jpeg[:2] + comment + jpeg[2:], Status.REJECTED, RejectionReason.DECOMPRESSION_BOMB
     )
 
 

@@ -56,6 +56,9 @@ class SoakReport:
     films_lost_to_a_bomb: int
     """Valid films that shared an invocation with a decompression bomb and have no SCORED result, except those the
     fault plan dead-lettered (their deliveries failed, at most one of them killed beside a bomb)."""
+    messages_killed_twice: int
+    """Messages more than one of whose deliveries were killed: a record's first delivery may share a batch with a
+    bomb, every later one is decoded in isolation."""
     in_dlq: int
     predicted_dlq: int
     lost: int
@@ -135,6 +138,7 @@ def run_soak(
         exhausted_by_faults = {
             key for body in stack.emulator.exhausted_by_faults(max_receive_count) for key in _keys_in(body)
         }
+        killed_twice = [key for body in stack.emulator.killed_more_than_once() for key in _keys_in(body)]
         batches = list(stack.emulator.batches)
         assert stack.lambda_process is not None
         killed = stack.lambda_process.killed
@@ -154,6 +158,7 @@ def run_soak(
     # lost to the bomb: it is in the DLQ, which the fault schedule predicts, and is counted there.
     lost_to_bomb -= exhausted_by_faults
     outcome.problems.extend(f"lost beside a bomb: {key}" for key in sorted(lost_to_bomb)[:5])
+    outcome.problems.extend(f"killed on more than one delivery: {key}" for key in sorted(killed_twice)[:5])
     return SoakReport(
         uploads=len(files),
         scored=outcome.statuses[Status.SCORED],
@@ -168,6 +173,7 @@ def run_soak(
         peak_invocation_memory_mb=round(killed.peak_added_mb, 1),
         films_sharing_a_batch_with_a_bomb=len(sharing),
         films_lost_to_a_bomb=len(lost_to_bomb),
+        messages_killed_twice=len(killed_twice),
         in_dlq=len(dead_letters),
         predicted_dlq=predicted_dlq,
         lost=outcome.lost,
@@ -188,8 +194,6 @@ def _plan_uploads(data_root: Path, sample: Path, uploads: int, *, hog: bool) -> 
     the memory hog when the fault plan makes its decoding exhaust memory)."""
     xrays = sorted((data_root / "test").glob("*/*.jpeg"))
     corpus = build_corpus(sample, SOAK_MAX_IMAGE_BYTES)
-    if hog:
-        corpus.append(memory_hog(Image.open(sample).convert("L")))
     files: dict[str, CorpusFile] = {}
     for index, path in zip(range(uploads), itertools.cycle(xrays), strict=False):
         files[f"incoming/soak/{index:05d}-{path.name}"] = CorpusFile(path.name, path.read_bytes(), Status.SCORED)
@@ -199,6 +203,13 @@ def _plan_uploads(data_root: Path, sample: Path, uploads: int, *, hog: bool) -> 
         key = f"incoming/corpus/{corpus_file.name}"
         keys.insert(position * stride + position, key)
         files[key] = corpus_file
+    if hog:
+        # The memory hog goes first, so its first delivery shares a batch with first deliveries only and its
+        # invocation is killed as Lambda would kill it: a batch holding a retried record is decoded in isolation.
+        hog_file = memory_hog(Image.open(sample).convert("L"))
+        key = f"incoming/corpus/{hog_file.name}"
+        keys.insert(0, key)
+        files[key] = hog_file
     return keys, files
 
 

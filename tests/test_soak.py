@@ -38,6 +38,7 @@ def test_short_soak_loses_nothing(data_root: Path) -> None:
     assert report.handler_crashes == 1 + report.invocations_killed
     assert report.films_sharing_a_batch_with_a_bomb > 0
     assert report.films_lost_to_a_bomb == 0
+    assert report.messages_killed_twice == 0
     assert report.injected_get_object_faults > 0
     assert report.injected_put_item_faults > 0
     assert report.duplicates_sent > 0
