@@ -294,6 +294,7 @@ its process is killed (``FaultPlan.decoder_memory_hog``)."""
 
 
 MEMORY_HOG_NAME = "memory-hog.jpeg"
+"""The memory hog's file name: the soak uploads it first, and its fault plan never fails reading it."""
 
 
 def memory_hog(film: Image.Image) -> CorpusFile:

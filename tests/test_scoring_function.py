@@ -293,8 +293,8 @@ def test_retried_batch_is_decoded_record_by_record_in_isolation(
         stack.upload(key, body)
     records = stack.receive()
     assert len(records) == 10
-    films_records = [record for record in records if "hog.png" not in record["body"]]
-    for record in records if retried == "every record" else films_records[:1]:
+    film_records = [record for record in records if "hog.png" not in record["body"]]
+    for record in records if retried == "every record" else film_records[:1]:
         record["attributes"]["ApproximateReceiveCount"] = "2"
     assert invoke(records) == {"batchItemFailures": []}
     rejected = stack.latest(bomb)
