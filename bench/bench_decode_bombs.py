@@ -30,12 +30,12 @@ SAFETY_LIMIT_BYTES = 6 * 2**30
 CHILD = """
 import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[3]), int(sys.argv[3])))
-def high_water_mb():
-    # VmHWM is this process's own peak: ru_maxrss would carry over the peak of the process that started it.
-    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
 from core.preprocessing import preprocess
 from core.rejections import InvalidImageError
+from scoring.isolated_decode import process_status_bytes
+def high_water_mb():
+    # VmHWM is this process's own peak: ru_maxrss would carry over the peak of the process that started it.
+    return process_status_bytes("VmHWM") / 2**20
 data = open(sys.argv[1], "rb").read()
 preprocess(open(sys.argv[2], "rb").read())  # Warm: the decoders' own first-use cost is not the bomb's.
 at_rest = high_water_mb()

@@ -47,6 +47,7 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 sys.path.insert(0, sys.argv[1])
 from core.preprocessing import preprocess
 from core.rejections import InvalidImageError
+from scoring.isolated_decode import process_status_bytes
 data = open(sys.argv[2], "rb").read()
 start = time.perf_counter()
 try:
@@ -57,8 +58,7 @@ except InvalidImageError as error:
 except MemoryError:
     outcome = "MemoryError (address-space limit)"
 seconds = time.perf_counter() - start
-status = open("/proc/self/status").read().split("VmHWM:")[1]
-print(json.dumps({"outcome": outcome, "seconds": seconds, "peak_mb": int(status.split()[0]) / 1024}))
+print(json.dumps({"outcome": outcome, "seconds": seconds, "peak_mb": process_status_bytes("VmHWM") / 2**20}))
 """
 
 

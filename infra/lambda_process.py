@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scoring.isolated_decode import anonymous_bytes
+from scoring.isolated_decode import anonymous_bytes, process_status_bytes
 
 Handler = Callable[[dict[str, Any], Any], Any]
 
@@ -142,7 +142,7 @@ class LambdaProcess:
         """Run the handler under the safety limit; write (outcome, response or traceback, state); exit."""
         code = 0
         try:
-            safety = _address_space_bytes(os.getpid()) + 2 * self._limits.memory_mb * 2**20
+            safety = process_status_bytes("VmSize") + 2 * self._limits.memory_mb * 2**20
             resource.setrlimit(resource.RLIMIT_AS, (safety, safety))
             try:
                 result: tuple[str, Any] = ("returned", self._handler(event, context))
@@ -208,11 +208,6 @@ def _added_bytes(pid: int, inherited: int) -> int:
     for member, parent in tree[1:]:
         added += max(0, anonymous[member] - anonymous.get(parent, 0))
     return max(0, added)
-
-
-def _address_space_bytes(pid: int) -> int:
-    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmSize:"))
-    return int(line.split()[1]) * 1024
 
 
 def _kill_tree(pid: int) -> None:

@@ -76,9 +76,9 @@ def test_scan_count_skips_a_thumbnail_in_the_header(sample_xray: Image.Image, en
 _PEAK = """
 import sys
 from core.preprocessing import preprocess
+from scoring.isolated_decode import process_status_bytes
 def high_water_mb():
-    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
+    return process_status_bytes("VmHWM") / 2**20
 data = sys.stdin.buffer.read()
 at_rest = high_water_mb()
 preprocess(data)

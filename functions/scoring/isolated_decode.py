@@ -131,7 +131,7 @@ def _read_outcome(payload: bytes, size: int) -> tuple[DecodedImage, np.ndarray] 
 def _run_child(data: bytes, size: int, limits: IsolationLimits, write_end: int) -> None:
     """Decode under the limits, write the outcome (nothing when it ran out of memory), and exit."""
     try:
-        limit = _address_space_bytes() + limits.memory_bytes
+        limit = process_status_bytes("VmSize") + limits.memory_bytes
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)  # A limit set above this process (a test harness's) can only be lowered.
@@ -146,13 +146,6 @@ def _run_child(data: bytes, size: int, limits: IsolationLimits, write_end: int) 
     except BaseException:  # noqa: BLE001  # Out of memory or anything else: the parent sees no outcome.
         os._exit(1)
     os._exit(0)
-
-
-def _address_space_bytes() -> int:
-    """The process's virtual memory size (``VmSize``)."""
-    with open("/proc/self/status", encoding="ascii") as status:  # noqa: PTH123  # One line of a proc file.
-        line = next(line for line in status if line.startswith("VmSize:"))
-    return int(line.split()[1]) * 1024
 
 
 def _read_until(read_end: int, pid: int, most_anonymous_bytes: int, seconds: float) -> bytes | None:
@@ -175,9 +168,15 @@ def anonymous_bytes(pid: int) -> int:
     """A process's resident anonymous memory (``RssAnon``; 0 once it has exited). A forked child starts with its
     parent's; pages it copies on write keep the figure, pages it allocates raise it: what it grows by is what it
     allocated. Reading it is cheap, unlike a walk of the pages (``smaps_rollup``), which would stall the child."""
+    return process_status_bytes("RssAnon", pid)
+
+
+def process_status_bytes(field: str, pid: int | str = "self") -> int:
+    """A memory figure of ``/proc/<pid>/status`` (``RssAnon``, ``VmSize``, ``VmHWM``) in bytes; 0 once the process
+    has exited, or when the kernel does not report the figure."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as status:  # noqa: PTH123  # One line of a proc file.
-            line = next((line for line in status if line.startswith("RssAnon:")), "RssAnon: 0 kB")
+            line = next((line for line in status if line.startswith(f"{field}:")), f"{field}: 0 kB")
     except OSError:
         return 0
     return int(line.split()[1]) * 1024
