@@ -95,13 +95,7 @@ def _walk_file_meta(data: bytes, counter: _Counter) -> tuple[int, str]:
         if group != 0x0002:
             break
         counter.add()
-        vr = data[position + 4 : position + 6]
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack_from("<I", data, position + 8)
-            position += 12
-        else:
-            (length,) = struct.unpack_from("<H", data, position + 6)
-            position += 8
+        _, length, position = _explicit_header(data, position, "<")
         if length == _UNDEFINED:
             break
         if (group, element) == _TRANSFER_SYNTAX_TAG:
@@ -123,6 +117,16 @@ def _inflate(deflated: bytes) -> bytes:
         return zlib.decompressobj(-zlib.MAX_WBITS).decompress(deflated)
     except zlib.error:
         raise InvalidImageError(RejectionReason.CORRUPT, UNREADABLE_DEFLATE) from None
+
+
+def _explicit_header(data: bytes, position: int, endian: str) -> tuple[bytes, int, int]:
+    """The VR and value length of the explicit-VR element at ``position``, and where its value starts."""
+    vr = data[position + 4 : position + 6]
+    if vr in _LONG_VRS:
+        (length,) = struct.unpack_from(f"{endian}I", data, position + 8)
+        return vr, length, position + 12
+    (length,) = struct.unpack_from(f"{endian}H", data, position + 6)
+    return vr, length, position + 8
 
 
 def _looks_like_vr(raw: bytes) -> bool:
@@ -158,13 +162,7 @@ def _walk(data: bytes, position: int, top: _Level, counter: _Counter) -> None:
             (length,) = struct.unpack_from(f"{endian}I", data, position + 4)
             position += 8
         else:
-            vr = data[position + 4 : position + 6]
-            if vr in _LONG_VRS:
-                (length,) = struct.unpack_from(f"{endian}I", data, position + 8)
-                position += 12
-            else:
-                (length,) = struct.unpack_from(f"{endian}H", data, position + 6)
-                position += 8
+            vr, length, position = _explicit_header(data, position, endian)
         # An element of VR UN that holds a sequence is encoded implicit VR little endian inside (PS3.5 6.2.2).
         nested_implicit, nested_little = (True, True) if vr == b"UN" else (level.implicit, level.little)
         if length == _UNDEFINED:
