@@ -61,8 +61,14 @@ def decode_dicom(data: bytes) -> Image.Image:
 def transfer_syntax_name(dataset: Dataset) -> str | None:
     """The standard name of the file's transfer syntax when pydicom knows it: never the UID as the file spells it,
     which may be anything."""
-    uid = str(dataset.get("file_meta", Dataset()).get("TransferSyntaxUID", ""))
+    uid = _transfer_syntax_uid(dataset)
     return next((syntax.name for syntax in AllTransferSyntaxes if syntax == uid), None)
+
+
+def _transfer_syntax_uid(dataset: Dataset) -> str | None:
+    """The transfer syntax UID of the file meta, as the file spells it; None without one."""
+    uid = dataset.get("file_meta", Dataset()).get("TransferSyntaxUID")
+    return None if uid is None else str(uid)
 
 
 @contextmanager
@@ -138,11 +144,11 @@ def _decodable(dataset: Dataset) -> bool:
     """Whether an installed decoder handles the file's transfer syntax (pydicom raises RuntimeError, like a
     corrupt file, when the decoder's plugins are missing; that is checked here first). A file without a transfer
     syntax is left to pydicom."""
-    uid = dataset.get("file_meta", Dataset()).get("TransferSyntaxUID")
+    uid = _transfer_syntax_uid(dataset)
     if uid is None:
         return True
     try:
-        return bool(get_decoder(UID(str(uid))).is_available)
+        return bool(get_decoder(UID(uid)).is_available)
     except NotImplementedError:
         return False
 
