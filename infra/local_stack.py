@@ -192,6 +192,7 @@ class SqsEventSourceEmulator(_Poller):
         event = {"Records": [self._record(message) for message in messages]}
         self.stats.invocations += 1
         self.batches.append([message["Body"] for message in messages])
+        self._bodies.update((message["MessageId"], message["Body"]) for message in messages)
         try:
             response = self._handler(event, LocalContext(aws_request_id=str(uuid.uuid4())))
         except Exception as crash:  # A crashed invocation, whatever the cause, leaves the whole batch for retry.
@@ -201,7 +202,6 @@ class SqsEventSourceEmulator(_Poller):
             self._failed_deliveries.update(message["MessageId"] for message in messages)
             if isinstance(crash, InvocationKilledError):
                 self._killed_deliveries.update(message["MessageId"] for message in messages)
-            self._bodies.update((message["MessageId"], message["Body"]) for message in messages)
             self._schedule_retry(messages)
             return
         failed: set[str] = set()
@@ -217,9 +217,6 @@ class SqsEventSourceEmulator(_Poller):
         self.stats.messages_deleted += len(done)
         self.stats.messages_failed += len(messages) - len(done)
         self._failed_deliveries.update(failed)
-        self._bodies.update(
-            (message["MessageId"], message["Body"]) for message in messages if message["MessageId"] in failed
-        )
         self._schedule_retry([message for message in messages if message["MessageId"] in failed])
 
     def exhausted(self, max_receive_count: int) -> int:
