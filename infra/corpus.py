@@ -155,9 +155,8 @@ def patient_data_files(film: Image.Image) -> dict[str, bytes]:
     files["identified-too-many-elements.dcm"] = with_private_elements(files["identified.dcm"], 20_001)
     identified.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     files["identified-deflated.dcm"] = _saved(identified)
-    comment = b"\xff\xfe" + (len(PLANTED) + 2).to_bytes(2, "big") + PLANTED
     jpeg = encode(small, "JPEG")
-    files["commented-truncated.jpeg"] = (jpeg[:2] + comment + jpeg[2:])[: len(jpeg) // 2]
+    files["commented-truncated.jpeg"] = with_jpeg_segment(jpeg, JPEG_COMMENT, PLANTED)[: len(jpeg) // 2]
     text = PngInfo()
     text.add_text("Patient", PLANTED.decode())
     png = encode(small, "PNG", pnginfo=text)
@@ -301,11 +300,18 @@ def memory_hog(film: Image.Image) -> CorpusFile:
     """A valid JPEG carrying ``MEMORY_HOG_MARKER``: with the fault plan's hog, a file whose decoding exceeds
     Lambda's memory, the kind of file no budget foresaw. It kills its invocation the first time, and is rejected as
     a decompression bomb once its record is decoded in isolation."""
-    jpeg = encode(film, "JPEG", quality=90)
-    comment = b"\xff\xfe" + (len(MEMORY_HOG_MARKER) + 2).to_bytes(2, "big") + MEMORY_HOG_MARKER
-    return CorpusFile(
-        MEMORY_HOG_NAME, jpeg[:2] + comment + jpeg[2:], Status.REJECTED, RejectionReason.DECOMPRESSION_BOMB
-    )
+    jpeg = with_jpeg_segment(encode(film, "JPEG", quality=90), JPEG_COMMENT, MEMORY_HOG_MARKER)
+    return CorpusFile(MEMORY_HOG_NAME, jpeg, Status.REJECTED, RejectionReason.DECOMPRESSION_BOMB)
+
+
+JPEG_COMMENT = 0xFE
+"""The marker of a JPEG comment segment (COM)."""
+
+
+def with_jpeg_segment(jpeg: bytes, marker: int, payload: bytes) -> bytes:
+    """The JPEG with a marker segment holding ``payload`` inserted right after its start-of-image marker."""
+    segment = bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+    return jpeg[:2] + segment + jpeg[2:]
 
 
 BOMB_SIDE = 5_000

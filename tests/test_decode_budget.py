@@ -22,6 +22,7 @@ from infra.corpus import (
     decode_cost_bombs,
     many_scans_jpeg,
     truncated_with_end_marker,
+    with_jpeg_segment,
 )
 from infra.corpus import (
     encode as encode_file,
@@ -69,8 +70,8 @@ def test_scan_count_skips_a_thumbnail_in_the_header(sample_xray: Image.Image, en
     """The scans of a JPEG embedded before the image (an EXIF thumbnail) are not the image's scans."""
     thumbnail = encode(sample_xray.resize((64, 64)), "JPEG", progressive=True)
     image = encode(sample_xray, "JPEG")
-    segment = b"\xff\xe1" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
-    assert decode_budget.count_scans(image[:2] + segment + image[2:]) == decode_budget.count_scans(image) == 1
+    with_thumbnail = with_jpeg_segment(image, 0xE1, thumbnail)  # In an APP1 (EXIF) segment.
+    assert decode_budget.count_scans(with_thumbnail) == decode_budget.count_scans(image) == 1
 
 
 _PEAK = """
