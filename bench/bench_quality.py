@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from core.model_card import read_card
+from core.model_card import ServingSpec, read_card
 from core.preprocessing import preprocess
 from core.rejections import InvalidImageError, RejectionReason
 from infra.non_radiographs import non_radiographs
@@ -55,8 +55,7 @@ def measure_artifact(model: Path, paths: list[Path]) -> tuple[dict[str, Any], di
     labels = np.array([Path(line["path"]).parent.name == "PNEUMONIA" for line in lines], dtype=int)
     probabilities = np.array([line["pneumonia_probability"] for line in lines])
     card = read_card(model)
-    threshold = float(card["calibration"]["threshold"])
-    return card, evaluate(labels, probabilities, threshold, resamples=2000).to_dict()
+    return card, evaluate(labels, probabilities, ServingSpec.from_card(card).points, resamples=2000).to_dict()
 
 
 def full_resolution_consistency(model: Path, data: Path, every: int = 7, limit: int = 100) -> dict[str, Any]:
@@ -79,9 +78,10 @@ def full_resolution_consistency(model: Path, data: Path, every: int = 7, limit: 
     copy_probabilities = np.array([p.pneumonia_probability for p in classifier.predict(np.stack(copies))])
     upload_probabilities = np.array([p.pneumonia_probability for p in classifier.predict(np.stack(uploads))])
     refused = sum(isinstance(result, InvalidImageError) for result in classifier.screen(np.stack(uploads)))
-    threshold = classifier.spec.threshold
+    points = classifier.spec.points
     moved = np.abs(copy_probabilities - upload_probabilities)
-    flips = (copy_probabilities >= threshold) != (upload_probabilities >= threshold)
+    pairs = zip(copy_probabilities, upload_probabilities, strict=True)
+    flips = np.array([points.call(copy).label != points.call(upload).label for copy, upload in pairs])
     return {
         "films": len(chosen),
         "max_probability_change": round(float(moved.max()), 4),
@@ -115,9 +115,13 @@ def main() -> dict[str, Any]:
     data = Path(os.environ.get("PNEUMOSCAN_DATA", ROOT.parent / "shared" / "data" / "chest_xray"))
     paths = sorted((data / "test").glob("*/*"))
     card, measured = measure_artifact(RELEASE_MODEL, paths)
-    threshold = float(card["calibration"]["threshold"])
+    points = ServingSpec.from_card(card).points
     claimed = card["metrics"]["test"]
-    print(f"model {card['version']} on {len(paths)} test images, threshold {threshold:.4f} (chosen on validation)\n")
+    print(
+        f"model {card['version']} on {len(paths)} test images, NORMAL below {points.normal_below:.4f}, PNEUMONIA "
+        f"from {points.pneumonia_from:.4f} (chosen on validation); screening view: INDETERMINATE counts as flagged; "
+        f"INDETERMINATE share {measured['indeterminate_share']:.4f}\n"
+    )
     print("| metric | recomputed (95% CI) | model card |")
     print("|---|---|---|")
     for name in METRIC_NAMES:

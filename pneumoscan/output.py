@@ -28,8 +28,9 @@ DETAIL_FIELDS = (
     "status",
     "label",
     "pneumonia_probability",
-    "threshold",
     "confidence",
+    "normal_below",
+    "pneumonia_from",
     "model_version",
     "trigger",
     "reason",
@@ -168,7 +169,7 @@ def _elastic_column(table: Table, header: str) -> None:
 
 
 def _text(field: str, value: Any) -> str:
-    if field in ("pneumonia_probability", "threshold", "confidence"):
+    if field in ("pneumonia_probability", "normal_below", "pneumonia_from", "threshold", "confidence"):
         return f"{float(value):.4f}"
     if field == "latency_ms":
         return f"{float(value):.0f}"

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
+from core.labels import OperatingPoints
 from training.calibration import choose_threshold, fit_temperature, sigmoid
 from training.metrics import evaluate, expected_calibration_error
 
@@ -51,7 +52,7 @@ def test_metrics_agree_with_scikit_learn() -> None:
     """Point estimates equal scikit-learn's, and each lies inside its bootstrap interval."""
     labels, logits = _synthetic(seed=3, count=600)
     probabilities = sigmoid(logits)
-    result = evaluate(labels, probabilities, threshold=0.5, resamples=200)
+    result = evaluate(labels, probabilities, OperatingPoints.around(0.5), resamples=200)
     predicted = probabilities >= 0.5
     assert result.accuracy.value == pytest.approx(accuracy_score(labels, predicted))
     assert result.auc.value == pytest.approx(roc_auc_score(labels, probabilities))
@@ -75,4 +76,4 @@ def test_expected_calibration_error_of_hand_checked_case() -> None:
 def test_evaluation_needs_both_classes() -> None:
     """A split with one class cannot be evaluated, and says so."""
     with pytest.raises(ValueError, match="both"):
-        evaluate(np.ones(10, dtype=int), np.full(10, 0.9), threshold=0.5)
+        evaluate(np.ones(10, dtype=int), np.full(10, 0.9), OperatingPoints.around(0.5))

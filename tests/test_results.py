@@ -91,7 +91,9 @@ def test_a_foreign_page_token_is_refused(table: ResultsTable) -> None:
 
 def test_event_detail_is_the_item_with_its_result_id(table: ResultsTable) -> None:
     """The event feed's detail is the table item with plain JSON numbers and an id for deduplication."""
-    written = result("b", "01", START, confidence=0.75, pneumonia_probability=0.25, threshold=0.3)
+    written = result(
+        "b", "01", START, confidence=0.75, pneumonia_probability=0.25, normal_below=0.3, pneumonia_from=0.5
+    )
     table.put_once(written)
     item = table.latest("s3://in/b")
     assert item is not None

@@ -26,7 +26,7 @@ def _item(index: int, status: str = "SCORED", **overrides: Any) -> dict[str, Any
         "object_etag": "0123456789abcdef0123456789abcdef",
     }
     if status == "SCORED":
-        item.update(label="PNEUMONIA", pneumonia_probability=Decimal("0.9731"), threshold=Decimal("0.41"))
+        item.update(label="PNEUMONIA", pneumonia_probability=Decimal("0.9731"), normal_below=Decimal("0.41"))
     else:
         item.update(reason="not_decodable", reason_detail="cannot identify image file; not JPEG, PNG nor DICOM")
     return {**item, **overrides}

@@ -157,12 +157,15 @@ def test_upload_is_scored_into_the_results_table(stack: Stack, sample_paths: lis
     [item] = stack.results()
     assert item["status"] == "SCORED"
     assert item["image_key"] == f"s3://{stack.outputs.input_bucket}/incoming/patient-1/film.jpeg"
-    assert item["label"] in {"NORMAL", "PNEUMONIA"}
+    assert item["label"] in {"NORMAL", "INDETERMINATE", "PNEUMONIA"}
+    assert item["confidence"] >= 0.5
+    assert item["schema_version"] == 2
     assert item["model_version"] == read_card(RELEASE_MODEL)["version"]
     for attribute in (
         "confidence",
         "pneumonia_probability",
-        "threshold",
+        "normal_below",
+        "pneumonia_from",
         "object_etag",
         "object_size",
         "scored_at",
@@ -442,9 +445,14 @@ def test_missing_model_fails_the_batch_for_retry(stack: Stack, sample_paths: lis
 
 
 def test_handler_never_writes_to_the_input_bucket(stack: Stack, sample_paths: list[Path]) -> None:
-    """Scoring works with every S3 write operation forbidden."""
+    """Scoring works with every S3 write operation on the input bucket forbidden (a flagged film's heatmap goes to
+    the heatmap bucket)."""
     forbidden = {name: (1.0, "AccessDenied") for name in ("put_object", "delete_object", "copy_object", "upload_file")}
-    rewire(stack, s3=FaultInjectingClient(stack.s3, forbidden, random.Random(0)))
+
+    def elsewhere(arguments: dict[str, Any]) -> bool:
+        return arguments.get("Bucket") != stack.outputs.input_bucket
+
+    rewire(stack, s3=FaultInjectingClient(stack.s3, forbidden, random.Random(0), spare=elsewhere))
     stack.upload("incoming/readonly.jpeg", sample_paths[0].read_bytes())
     assert invoke(stack.receive()) == {"batchItemFailures": []}
     assert stack.results()[0]["status"] == "SCORED"
@@ -603,15 +611,16 @@ def heatmap_png(stack: Stack, heatmap_key: str) -> Image.Image:
     return Image.open(io.BytesIO(stack.s3.get_object(Bucket=bucket, Key=key)["Body"].read()), formats=["PNG"])
 
 
-def test_pneumonia_verdicts_point_to_a_heatmap(stack: Stack, sample_paths: list[Path]) -> None:
-    """Every film called PNEUMONIA has an overlay PNG in the heatmap bucket; films called NORMAL have none."""
+def test_flagged_verdicts_point_to_a_heatmap(stack: Stack, sample_paths: list[Path]) -> None:
+    """Every flagged film (PNEUMONIA or INDETERMINATE) has an overlay PNG in the heatmap bucket; films called NORMAL
+    have none."""
     for index, path in enumerate(sample_paths):
         stack.upload(f"incoming/film-{index}.jpeg", path.read_bytes())
     assert invoke(stack.receive()) == {"batchItemFailures": []}
     items = stack.results()
-    assert {item["label"] for item in items} == {"NORMAL", "PNEUMONIA"}
+    assert "PNEUMONIA" in {item["label"] for item in items}
     for item in items:
-        assert ("heatmap_key" in item) == (item["label"] == "PNEUMONIA")
+        assert ("heatmap_key" in item) == (item["label"] != "NORMAL")
         if "heatmap_key" in item:
             assert heatmap_png(stack, item["heatmap_key"]).size == (224, 224)
 

@@ -109,12 +109,18 @@ def test_exported_model_scores_real_xrays(smoke_artifact: Path, sample_paths: li
     pixels = np.stack([preprocess(p.read_bytes(), size=classifier.input_size).pixels for p in sample_paths])
     predictions = classifier.predict(pixels)
     assert len(predictions) == len(sample_paths)
+    points = read_card(smoke_artifact)["calibration"]["operating_points"]
     for prediction in predictions:
-        assert prediction.label in {"NORMAL", "PNEUMONIA"}
-        is_pneumonia = prediction.pneumonia_probability >= prediction.threshold
-        assert prediction.label == ("PNEUMONIA" if is_pneumonia else "NORMAL")
-        expected = prediction.pneumonia_probability if is_pneumonia else 1.0 - prediction.pneumonia_probability
-        assert prediction.confidence == pytest.approx(expected)
+        probability = prediction.pneumonia_probability
+        if probability < points["normal_below"]:
+            assert prediction.label == "NORMAL"
+            assert prediction.confidence == pytest.approx(1.0 - probability)
+        elif probability >= points["pneumonia_from"]:
+            assert prediction.label == "PNEUMONIA"
+            assert prediction.confidence == pytest.approx(probability)
+        else:
+            assert prediction.label == "INDETERMINATE"
+        assert prediction.confidence >= 0.5
 
 
 def test_tampered_model_is_refused(smoke_artifact: Path, tmp_path: Path) -> None:

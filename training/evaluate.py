@@ -36,4 +36,4 @@ def evaluate_artifact(
     classifier = Classifier.from_directory(artifact_dir)
     files = limit_per_class(list_split(split_dir), limit)
     scores = score_image_set(classifier, load_images(files, size=classifier.input_size))
-    return evaluate(scores.labels, scores.probabilities, classifier.spec.threshold, resamples), scores
+    return evaluate(scores.labels, scores.probabilities, classifier.spec.points, resamples), scores

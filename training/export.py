@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from core.labels import OperatingPoints
 from scoring.litert import ClassifierModel
 from training.calibration import sigmoid
 from training.gate import serving_model
@@ -39,8 +40,8 @@ class ExportCandidate:
     max_probability_difference: float
     label_agreement: float
     label_flips: int
-    """Validation images whose label at the threshold differs from the Keras model's although the Keras
-    probability is further than ``PARITY_TOLERANCE`` from the threshold: any such flip fails the gate."""
+    """Validation images whose label at either operating point differs from the Keras model's although the Keras
+    probability is further than ``PARITY_TOLERANCE`` from that point: any such flip fails the gate."""
     milliseconds_per_image: float
 
     @property
@@ -87,7 +88,7 @@ def measure(
     images: np.ndarray,
     keras_probabilities: np.ndarray,
     temperature: float,
-    threshold: float,
+    thresholds: tuple[float, ...],
 ) -> ExportCandidate:
     """Score ``images`` with the LiteRT runtime that serves, and compare with the Keras probabilities."""
     with tempfile.TemporaryDirectory() as folder:
@@ -103,14 +104,18 @@ def measure(
             model.run(single)
         milliseconds = (time.perf_counter() - started) * 1000 / repeats
     probabilities = sigmoid(logits, temperature)
-    flipped = (probabilities >= threshold) != (keras_probabilities >= threshold)
-    far_from_threshold = np.abs(keras_probabilities - threshold) > PARITY_TOLERANCE
+    flipped = np.zeros(len(probabilities), dtype=bool)
+    far_flips = np.zeros(len(probabilities), dtype=bool)
+    for threshold in thresholds:
+        flipped_here = (probabilities >= threshold) != (keras_probabilities >= threshold)
+        flipped |= flipped_here
+        far_flips |= flipped_here & (np.abs(keras_probabilities - threshold) > PARITY_TOLERANCE)
     return ExportCandidate(
         quantization=quantization,
         size_bytes=len(model_bytes),
         max_probability_difference=float(np.max(np.abs(probabilities - keras_probabilities))),
         label_agreement=float(np.mean(~flipped)),
-        label_flips=int(np.sum(flipped & far_from_threshold)),
+        label_flips=int(np.sum(far_flips)),
         milliseconds_per_image=milliseconds,
     )
 
@@ -121,12 +126,13 @@ def export(
     validation_images: np.ndarray,
     keras_probabilities: np.ndarray,
     temperature: float,
-    threshold: float,
+    operating_points: OperatingPoints,
     quantization: str = "auto",
     seed: int = 0,
 ) -> ExportResult:
     """Convert, measure every requested quantization on validation images, gate on parity of probabilities and
-    labels at the threshold, pick one. The served model also outputs the pooled features the input gate reads."""
+    labels at both operating points, pick one. The served model also outputs the pooled features the input gate
+    reads."""
     rng = np.random.default_rng(seed)
     representative = validation_images[rng.permutation(len(validation_images))[:200]]
     requested = ("float32", "int8") if quantization == "auto" else (quantization,)
@@ -139,7 +145,7 @@ def export(
             images=validation_images,
             keras_probabilities=keras_probabilities,
             temperature=temperature,
-            threshold=threshold,
+            thresholds=(operating_points.normal_below, operating_points.pneumonia_from),
         )
         logger.info("LiteRT %s candidate: %s", name, candidate)
         candidates.append((candidate, model_bytes))
@@ -148,7 +154,7 @@ def export(
         best = min((c for c, _ in candidates), key=lambda c: c.max_probability_difference)
         raise ParityError(
             f"exported model differs from Keras by up to {best.max_probability_difference:.4f} in probability "
-            f"(tolerance {PARITY_TOLERANCE}) and changes {best.label_flips} label(s) at the threshold on "
+            f"(tolerance {PARITY_TOLERANCE}) and changes {best.label_flips} label(s) at the operating points on "
             "validation images"
         )
     chosen, chosen_bytes = passing[0]

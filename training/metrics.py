@@ -1,7 +1,9 @@
 """Quality metrics of a binary screening model, with bootstrap 95% confidence intervals.
 
 Every metric comes from scikit-learn where it has one; expected calibration error is the usual equal-width
-binned estimate (Guo et al., 2017).
+binned estimate (Guo et al., 2017). The figures are the screening view: a film is flagged when it is not called
+NORMAL (``core.labels``), so sensitivity = (PNEUMONIA + INDETERMINATE) / positives and specificity = NORMAL /
+negatives; the share called INDETERMINATE is reported beside them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from sklearn.metrics import (
     recall_score,
     roc_auc_score,
 )
+
+from core.labels import OperatingPoints
 
 ECE_BINS = 15
 METRIC_NAMES = (
@@ -53,6 +57,10 @@ class Evaluation:
 
     count: int
     threshold: float
+    """The screening point: flagged at or above it (``normal_below``)."""
+    pneumonia_from: float
+    indeterminate_share: float
+    """The share of films called INDETERMINATE (between the two operating points)."""
     accuracy: Interval
     auc: Interval
     sensitivity: Interval
@@ -96,9 +104,11 @@ def _point_metrics(threshold: float) -> dict[str, Callable[[np.ndarray, np.ndarr
 
 
 def evaluate(
-    labels: np.ndarray, probabilities: np.ndarray, threshold: float, resamples: int = 1000, seed: int = 0
+    labels: np.ndarray, probabilities: np.ndarray, points: OperatingPoints, resamples: int = 1000, seed: int = 0
 ) -> Evaluation:
-    """Metrics of calibrated PNEUMONIA probabilities at ``threshold``, with percentile bootstrap intervals."""
+    """Screening metrics of calibrated PNEUMONIA probabilities at the operating points, with percentile bootstrap
+    intervals."""
+    threshold = points.normal_below
     labels = np.asarray(labels, dtype=int)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if labels.shape != probabilities.shape or labels.ndim != 1:
@@ -125,9 +135,12 @@ def evaluate(
     true_negative, false_positive, false_negative, true_positive = confusion_matrix(
         labels, (probabilities >= threshold).astype(int), labels=[0, 1]
     ).ravel()
+    indeterminate = (probabilities >= points.normal_below) & (probabilities < points.pneumonia_from)
     return Evaluation(
         count=len(labels),
         threshold=threshold,
+        pneumonia_from=points.pneumonia_from,
+        indeterminate_share=float(indeterminate.mean()),
         confusion_matrix={
             "true_negative": int(true_negative),
             "false_positive": int(false_positive),

@@ -2,7 +2,7 @@
 
 Every classifier maps a ``(size, size, 1)`` uint8 image to one logit for PNEUMONIA. Intensity normalisation is a
 layer inside the classifier, so the exported model takes the shared preprocessing's output as it is. Augmentation
-lives in a separate wrapper used only while training, so the exported graph holds no random layers.
+(``training.augment``) runs in the training data pipeline only, so the exported graph holds no random layers.
 """
 
 from __future__ import annotations
@@ -28,21 +28,6 @@ class PerImageStandardization(layers.Layer):  # type: ignore[misc]  # Keras ship
         mean = keras.ops.mean(inputs, axis=(1, 2, 3), keepdims=True)
         variance = keras.ops.var(inputs, axis=(1, 2, 3), keepdims=True)
         return (inputs - mean) / keras.ops.sqrt(variance + 1e-3)
-
-
-def build_augmentation(seed: int) -> keras.Sequential:
-    """Augmentations that keep an X-ray plausible: small rotations, shifts, zooms and contrast changes.
-
-    There are no flips: the heart sits on the patient's left, and a mirrored film is not a real input."""
-    return keras.Sequential(
-        [
-            layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
-            layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 1),
-            layers.RandomZoom((-0.15, 0.1), fill_mode="constant", seed=seed + 2),
-            layers.RandomContrast(0.3, seed=seed + 3),
-        ],
-        name="augmentation",
-    )
 
 
 def build_classifier(architecture: str, size: int, dropout: float = 0.3, weights: str | None = None) -> keras.Model:
@@ -88,15 +73,6 @@ def build_ensemble(members: list[keras.Model]) -> keras.Model:
         member.name = f"member{index}"
     logits = layers.Average(name="mean_logit")([member(inputs) for member in members])
     return keras.Model(inputs, logits, name="ensemble")
-
-
-def build_training_model(classifier: keras.Model, seed: int) -> keras.Model:
-    """The classifier behind the augmentation layers, which are active only in training."""
-    inputs = keras.Input(shape=classifier.input_shape[1:], dtype="uint8", name="image")
-    augmented = build_augmentation(seed)(keras.ops.cast(inputs, "float32"))
-    # Augmentation interpolates, so the result is rounded back to the uint8 range the classifier expects.
-    clipped = keras.ops.clip(keras.ops.round(augmented), 0.0, 255.0)
-    return keras.Model(inputs, classifier(clipped), name="training_model")
 
 
 def _mlp(x: keras.KerasTensor, dropout: float) -> keras.KerasTensor:

@@ -23,10 +23,12 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from core.labels import OperatingPoints
 from core.model_card import GATE_FILE, MODEL_FILE, ServingSpec, sha256_of, verify_artifact, write_card
 from scoring.classifier import Classifier
 from scoring.litert import ClassifierModel
-from training.calibration import TARGET_SENSITIVITY, choose_threshold, fit_temperature, sigmoid
+from training.augment import AugmentationSettings, augment_film
+from training.calibration import OPERATING_POINT_RULE, choose_operating_points, fit_temperature, sigmoid
 from training.config import TrainingConfig
 from training.data import (
     CLASS_NAMES,
@@ -47,7 +49,7 @@ from training.explain import export_explainer
 from training.export import ExportResult, export
 from training.gate import FittedGate, fit_input_gate, kept_share
 from training.metrics import evaluate, family_breakdown, headline
-from training.models import build_classifier, build_ensemble, build_training_model, is_backbone_layer
+from training.models import build_classifier, build_ensemble, is_backbone_layer
 from training.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,7 @@ class TrainedModel:
     splits: DecodedSplits
     histories: list[dict[str, list[float]]]
     temperature: float
-    threshold: float
+    operating_points: OperatingPoints
     exported: ExportResult
 
 
@@ -243,18 +245,18 @@ def calibrate_and_export(
     validation_logits = predict_logits(classifier, splits.validation.images)
     temperature = fit_temperature(splits.validation.labels, validation_logits)
     keras_probabilities = sigmoid(validation_logits, temperature)
-    threshold = choose_threshold(splits.validation.labels, keras_probabilities)
-    logger.info("%s: temperature %.4f, threshold %.4f", role, temperature, threshold)
+    points = choose_operating_points(splits.validation.labels, keras_probabilities)
+    logger.info("%s: temperature %.4f, operating points %s", role, temperature, points)
     exported = export(
         classifier,
         validation_images=splits.validation.images,
         keras_probabilities=keras_probabilities,
         temperature=temperature,
-        threshold=threshold,
+        operating_points=points,
         quantization=config.quantization,
         seed=config.seed,
     )
-    return TrainedModel(role, architecture, classifier, splits, histories, temperature, threshold, exported)
+    return TrainedModel(role, architecture, classifier, splits, histories, temperature, points, exported)
 
 
 def predict_logits(classifier: keras.Model, images: np.ndarray) -> np.ndarray:
@@ -332,8 +334,9 @@ def fit(
     epochs: int,
     seed_offset: int,
 ) -> dict[str, list[float]]:
-    """Train on ``targets`` (labels, or a student's soft targets) with AdamW and a warm-up + cosine schedule,
-    weighting classes by the true labels; keep the weights of the best validation AUC."""
+    """Train on ``targets`` (labels, or a student's soft targets) with AdamW and a warm-up + cosine schedule, on
+    acquisition-augmented films (``training.augment``), weighting classes by the true labels and smoothing the
+    targets by ``config.label_smoothing``; keep the weights of the best validation AUC."""
     seed = config.seed + seed_offset
     steps_per_epoch = int(np.ceil(len(images) / config.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -342,15 +345,19 @@ def fit(
         warmup_target=learning_rate,
         warmup_steps=steps_per_epoch,
     )
-    model = build_training_model(classifier, seed)
-    model.compile(
+    classifier.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
-        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
         metrics=[HardLabelAUC(from_logits=True, name="auc")],
     )
+    augmentation = AugmentationSettings(config.augmentation_strength)
     training_data = (
         tf.data.Dataset.from_tensor_slices((images, targets.astype("float32"), sample_weights(splits.fit.labels)))
         .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        .map(
+            lambda image, target, weight: (augment_film(image, augmentation), target, weight),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
         .batch(config.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
@@ -358,7 +365,7 @@ def fit(
     early_stopping = keras.callbacks.EarlyStopping(
         monitor="val_auc", mode="max", patience=config.patience, restore_best_weights=True
     )
-    history = model.fit(
+    history = classifier.fit(
         training_data,
         validation_data=validation_data,
         validation_batch_size=64,
@@ -426,11 +433,16 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
     for split, image_set in splits:
         scores[split] = score_image_set(served, image_set)
         metrics[split] = evaluate(
-            image_set.labels, scores[split].probabilities, model.threshold, context.config.bootstrap_resamples
+            image_set.labels,
+            scores[split].probabilities,
+            model.operating_points,
+            context.config.bootstrap_resamples,
         ).to_dict()
         families = [image_family(item.path.name) for item in image_set.files]
-        by_family[split] = family_breakdown(families, image_set.labels, scores[split].probabilities, model.threshold)
-    write_report(folder / "report", model.histories, scores, model.threshold)
+        by_family[split] = family_breakdown(
+            families, image_set.labels, scores[split].probabilities, model.operating_points.normal_below
+        )
+    write_report(folder / "report", model.histories, scores, model.operating_points.normal_below)
     return ArtifactEvaluation(model.architecture, metrics, by_family, explainer, gate_section)
 
 
@@ -486,8 +498,10 @@ def build_card(
         "calibration": {
             "method": "temperature scaling fitted on validation",
             "temperature": model.temperature,
-            "threshold": model.threshold,
-            "threshold_rule": f"highest validation threshold with sensitivity >= {TARGET_SENSITIVITY}",
+            # The screening point: a film at or above it is flagged (INDETERMINATE or PNEUMONIA).
+            "threshold": model.operating_points.normal_below,
+            "operating_points": model.operating_points.to_dict(),
+            "operating_point_rule": OPERATING_POINT_RULE,
         },
         "export": model.exported.to_dict(),
         "serving": {"served": context.choice.served, "rule": context.choice.reason},

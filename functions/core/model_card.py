@@ -1,6 +1,6 @@
 """The model card: the JSON document that travels with every ``model.tflite``.
 
-Training writes it; the scorer reads the fields it serves with (input size, temperature, threshold, class names,
+Training writes it; the scorer reads the fields it serves with (input size, temperature, operating points, class names,
 model checksum, and the optional explainer's checksum and bias) and ignores the rest, which is the training record
 for people.
 """
@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from core.labels import OperatingPoints
 
 MODEL_FILE = "model.tflite"
 CARD_FILE = "model_card.json"
@@ -35,6 +37,7 @@ class ServingSpec:
     class_names: tuple[str, str]
     temperature: float
     threshold: float
+    """The screening point chosen on validation (flagged at or above it)."""
     model_sha256: str
     test_auc: float | None
     explainer_sha256: str | None = None
@@ -47,6 +50,13 @@ class ServingSpec:
     """The logit's bias: ``logit = explainer_bias + mean(map)`` for the explainer's contribution map."""
     gate_sha256: str | None = None
     """Checksum of ``input_gate.npz``; None when the card names no input gate (models trained before it existed)."""
+    operating_points: OperatingPoints | None = None
+    """Where the labels change; a card written before the INDETERMINATE band gets the band around its threshold."""
+
+    @property
+    def points(self) -> OperatingPoints:
+        """The operating points the scorer labels with."""
+        return self.operating_points or OperatingPoints.around(self.threshold)
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> ServingSpec:
@@ -63,12 +73,14 @@ class ServingSpec:
             gate = card.get("input_gate")
             if gate is not None and gate.get("file", GATE_FILE) != GATE_FILE:
                 raise ModelArtifactError(f"the input gate must be {GATE_FILE}, not {gate['file']!r}")
+            calibration = card["calibration"]
+            points = calibration.get("operating_points")
             return cls(
                 version=str(card["version"]),
                 input_size=int(card["input"]["size"]),
                 class_names=("NORMAL", "PNEUMONIA"),
-                temperature=float(card["calibration"]["temperature"]),
-                threshold=float(card["calibration"]["threshold"]),
+                temperature=float(calibration["temperature"]),
+                threshold=float(calibration["threshold"]),
                 model_sha256=str(card["model_sha256"]),
                 test_auc=float(test["auc"]["value"]) if "auc" in test else None,
                 explainer_sha256=str(explainer["sha256"]) if explainer is not None else None,
@@ -76,6 +88,9 @@ class ServingSpec:
                 test_count=int(test["count"]) if "count" in test else None,
                 data_manifest_sha256=str(card["data_manifest_sha256"]) if "data_manifest_sha256" in card else None,
                 gate_sha256=str(gate["sha256"]) if gate is not None else None,
+                operating_points=None
+                if points is None
+                else OperatingPoints(float(points["normal_below"]), float(points["pneumonia_from"])),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelArtifactError(f"model card is missing or has a malformed field: {error!r}") from error

@@ -52,6 +52,10 @@ NEVER_NOTIFIED = "0" * SEQUENCER_WIDTH + "~"
 """Version sequence of an object that no notification ever scored (it predates the stack): it sorts before
 every S3 sequencer, so a later upload of the key is its newer version."""
 BY_DAY_INDEX = "ResultsByDay"
+RESULT_SCHEMA_VERSION = 2
+"""Version 2 added INDETERMINATE and the operating points ``normal_below``/``pneumonia_from`` (replacing
+``threshold``); ``confidence`` is the probability of the stated label. Items written before it have no
+``schema_version``."""
 _DESERIALIZER = TypeDeserializer()
 
 
@@ -82,9 +86,13 @@ class ScoringResult:
     trigger: Trigger = Trigger.UPLOAD
     model_version: str | None = None
     label: str | None = None
+    """NORMAL, INDETERMINATE or PNEUMONIA (``core.labels``)."""
     confidence: float | None = None
+    """The calibrated probability of ``label`` (of the likelier class for INDETERMINATE); never below 0.5."""
     pneumonia_probability: float | None = None
-    threshold: float | None = None
+    normal_below: float | None = None
+    """The operating points the label was called with: NORMAL below, PNEUMONIA from ``pneumonia_from``."""
+    pneumonia_from: float | None = None
     reason: str | None = None
     reason_detail: str | None = None
     heatmap_key: str | None = None
@@ -100,9 +108,14 @@ class ScoringResult:
         return self.scored_at[:10]
 
     def to_item(self) -> dict[str, Any]:
-        """The result as plain JSON values, with the derived attributes the indexes read."""
+        """The result as plain JSON values, with the schema version and the derived attributes the indexes read."""
         item = {name: value for name, value in asdict(self).items() if value is not None}
-        return {**item, "version_sequence": self.version_sequence, "scored_day": self.scored_day}
+        return {
+            **item,
+            "schema_version": RESULT_SCHEMA_VERSION,
+            "version_sequence": self.version_sequence,
+            "scored_day": self.scored_day,
+        }
 
 
 def version_sequence_of(object_sequence: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from core.input_gate import InputGate
+from core.labels import Label, OperatingPoints
 from core.model_card import (
     EXPLAINER_FILE,
     GATE_FILE,
@@ -27,11 +28,11 @@ from scoring.litert import ClassifierModel
 class Prediction:
     """The calibrated verdict on one image."""
 
-    label: str
+    label: Label
     confidence: float
-    """Calibrated probability of ``label``."""
+    """Calibrated probability of ``label`` (of the likelier class for INDETERMINATE); never below 0.5."""
     pneumonia_probability: float
-    threshold: float
+    operating_points: OperatingPoints
     model_version: str
 
 
@@ -112,14 +113,16 @@ class Classifier:
         ]
 
     def calibrate(self, logit: float) -> Prediction:
-        """Turn one logit into a prediction with the card's temperature and threshold."""
-        probability = _stable_sigmoid(logit / self.spec.temperature)
-        is_pneumonia = probability >= self.spec.threshold
+        """Turn one logit into a prediction with the card's temperature and operating points."""
+        # The label is called on the probability as the result states it (six places), so a reader who compares
+        # the stated probability with the stated operating points always finds the stated label.
+        probability = round(_stable_sigmoid(logit / self.spec.temperature), 6)
+        call = self.spec.points.call(probability)
         return Prediction(
-            label=self.spec.class_names[1] if is_pneumonia else self.spec.class_names[0],
-            confidence=probability if is_pneumonia else 1.0 - probability,
+            label=call.label,
+            confidence=call.confidence,
             pneumonia_probability=probability,
-            threshold=self.spec.threshold,
+            operating_points=self.spec.points,
             model_version=self.spec.version,
         )
 

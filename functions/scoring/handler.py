@@ -17,6 +17,7 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from core.labels import Label
 from core.model_registry import ModelRegistry
 from core.provider import Provider
 from core.results import ResultsTable, ScoringResult
@@ -28,7 +29,7 @@ from scoring.pipeline import ScoringPipeline
 from scoring.settings import Settings
 
 NAMESPACE = "pneumoscan"
-PNEUMONIA = "PNEUMONIA"
+PNEUMONIA = Label.PNEUMONIA
 
 logger = Logger(service="pneumoscan-scoring")
 tracer = Tracer(service="pneumoscan-scoring")
@@ -43,12 +44,15 @@ class PowertoolsObserver:
     def scored(self, result: ScoringResult) -> None:
         metrics.add_metric(name="ImagesScored", unit=MetricUnit.Count, value=1)
         metrics.add_metric(name="ScoringLatency", unit=MetricUnit.Milliseconds, value=result.latency_ms)
-        # Drift signals, per model version: the average of PneumoniaDetected is the share of films called
-        # PNEUMONIA, and the average of PneumoniaProbability the mean calibrated probability.
+        # Drift signals, per model version: the averages of PneumoniaDetected and Indeterminate are the shares of
+        # films called PNEUMONIA and INDETERMINATE, and the average of PneumoniaProbability the mean probability.
         metrics.add_metric(
             name="PneumoniaProbability", unit=MetricUnit.NoUnit, value=result.pneumonia_probability or 0.0
         )
         metrics.add_metric(name="PneumoniaDetected", unit=MetricUnit.Count, value=1 if result.label == PNEUMONIA else 0)
+        metrics.add_metric(
+            name="Indeterminate", unit=MetricUnit.Count, value=1 if result.label == Label.INDETERMINATE else 0
+        )
         if result.heatmap_key:
             metrics.add_metric(name="HeatmapsStored", unit=MetricUnit.Count, value=1)
         logger.info(

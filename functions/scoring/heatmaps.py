@@ -1,7 +1,8 @@
 """The heatmap stage of scoring: which scored films get a heatmap, their class activation maps, the overlay PNGs,
 and their storage in the heatmap bucket, which has no notifications, so a heatmap never triggers scoring.
 
-Images scored PNEUMONIA, and those whose uploader or backfill asked for one, get a heatmap stored before their
+Images scored PNEUMONIA or INDETERMINATE (flagged for a reader), and those whose uploader or backfill asked for
+one, get a heatmap stored before their
 result is written, so a result never points to a heatmap that does not exist.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.events import ObjectRef
+from core.labels import Label
 from core.preprocessing import DecodedImage
 from scoring.classifier import Classifier, Prediction
 from scoring.explainer import render_overlay
@@ -97,11 +99,11 @@ class HeatmapStage:
     def run(
         self, images: Sequence[HeatmapCandidate], predictions: Sequence[Prediction], classifier: Classifier
     ) -> HeatmapOutcome:
-        """The heatmaps of the images scored PNEUMONIA or asked to be explained, stored."""
+        """The heatmaps of the flagged images (PNEUMONIA or INDETERMINATE) or asked to be explained, stored."""
         wanted = [
             image
             for image, prediction in zip(images, predictions, strict=True)
-            if image.explain or prediction.label == classifier.spec.class_names[1]
+            if image.explain or prediction.label is not Label.NORMAL
         ]
         outcome = HeatmapOutcome()
         if not wanted:

@@ -279,10 +279,11 @@ class ScoringPipeline:
             image.started,
             heatmap_key=heatmap_key,
             model_version=prediction.model_version,
-            label=prediction.label,
+            label=prediction.label.value,
             confidence=round(prediction.confidence, 6),
             pneumonia_probability=round(prediction.pneumonia_probability, 6),
-            threshold=round(prediction.threshold, 6),
+            normal_below=round(prediction.operating_points.normal_below, 6),
+            pneumonia_from=round(prediction.operating_points.pneumonia_from, 6),
         )
 
     def _rejection(self, ref: ObjectRef, reason: RejectionReason, detail: str, started: float) -> ScoringResult:
