@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -588,9 +589,14 @@ def _local_up(arguments: argparse.Namespace) -> int:
             flush=True,
         )
 
-    with LocalStack(
-        port=arguments.port, retry_delay_seconds=arguments.retry_delay, on_waiting_without_model=waiting_without_model
-    ) as stack:
+    with (
+        _stopped_by_signals(),
+        LocalStack(
+            port=arguments.port,
+            retry_delay_seconds=arguments.retry_delay,
+            on_waiting_without_model=waiting_without_model,
+        ) as stack,
+    ):
         assert stack.outputs is not None
         outputs_file.write_text(stack.outputs.to_json() + "\n")
         print(stack.outputs.to_json())
@@ -601,6 +607,29 @@ def _local_up(arguments: argparse.Namespace) -> int:
         print(inert(f"outputs written to {outputs_file}; scoring uploads until interrupted (Ctrl-C)"), flush=True)
         threading.Event().wait()
     return 0
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM interrupt the command (exit code 130), whatever it inherited: a shell starts a
+    background job with SIGINT ignored, and Python then leaves it ignored. The previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():  # Only the main thread may set handlers.
+        yield
+        return
+    stopping = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in stopping}
+    for number in stopping:
+        signal.signal(number, _interrupt)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which Python cannot set back.
+                signal.signal(number, handler)
+
+
+def _interrupt(number: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(number).name)
 
 
 if __name__ == "__main__":
