@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pneumoscan.errors import ExitCode, MissingPathError, UsageError, describe
 from pneumoscan.native_output import filtered_stderr
+from pneumoscan.terminal_text import InertFormatter, inert
 
 if TYPE_CHECKING:
     from pneumoscan.stack import StackOutputs, StackTarget
@@ -35,7 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     debug = arguments.debug or os.environ.get("PNEUMOSCAN_DEBUG") == "1"
     command = arguments.run.__name__.lstrip("_").replace("_", " ")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_lines = logging.StreamHandler()  # A key or an AWS message in a log line reaches the terminal inert.
+    log_lines.setFormatter(InertFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[log_lines])
     logging.getLogger("botocore").setLevel(logging.WARNING)
     # Run as the program, the command owns its standard error and drops native libraries' noise from it; called
     # from Python (tests), it leaves the caller's file descriptors alone.
@@ -390,7 +394,7 @@ def _publish(arguments: argparse.Namespace) -> int:
     try:
         prefix = ModelRegistry(target.client("s3"), bucket).publish(arguments.model)
     except VersionExistsError as refusal:
-        print(f"pneumoscan publish: refused: {refusal}; publish under a new version", file=sys.stderr)
+        print(f"pneumoscan publish: refused: {inert(str(refusal))}; publish under a new version", file=sys.stderr)
         return ExitCode.PROMOTION_REFUSED
     print(json.dumps({"published": f"s3://{bucket}/{prefix}"}))
     return 0
@@ -404,7 +408,7 @@ def _promote(arguments: argparse.Namespace) -> int:
     try:
         pointer = registry.promote(arguments.version, force=arguments.force)
     except PromotionRefusedError as refusal:
-        print(f"pneumoscan promote: refused: {refusal}; use --force to promote anyway", file=sys.stderr)
+        print(f"pneumoscan promote: refused: {inert(str(refusal))}; use --force to promote anyway", file=sys.stderr)
         return ExitCode.PROMOTION_REFUSED
     print(json.dumps({"current": pointer.version, "test_auc": pointer.test_auc}))
     return 0
@@ -500,10 +504,11 @@ def _backfill(arguments: argparse.Namespace) -> int:
     state_path = arguments.state or default_state_path(plan)
     backfill = Backfill(target.client("s3"), target.client("sqs"), plan, state_path)
     try:
-        with tqdm(unit=" objects", desc=f"backfill s3://{plan.bucket}/{plan.prefix}", file=sys.stderr) as bar:
+        where = inert(f"s3://{plan.bucket}/{plan.prefix}")
+        with tqdm(unit=" objects", desc=f"backfill {where}", file=sys.stderr) as bar:
             state = backfill.run(progress=bar)
     except BackfillError as error:
-        print(f"backfill stopped: {error}; run the same command again to resume", file=sys.stderr)
+        print(f"backfill stopped: {inert(str(error))}; run the same command again to resume", file=sys.stderr)
         return 1
     print(json.dumps({"enqueued": state.enqueued, "model_version": promoted, "state": str(state_path)}))
     return 0
@@ -575,26 +580,56 @@ def _local_up(arguments: argparse.Namespace) -> int:
 
     def waiting_without_model(count: int) -> None:
         print(
-            f"{count} upload(s) waiting: no model is promoted, so they fail and are retried, then dead-lettered. "
-            f"Serve one: pneumoscan publish --outputs {outputs_file} --model {model} && "
-            f"pneumoscan promote --outputs {outputs_file} --version {version}",
+            inert(
+                f"{count} upload(s) waiting: no model is promoted, so they fail and are retried, then dead-lettered. "
+                f"Serve one: pneumoscan publish --outputs {outputs_file} --model {model} && "
+                f"pneumoscan promote --outputs {outputs_file} --version {version}"
+            ),
             file=sys.stderr,
             flush=True,
         )
 
-    with LocalStack(
-        port=arguments.port, retry_delay_seconds=arguments.retry_delay, on_waiting_without_model=waiting_without_model
-    ) as stack:
+    with (
+        _stopped_by_signals(),
+        LocalStack(
+            port=arguments.port,
+            retry_delay_seconds=arguments.retry_delay,
+            on_waiting_without_model=waiting_without_model,
+        ) as stack,
+    ):
         assert stack.outputs is not None
         outputs_file.write_text(stack.outputs.to_json() + "\n")
         print(stack.outputs.to_json())
         if arguments.no_model:
             print("no model promoted (--no-model): uploads wait until one is published and promoted")
         else:
-            print(f"serving model {stack.serve(model)} from {model}")
-        print(f"outputs written to {outputs_file}; scoring uploads until interrupted (Ctrl-C)", flush=True)
+            print(inert(f"serving model {stack.serve(model)} from {model}"))
+        print(inert(f"outputs written to {outputs_file}; scoring uploads until interrupted (Ctrl-C)"), flush=True)
         threading.Event().wait()
     return 0
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM interrupt the command (exit code 130), whatever it inherited: a shell starts a
+    background job with SIGINT ignored, and Python then leaves it ignored. The previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():  # Only the main thread may set handlers.
+        yield
+        return
+    stopping = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in stopping}
+    for number in stopping:
+        signal.signal(number, _interrupt)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which Python cannot set back.
+                signal.signal(number, handler)
+
+
+def _interrupt(number: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(number).name)
 
 
 if __name__ == "__main__":

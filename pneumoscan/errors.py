@@ -1,13 +1,17 @@
 """What a command's failure tells its user: one line on stderr naming the problem and its fix, and an exit code per
 kind of problem (the README's table). ``--debug`` or ``PNEUMOSCAN_DEBUG=1`` shows the traceback instead.
 
-Nothing here imports botocore or the project's packages: errors are recognised by their class names and modules,
-so a command that never loads boto3 does not load it to report a failure either."""
+Nothing here imports botocore or the project's packages (but ``pneumoscan.terminal_text``, which imports only the
+standard library): errors are recognised by their class names and modules, so a command that never loads boto3 does
+not load it to report a failure either. A line's text from outside (a key, a path, an AWS message) is made inert:
+control and bidi characters are shown as escapes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+
+from pneumoscan.terminal_text import inert
 
 
 class ExitCode(IntEnum):
@@ -105,7 +109,7 @@ def describe(error: BaseException, command: str) -> Failure | None:
     if isinstance(error, MissingPathError):
         return Failure(ExitCode.MISSING_FILE, f"pneumoscan {command}: {_one_line(str(error))}")
     if isinstance(error, FileNotFoundError | NotADirectoryError):
-        name = error.filename or str(error)
+        name = _one_line(str(error.filename or error))
         return Failure(ExitCode.MISSING_FILE, f"pneumoscan {command}: no such file or folder: {name}; check the path")
     if isinstance(error, UsageError):
         return Failure(ExitCode.USAGE, f"pneumoscan {command}: {_one_line(str(error))}")
@@ -162,4 +166,5 @@ def _aws_fix(code: ExitCode) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """``text`` on one line, its runs of spaces, tabs and line breaks as one space, and inert."""
+    return inert(" ".join(text.split()))

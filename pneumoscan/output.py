@@ -3,7 +3,11 @@
 Tables are made for an 80-column terminal: one image's latest result is a key/value list (long values fold onto
 further lines, whole), and in a listing no cell wraps: times are compact, the fixed-width fields (time, status,
 label, probability) are always whole, and the image key and model version share what is left, cut with an ellipsis.
-JSON always carries every attribute in full."""
+JSON always carries every attribute in full.
+
+Keys and every other value from the table, S3 or the command line reach the terminal only as ``rich.text.Text``
+(never read as markup) made inert by ``terminal_text.inert`` (control and bidi characters shown as escapes); JSON
+needs neither."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from core.results import ResultsPage
+from pneumoscan.terminal_text import inert
 
 if TYPE_CHECKING:
     from pneumoscan.status import StackStatus, WindowCounts
@@ -69,18 +74,18 @@ def print_page(page: ResultsPage, output_format: str, console: Console | None = 
     console = console or Console()
     console.print(listing_table(page.items))
     if page.next_token:
-        console.print(f"next page: --page-token {page.next_token}", soft_wrap=True)
+        console.print(_plain(f"next page: --page-token {page.next_token}"), soft_wrap=True)
 
 
 def details_table(image_key: str, item: dict[str, Any]) -> Table:
     """One result as a key/value list: the attribute's name, then its value (folded, never cut)."""
-    table = Table(box=None, show_header=False, title=f"latest result of {image_key}", title_justify="left")
+    table = Table(box=None, show_header=False, title=_plain(f"latest result of {image_key}"), title_justify="left")
     table.add_column("field", no_wrap=True, style="bold")
     table.add_column("value", overflow="fold")
     for field in DETAIL_FIELDS:
         if field == "image_key" or item.get(field) is None:
             continue
-        table.add_row(field.replace("_", " "), Text(_text(field, item[field])))
+        table.add_row(field.replace("_", " "), _plain(_text(field, item[field])))
     return table
 
 
@@ -94,7 +99,7 @@ def history_table(history: Sequence[dict[str, Any]], latest: dict[str, Any] | No
     for item in history:
         marker = "*" if latest is not None and item == latest else ""
         cells = (marker, *_fixed_cells(item), str(item.get("trigger", "")), str(item.get("model_version", "")))
-        table.add_row(*map(Text, cells))  # Text: a key or reason is never read as rich markup.
+        table.add_row(*map(_plain, cells))
     return table
 
 
@@ -115,8 +120,13 @@ def listing_table(items: Sequence[dict[str, Any]]) -> Table:
     for item, key in zip(items, keys, strict=True):
         image = key.removeprefix(shared) if shared else key
         cells = (*_fixed_cells(item), image) if one_model else (*_fixed_cells(item), image, _model(item))
-        table.add_row(*map(Text, cells))
+        table.add_row(*map(_plain, cells))
     return table
+
+
+def _plain(text: str) -> Text:
+    """Text from outside as rich prints it: never read as markup, its control and bidi characters as escapes."""
+    return Text(inert(text))
 
 
 def _model(item: dict[str, Any]) -> str:
@@ -140,7 +150,12 @@ def compact_time(scored_at: str) -> str:
 def _listing(title: str) -> Table:
     # expand: the elastic columns share whatever width the fixed ones leave (see _elastic_column).
     return Table(
-        title=title, title_justify="left", box=box.SIMPLE_HEAD, expand=True, pad_edge=False, collapse_padding=True
+        title=_plain(title),
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        expand=True,
+        pad_edge=False,
+        collapse_padding=True,
     )
 
 
@@ -187,7 +202,7 @@ def print_status(status: StackStatus, output_format: str, console: Console | Non
         print(status.to_json())
         return
     console = console or Console()
-    console.print(f"[bold]pneumoscan status[/bold] at {status.checked_at}")
+    console.print(Text.assemble(("pneumoscan status", "bold"), f" at {inert(status.checked_at)}"))
     console.print(_section("model", _model_rows(status)))
     queue = status.queue
     age = (
@@ -206,7 +221,7 @@ def print_status(status: StackStatus, output_format: str, console: Console | Non
     drift = status.drift
     observed = "-" if drift.observed_rate is None else f"{drift.observed_rate:.1%} of {drift.films} scored"
     expected = "-" if drift.expected_rate is None else f"{drift.expected_rate:.1%}"
-    check = Text.assemble(("DRIFT: ", "bold red"), drift.note) if drift.drifted else Text(drift.note)
+    check = Text.assemble(("DRIFT: ", "bold red"), inert(drift.note)) if drift.drifted else _plain(drift.note)
     console.print(
         _section(
             "pneumonia rate, last day",
@@ -251,11 +266,12 @@ def _window_text(window: WindowCounts) -> str:
 
 
 def _section(title: str, rows: Sequence[tuple[str, str | Text]]) -> Group:
-    """A heading, then a key/value list whose values fold (whole) rather than being cut."""
+    """A heading, then a key/value list whose values fold (whole) rather than being cut; a ``str`` field or value
+    (an alarm's name and reason, a model version, a path) is made inert, a ``Text`` is printed as built."""
     heading = Text(title, style="bold")
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column("field", no_wrap=True)
     table.add_column("value", overflow="fold")
     for field, value in rows:
-        table.add_row(Text(field), value if isinstance(value, Text) else Text(value))
+        table.add_row(_plain(field), value if isinstance(value, Text) else _plain(value))
     return Group(heading, table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -50,6 +51,21 @@ def sample_xray() -> Image.Image:
 def encode() -> Callable[..., bytes]:
     """Encode a Pillow image to bytes in a given format."""
     return encode_image
+
+
+def stop_server(
+    process: subprocess.Popen[Any], stop_signal: int = signal.SIGINT, seconds: float = 30
+) -> tuple[Any, Any]:
+    """Send a server a test started ``stop_signal`` and return what it printed (stdout, stderr). One still running
+    ``seconds`` later is killed, so it cannot outlive its test (a leaked child fails later tests), and the test
+    fails."""
+    process.send_signal(stop_signal)
+    try:
+        return process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"the server did not stop within {seconds} s of {signal.Signals(stop_signal).name}")
 
 
 def copy_artifact(artifact: Path, destination: Path, version: str, test_auc: float | None = None) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 
 from pneumoscan.native_output import LineFilter
 from pneumoscan.stack import StackTarget, is_loopback
-from tests.conftest import REPOSITORY_ROOT, SAMPLES
+from tests.conftest import REPOSITORY_ROOT, SAMPLES, stop_server
 
 LITERT_NOISE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
 
@@ -132,8 +131,7 @@ def test_readme_local_stack_recipe_works_line_by_line_with_no_aws_configuration(
         assert completed.stderr.count("dummy AWS credentials") == 1, completed.stderr
         assert len(completed.stderr.splitlines()) == 1
     finally:
-        server.send_signal(signal.SIGINT)
-        _, server_errors = server.communicate(timeout=30)
+        _, server_errors = stop_server(server)
     assert server.returncode in {0, 130}
     noise = [line for line in server_errors.decode().splitlines() if "Warning" in line or line.startswith("INFO:")]
     assert noise == []
@@ -203,8 +201,7 @@ def test_local_up_without_a_model_says_so_for_every_poll_that_finds_uploads(tmp_
                 assert time.monotonic() < deadline, "the upload was not delivered within 30 s"
                 time.sleep(0.2)
     finally:
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=30)
+        stdout, stderr = stop_server(process)
     notices = [line for line in stderr.splitlines() if "no model is promoted" in line]
     assert len(notices) == 2, stderr
     assert all(line.startswith("1 upload(s) waiting") for line in notices)

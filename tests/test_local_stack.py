@@ -20,8 +20,9 @@ from infra.lambda_process import InvocationKilledError
 from infra.local_stack import EventSourceMapping, SqsEventSourceEmulator, drain
 from infra.resources import create_data_plane
 from infra.template import load_template
+from pneumoscan.errors import ExitCode
 from pneumoscan.stack import outputs_of_deployed_stack
-from tests.conftest import RELEASE_MODEL, SAMPLES
+from tests.conftest import RELEASE_MODEL, SAMPLES, stop_server
 
 REGION = "us-east-1"
 
@@ -208,11 +209,14 @@ def test_cli_talks_to_the_local_stack(
 
 
 @pytest.mark.slow
-def test_local_up_runs_until_interrupted(tmp_path: Path) -> None:
-    """`pneumoscan local up` writes its outputs file, serves boto3 clients, and exits cleanly on Ctrl-C."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_local_up_runs_until_interrupted(tmp_path: Path, stop_signal: int) -> None:
+    """`pneumoscan local up` writes its outputs file, serves boto3 clients, and exits cleanly (130) on Ctrl-C or
+    SIGTERM, also when started as a shell starts a background job: with SIGINT ignored."""
     outputs_file = tmp_path / "stack.json"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pneumoscan.cli", "local", "up", "--port", "0", "--outputs", str(outputs_file)],
+    up = [sys.executable, "-m", "pneumoscan.cli", "local", "up", "--port", "0", "--outputs", str(outputs_file)]
+    process = subprocess.Popen(  # bash: ignore SIGINT, then become the command, which inherits the ignored SIGINT.
+        ["bash", "-c", 'trap "" INT; exec "$@"', "local-up", *up],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -241,8 +245,8 @@ def test_local_up_runs_until_interrupted(tmp_path: Path) -> None:
         )
         assert outputs["input_bucket"] in {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}
     finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 130
+        stop_server(process, stop_signal)
+    assert process.returncode == ExitCode.INTERRUPTED
 
 
 def test_stack_name_reads_cloudformation_outputs() -> None:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
+import jsonschema
 import pytest
 from moto import mock_aws
 
 from core.results import InvalidPageTokenError, ResultsTable, ScoringResult
 from infra.resources import create_data_plane
 from publisher.handler import result_detail
+from scoring.heatmaps import MAX_KEY_BYTES, HeatmapStore
+from tests.conftest import REPOSITORY_ROOT
 
 REGION = "us-east-1"
 START = datetime(2026, 11, 26, 22, 0, tzinfo=UTC)
@@ -100,3 +104,40 @@ def test_event_detail_is_the_item_with_its_result_id(table: ResultsTable) -> Non
     detail = result_detail(item)
     assert detail == {**written.to_item(), "result_id": "s3://in/b#01"}
     assert isinstance(detail["object_size"], int) and isinstance(detail["confidence"], float)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "incoming/line\nbreak.jpeg",
+        "incoming/\nleading-newline.png",
+        "incoming/trailing-newline.jpeg\n",
+        "incoming/tab\there.dcm",
+        "incoming/Röntgen Thorax 胸部 صورة 🫁.jpeg",
+        "incoming/\r\x1b[2J\u202ecarriage-return-escape-bidi",
+        "incoming/line\u2028separator.jpeg",  # JavaScript's "." matches neither it nor \r: validators in JS differ.
+        "incoming/" + "ü" * 505,  # 1,019 bytes: the heatmap is named by a digest.
+    ],
+    ids=[
+        "newline",
+        "leading-newline",
+        "trailing-newline",
+        "tab",
+        "non-ascii",
+        "controls",
+        "line-separator",
+        "near-the-limit",
+    ],
+)
+def test_the_result_event_schema_accepts_every_key_s3_accepts(table: ResultsTable, key: str) -> None:
+    """A result of any key S3 accepts (controls, line breaks, any script, up to 1,024 bytes), with the heatmap key
+    the scoring function gives it, is an event that the published schema accepts."""
+    assert len(key.encode()) <= MAX_KEY_BYTES
+    schema = json.loads((REPOSITORY_ROOT / "schemas" / "result-event.schema.json").read_text())
+    heatmap_key = HeatmapStore.key_for(f"s3://in/{key}", "01")
+    scores = {"label": "PNEUMONIA", "confidence": 0.9, "pneumonia_probability": 0.9, "threshold": 0.5}
+    written = result(key, "01", START, heatmap_key=f"s3://heatmaps/{heatmap_key}", **scores)
+    table.put_once(written)
+    item = table.latest(written.image_key)
+    assert item is not None and item["image_key"] == f"s3://in/{key}"
+    jsonschema.validate(result_detail(item), schema)

@@ -702,3 +702,23 @@ def test_alarms_can_be_delivered_to_the_encrypted_topic(template: dict[str, Any]
     ]
     assert set(cloudwatch["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey*"}
     assert cloudwatch["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+
+
+def test_alarm_topic_accepts_tls_only_and_cloudwatch_alarms_may_publish(template: dict[str, Any]) -> None:
+    """The alarm topic's one policy denies publishing, subscribing and managing the topic without TLS to everyone, and
+    (replacing SNS's default policy) lets this account's CloudWatch alarms publish."""
+    resources = template["Resources"]
+    policies = [
+        resource["Properties"] for resource in resources.values() if resource["Type"] == "AWS::SNS::TopicPolicy"
+    ]
+    [policy] = [policy for policy in policies if {"Ref": "AlarmTopic"} in policy["Topics"]]
+    statements = policy["PolicyDocument"]["Statement"]
+    [deny] = [statement for statement in statements if statement["Effect"] == "Deny"]
+    assert deny["Principal"] == "*"
+    assert {"sns:Publish", "sns:Subscribe", "sns:SetTopicAttributes", "sns:DeleteTopic"} <= set(deny["Action"])
+    assert _as_list(deny["Resource"]) == [{"Ref": "AlarmTopic"}]
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    [allow] = [statement for statement in statements if statement["Effect"] == "Allow"]
+    assert (allow["Principal"], allow["Action"]) == ({"Service": "cloudwatch.amazonaws.com"}, "sns:Publish")
+    assert allow["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+    assert ":alarm:*" in _text(allow["Condition"]["ArnLike"]["aws:SourceArn"])
