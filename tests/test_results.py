@@ -135,8 +135,9 @@ def test_the_result_event_schema_accepts_every_key_s3_accepts(table: ResultsTabl
     assert len(key.encode()) <= MAX_KEY_BYTES
     schema = json.loads((REPOSITORY_ROOT / "schemas" / "result-event.schema.json").read_text())
     heatmap_key = HeatmapStore.key_for(f"s3://in/{key}", "01")
-    scores = {"label": "PNEUMONIA", "confidence": 0.9, "pneumonia_probability": 0.9, "threshold": 0.5}
-    written = result(key, "01", START, heatmap_key=f"s3://heatmaps/{heatmap_key}", **scores)
+    scores = {"label": "PNEUMONIA", "confidence": 0.9, "pneumonia_probability": 0.9}
+    points = {"normal_below": 0.5, "pneumonia_from": 0.8}
+    written = result(key, "01", START, heatmap_key=f"s3://heatmaps/{heatmap_key}", **scores, **points)
     table.put_once(written)
     item = table.latest(written.image_key)
     assert item is not None and item["image_key"] == f"s3://in/{key}"

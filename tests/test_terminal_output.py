@@ -157,7 +157,8 @@ def hostile_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileS
                 label="PNEUMONIA",
                 confidence=0.9,
                 pneumonia_probability=0.9,
-                threshold=0.5,
+                normal_below=0.5,
+                pneumonia_from=0.8,
                 heatmap_key=f"s3://{stack.outputs.heatmap_bucket}/heatmaps/{HOSTILE}.png",
                 **common,
             )
@@ -183,7 +184,8 @@ def hostile_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileS
                 label="NORMAL",
                 confidence=0.8,
                 pneumonia_probability=0.2,
-                threshold=0.5,
+                normal_below=0.5,
+                pneumonia_from=0.8,
                 **common,
             )
         )
