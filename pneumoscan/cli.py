@@ -313,10 +313,24 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def _evaluate(arguments: argparse.Namespace) -> int:
+    from core.model_card import read_card
     from training.evaluate import evaluate_artifact
+    from training.ledger import LedgerEntry, is_official_test_split, record_scoring
+    from training.metrics import headline
     from training.report import write_split_plots
+    from training.train import git_commit
 
     evaluation, scores = evaluate_artifact(arguments.model, arguments.data, resamples=arguments.resamples)
+    if is_official_test_split(arguments.data):
+        record_scoring(
+            LedgerEntry(
+                run="pneumoscan evaluate",
+                version=str(read_card(arguments.model)["version"]),
+                count=evaluation.count,
+                figures=headline(evaluation.to_dict()),
+                git_commit=git_commit(),
+            )
+        )
     if arguments.report:
         write_split_plots(arguments.report, arguments.data.name, scores, evaluation.threshold)
     print(json.dumps(evaluation.to_dict(), indent=2))

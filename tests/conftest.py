@@ -26,6 +26,14 @@ SAMPLES = REPOSITORY_ROOT / "samples"
 RELEASE_MODEL = REPOSITORY_ROOT / "models" / "release"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Smoke runs score (a few films of) the test split: they record it in a ledger of the test session, never in
+    the repository's holdout ledger. Set for the whole session, so CLI subprocesses inherit it."""
+    del config
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"pneumoscan-test-ledger-{os.getpid()}.jsonl"
+    os.environ["PNEUMOSCAN_HOLDOUT_LEDGER"] = str(scratch)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The chest_xray folder: $PNEUMOSCAN_DATA, else ../shared/data/chest_xray beside the repository."""

@@ -48,6 +48,7 @@ from training.evaluate import ArtifactScores, score_image_set
 from training.explain import export_explainer
 from training.export import ExportResult, export
 from training.gate import FittedGate, fit_input_gate, kept_share
+from training.ledger import LedgerEntry, record_scoring
 from training.metrics import evaluate, family_breakdown, headline
 from training.models import build_classifier, build_ensemble, is_backbone_layer
 from training.report import write_report
@@ -438,6 +439,17 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
             model.operating_points,
             context.config.bootstrap_resamples,
         ).to_dict()
+        if split == "test":
+            record_scoring(
+                LedgerEntry(
+                    run="pneumoscan train",
+                    version=spec.version,
+                    count=len(image_set),
+                    figures=headline(metrics[split]),
+                    git_commit=context.source_commit,
+                    note=f"{model.role} of the run; limit_per_class={context.config.limit_per_class}",
+                )
+            )
         families = [image_family(item.path.name) for item in image_set.files]
         by_family[split] = family_breakdown(
             families, image_set.labels, scores[split].probabilities, model.operating_points.normal_below
