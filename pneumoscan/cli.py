@@ -57,10 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_code
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pneumoscan", description=__doc__)
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
-
+def _add_train(commands: Any) -> None:
+    """The ``train`` command: the SageMaker job's entry point, its hyper-parameters and the recipe search."""
     train = commands.add_parser("train", help="train, calibrate, export and evaluate a model (SageMaker contract)")
     train.add_argument(
         "--data",
@@ -78,7 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     ):  # fmt: skip
         train.add_argument(f"--{name}", type=kind, dest=f"hp_{name.replace('-', '_')}", help="hyper-parameter")
     train.add_argument("--arch", type=str, dest="hp_architecture", help="alias of --architecture")
+    recipe = train.add_mutually_exclusive_group()
+    recipe.add_argument(
+        "--search",
+        action="store_true",
+        help="first search augmentation strength, label smoothing and learning rate on validation (Optuna), then "
+        "train the winner",
+    )
+    recipe.add_argument("--search-results", type=Path, help="train the winner of an earlier search (its search.json)")
+    train.add_argument("--search-trials", type=int, default=10, help="most trials of --search (default 10)")
+    train.add_argument("--search-minutes", type=float, default=75.0, help="most minutes of --search (default 75)")
     train.set_defaults(run=_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumoscan", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    _add_train(commands)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a LiteRT artifact on a labelled split")
     evaluate.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
@@ -274,6 +289,7 @@ def _train(arguments: argparse.Namespace) -> int:
         )
     from training.job import run_job
     from training.metrics import headline
+    from training.search import SearchSettings
 
     overrides = {
         key.removeprefix("hp_"): value
@@ -282,7 +298,15 @@ def _train(arguments: argparse.Namespace) -> int:
     }
     # Keras's progress lines and the LiteRT converter's native output go to stderr, so stdout holds only the JSON.
     with _stdout_to_stderr():
-        card = run_job(arguments.data, arguments.output, overrides)
+        card = run_job(
+            arguments.data,
+            arguments.output,
+            overrides,
+            search=SearchSettings(trials=arguments.search_trials, minutes=arguments.search_minutes)
+            if arguments.search
+            else None,
+            search_results=arguments.search_results,
+        )
     print(
         json.dumps(
             {

@@ -8,6 +8,7 @@ folders or ``s3://`` prefixes instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -20,6 +21,7 @@ import boto3
 
 from core.s3 import S3Location
 from training.config import TrainingConfig, read_hyperparameters
+from training.search import SearchSettings, run_search
 from training.train import DataSplits, train_and_export
 
 logger = logging.getLogger(__name__)
@@ -49,21 +51,38 @@ class JobEnvironment:
         )
 
 
-def run_job(data: str | None, output: str | None, flag_overrides: dict[str, Any]) -> dict[str, Any]:
-    """Resolve inputs, outputs and hyper-parameters, train, and write the failure file if anything breaks."""
+def run_job(
+    data: str | None,
+    output: str | None,
+    flag_overrides: dict[str, Any],
+    *,
+    search: SearchSettings | None = None,
+    search_results: Path | None = None,
+) -> dict[str, Any]:
+    """Resolve inputs, outputs and hyper-parameters, train, and write the failure file if anything breaks.
+
+    With ``search``, the recipe search runs first and its winner's values are trained; with ``search_results``,
+    the winner of an earlier search (its ``search.json``) is. Either way the trials are recorded in the card."""
     environment = JobEnvironment.from_environment()
     try:
         overrides = {**read_hyperparameters(environment.hyperparameters_file), **flag_overrides}
         config = TrainingConfig().with_overrides(overrides)
         with tempfile.TemporaryDirectory(prefix="pneumoscan-") as scratch:
             splits = resolve_data(data, environment, Path(scratch) / "data")
+            report: dict[str, Any] | None = None
+            if search is not None:
+                report = run_search(splits.train_dir, config, search, Path(scratch) / "search").to_dict()
+            elif search_results is not None:
+                report = json.loads(search_results.read_text())
+            if report is not None:
+                config = config.with_overrides(report["best"])
             output_target = output or str(environment.model_dir)
             if output_target.startswith("s3://"):
                 local_output = Path(scratch) / "artifact"
-                card = train_and_export(splits, local_output, config)
+                card = train_and_export(splits, local_output, config, search=report)
                 upload_folder(local_output, S3Location.parse(output_target))
             else:
-                card = train_and_export(splits, Path(output_target), config)
+                card = train_and_export(splits, Path(output_target), config, search=report)
     except Exception as error:
         # Any failure, whatever its type, must reach SageMaker's failure file before the job exits non-zero.
         write_failure(environment.failure_file, error)

@@ -79,17 +79,22 @@ class SearchReport:
 
     def table(self) -> str:
         """The trials as a Markdown table, best first."""
-        lines = [
-            "| trial | augmentation | label smoothing | learning rate | objective | val AUC | worst variant | s |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for trial in sorted(self.trials, key=lambda t: -t.objective):
-            lines.append(
-                f"| {trial.number} | {trial.augmentation_strength:.2f} | {trial.label_smoothing:.3f} | "
-                f"{trial.learning_rate:.1e} | {trial.objective:.4f} | {trial.validation_auc:.4f} | "
-                f"{trial.worst_variant} {trial.worst_balanced_accuracy:.3f} | {trial.seconds:.0f} |"
-            )
-        return "\n".join(lines)
+        return trials_table([asdict(trial) for trial in self.trials])
+
+
+def trials_table(trials: list[dict[str, Any]]) -> str:
+    """Trials (``TrialResult`` as dictionaries) as a Markdown table, best first."""
+    lines = [
+        "| trial | augmentation | label smoothing | learning rate | objective | val AUC | worst variant | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for trial in sorted(trials, key=lambda t: -float(t["objective"])):
+        lines.append(
+            f"| {trial['number']} | {trial['augmentation_strength']:.2f} | {trial['label_smoothing']:.3f} | "
+            f"{trial['learning_rate']:.1e} | {trial['objective']:.4f} | {trial['validation_auc']:.4f} | "
+            f"{trial['worst_variant']} {trial['worst_balanced_accuracy']:.3f} | {trial['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

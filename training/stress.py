@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from core.labels import Label
 from core.preprocessing import decode, preprocess
+from scoring.classifier import Classifier, Prediction
 from training.data import LabelledFile
 
 Transform = Callable[[Image.Image, np.random.Generator], tuple[Image.Image, str]]
@@ -176,3 +178,75 @@ def stress_figures(labels: np.ndarray, clean_logits: np.ndarray, variant_logits:
         specificity=float((~called)[labels == 0].mean()),
         same_call=float((called == (clean_logits >= 0)).mean()),
     )
+
+
+@dataclass(frozen=True)
+class ServedStressFigures:
+    """One variant through the served path (input gate and operating points): how often it is refused, and the
+    screening figures and agreement with the clean film's label of what is scored."""
+
+    variant: str
+    films: int
+    refused: float
+    same_label: float
+    """Among films whose variant and clean film were both scored, the share with the same label."""
+    sensitivity: float
+    """Flagged (not NORMAL) share of the scored pneumonia films."""
+    specificity: float
+    """NORMAL share of the scored normal films."""
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {
+            "variant": self.variant,
+            "films": self.films,
+            "refused": round(self.refused, 4),
+            "same_label": round(self.same_label, 4),
+            "sensitivity": round(self.sensitivity, 4),
+            "specificity": round(self.specificity, 4),
+        }
+
+
+def served_stress_figures(classifier: Classifier, images: np.ndarray, stress: StressSet) -> list[ServedStressFigures]:
+    """The clean films (``images``) and every variant of the suite through ``Classifier.screen``."""
+    clean = classifier.screen(images)
+    rows = [_served_row("clean", clean, clean, stress.labels)]
+    rows += [
+        _served_row(variant, classifier.screen(variant_images), clean, stress.labels)
+        for variant, variant_images in stress.variants.items()
+    ]
+    return rows
+
+
+def _served_row(
+    variant: str, verdicts: Sequence[object], clean: Sequence[object], labels: np.ndarray
+) -> ServedStressFigures:
+    scored = np.array([isinstance(verdict, Prediction) for verdict in verdicts])
+    flagged = np.array([isinstance(v, Prediction) and v.label is not Label.NORMAL for v in verdicts])
+    both = [
+        (verdict, reference)
+        for verdict, reference in zip(verdicts, clean, strict=True)
+        if isinstance(verdict, Prediction) and isinstance(reference, Prediction)
+    ]
+    positives, negatives = scored & (labels == 1), scored & (labels == 0)
+    return ServedStressFigures(
+        variant=variant,
+        films=len(verdicts),
+        refused=float(1.0 - scored.mean()),
+        same_label=float(np.mean([v.label == r.label for v, r in both])) if both else 0.0,
+        sensitivity=float(flagged[positives].mean()) if positives.any() else 0.0,
+        specificity=float((~flagged)[negatives].mean()) if negatives.any() else 0.0,
+    )
+
+
+def stress_table(rows: Sequence[ServedStressFigures]) -> str:
+    """The served figures as a Markdown table."""
+    lines = [
+        "| variant | films | refused | same label as clean | sensitivity | specificity |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row.variant} | {row.films} | {row.refused:.3f} | {row.same_label:.3f} | {row.sensitivity:.3f} | "
+        f"{row.specificity:.3f} |"
+        for row in rows
+    ]
+    return "\n".join(lines)

@@ -52,6 +52,8 @@ from training.ledger import LedgerEntry, record_scoring
 from training.metrics import evaluate, family_breakdown, headline
 from training.models import build_classifier, build_ensemble, is_backbone_layer
 from training.report import write_report
+from training.search import trials_table
+from training.stress import build_stress_set, served_stress_figures, stress_table
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +101,11 @@ class TrainedModel:
     exported: ExportResult
 
 
-def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfig) -> dict[str, Any]:
-    """Run the whole job: the teacher, the student distilled from it, and the served artifact.
+def train_and_export(
+    splits: DataSplits, output_dir: Path, config: TrainingConfig, search: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run the whole job: the teacher, the student distilled from it, and the served artifact. ``search`` is the
+    report of the recipe search (``training.search``) whose winner ``config`` holds, recorded in the card.
 
     ``output_dir`` receives ``model.tflite``, ``explain.tflite`` (for architectures with a class activation map),
     ``model_card.json`` and ``report/`` of the served model; the model not served is written, complete, to
@@ -143,6 +148,7 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
         choice=choice,
         teacher=teacher,
         student=student,
+        search=search,
     )
     # From here on the exported artifacts themselves are measured, never the Keras models. The test split is
     # scored here, once, for the report.
@@ -389,6 +395,7 @@ class CardContext:
     choice: ServingChoice
     teacher: TrainedModel
     student: TrainedModel | None
+    search: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -402,6 +409,8 @@ class ArtifactEvaluation:
     """The card's explainer section, None for an architecture without a class activation map."""
     input_gate: dict[str, Any] | None = None
     """The card's input gate section, None for a model without a pooled features output."""
+    stress_suite: list[dict[str, Any]] | None = None
+    """The validation stress suite through the served artifact (``training.stress``)."""
 
 
 def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> ArtifactEvaluation:
@@ -455,7 +464,23 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
             families, image_set.labels, scores[split].probabilities, model.operating_points.normal_below
         )
     write_report(folder / "report", model.histories, scores, model.operating_points.normal_below)
-    return ArtifactEvaluation(model.architecture, metrics, by_family, explainer, gate_section)
+    # The stress suite is built from validation films only, at this model's input size, and screened as served.
+    stress_rows = served_stress_figures(
+        served,
+        model.splits.validation.images,
+        build_stress_set(model.splits.validation.files, int(model.splits.validation.images.shape[1])),
+    )
+    (folder / "report" / "stress_suite.md").write_text(stress_table(stress_rows) + "\n")
+    if context.search is not None:
+        (folder / "report" / "search.md").write_text(trials_table(context.search["trials"]) + "\n")
+    return ArtifactEvaluation(
+        model.architecture,
+        metrics,
+        by_family,
+        explainer,
+        gate_section,
+        stress_suite=[row.to_dict() for row in stress_rows],
+    )
 
 
 def fit_artifact_gate(model_path: Path, splits: DecodedSplits) -> FittedGate | None:
@@ -544,6 +569,8 @@ def build_card(
             "temperature": config.distillation_temperature,
             "targets": "teacher's calibrated logits softened by the temperature, on the fit images",
         }
+    if context.search is not None:
+        card["search"] = context.search
     if explainer is not None:
         card["explainer"] = explainer
     if input_gate is not None:
@@ -551,6 +578,12 @@ def build_card(
     if evaluations is not None:
         own = evaluations[model.role]
         card["metrics"] = own.metrics
+        if own.stress_suite is not None:
+            card["stress_suite"] = {
+                "split": "validation",
+                "rule": "each validation film as a file in every variant of training.stress, screened as served",
+                "variants": own.stress_suite,
+            }
         card["metrics_by_family"] = own.by_family
         card["comparison"] = {
             role: {
