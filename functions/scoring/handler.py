@@ -24,7 +24,7 @@ from core.results import ResultsTable, ScoringResult
 from scoring.heatmaps import HeatmapStage, HeatmapStore
 from scoring.image_store import ImageStore
 from scoring.isolated_decode import IsolationLimits
-from scoring.model_provider import ModelProvider
+from scoring.model_provider import ModelProvider, ModelRefusal
 from scoring.pipeline import ScoringPipeline
 from scoring.settings import Settings
 
@@ -93,6 +93,17 @@ class PowertoolsObserver:
         metrics.add_metric(name="RecordsDropped", unit=MetricUnit.Count, value=1)
         logger.warning("record dropped: it can never be scored", extra={"why": why})
 
+    def model_refused(self, refusal: ModelRefusal) -> None:
+        metrics.add_metric(name="ModelRefused", unit=MetricUnit.Count, value=1)
+        logger.error(
+            refusal.message,
+            extra={
+                "refused_version": refusal.refused_version,
+                "serving_version": refusal.serving_version,
+                "detail": refusal.detail,
+            },
+        )
+
 
 def build_pipeline(
     settings: Settings, s3_client: Any = None, dynamodb_client: Any = None, isolation: IsolationLimits | None = None
@@ -101,13 +112,14 @@ def build_pipeline(
     s3 = s3_client or boto3.client("s3")
     dynamodb = dynamodb_client or boto3.client("dynamodb")
     registry = ModelRegistry(s3, settings.model_bucket) if settings.model_bucket else None
+    observer = PowertoolsObserver()
     models = ModelProvider(
         registry,
         cache_dir=settings.model_cache_dir,
         refresh_seconds=settings.model_refresh_seconds,
         local_model=settings.model_path,
+        on_refused=observer.model_refused,
     )
-    observer = PowertoolsObserver()
     return ScoringPipeline(
         images=ImageStore(s3),
         results=ResultsTable(dynamodb, settings.results_table),

@@ -11,7 +11,6 @@ Between the two, the heatmap stage (``scoring.heatmaps``) stores the overlays th
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -145,7 +144,7 @@ class ScoringPipeline:
         """Read, validate and score every image of every message; nothing is written yet."""
         plans = {message.message_id: RecordPlan() for message in messages}
         # One model per invocation, loaded on first use: preprocessing and inference never see two versions.
-        classifier = functools.cache(self._models.get)
+        classifier = _first_outcome(self._models.get)
         pending: list[_PendingImage] = []
         # A batch holding any record SQS delivered before is decoded record by record in child processes, its first
         # deliveries too: a record whose invocation was killed once is never killed again by a file beside it (a
@@ -314,3 +313,21 @@ def _rejection_of(fault: InvalidImageError | ObjectGoneError | ObjectArchivedErr
             fault, BucketGoneError
         ) else OBJECT_GONE_DETAIL
     return RejectionReason.OBJECT_ARCHIVED, ARCHIVED_DETAIL
+
+
+def _first_outcome(load: Callable[[], Classifier]) -> Callable[[], Classifier]:
+    """``load``, called once: its classifier, or its fault raised again, for every later call. A model that cannot
+    be loaded is then tried (downloaded, verified, reported) once per invocation, not once per record."""
+    outcome: list[Classifier | Exception] = []
+
+    def first() -> Classifier:
+        if not outcome:
+            try:
+                outcome.append(load())
+            except Exception as fault:  # noqa: BLE001  # Raised again below, for every record that needs the model.
+                outcome.append(fault)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    return first
