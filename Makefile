@@ -7,7 +7,7 @@ INFRA_VENV := .venv-infra
 PNEUMOSCAN_DATA ?= $(abspath ../shared/data/chest_xray)
 export PNEUMOSCAN_DATA
 
-.PHONY: demo test lint format bench soak release-model lock clean
+.PHONY: demo test lint format bench soak release-model recipe-search lock clean
 
 # setuptools warns on every editable install that a folder named like a package may take precedence over it (the
 # layout is deliberate: functions/ holds the Lambda packages); a newcomer should not learn to ignore warnings.
@@ -54,7 +54,8 @@ format: $(VENV)/.dev
 # too: only the benchmark's TensorFlow comparison uses it.
 release-model: $(VENV)/.dev
 	rm -rf models/release models/release-keras models/release-teacher models/release-student
-	$(BIN)/pneumoscan train --data $(PNEUMOSCAN_DATA) --output models/release
+	$(BIN)/pneumoscan train --data $(PNEUMOSCAN_DATA) --output models/release --search-results runs/search/search.json \
+		--student-architecture none
 	for role in teacher student; do \
 		if [ -d models/release/alternatives/$$role ]; then \
 			mv models/release/alternatives/$$role models/release-$$role && rm models/release-$$role/model.keras; \
@@ -63,6 +64,11 @@ release-model: $(VENV)/.dev
 	rm -rf models/release/alternatives
 	mkdir -p models/release-keras
 	mv models/release/model.keras models/release-keras/model.keras
+
+# The bounded recipe search (validation and its stress suite only; about 45 minutes on 2 CPU cores): its winner is
+# what release-model trains.
+recipe-search: $(VENV)/.dev
+	$(BIN)/pneumoscan search --data $(PNEUMOSCAN_DATA) --output runs/search
 
 # Benchmarks print figures and write bench/results.json; they are never timed tests.
 bench: $(VENV)/.dev $(INFRA_VENV)/.installed

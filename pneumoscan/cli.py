@@ -88,6 +88,15 @@ def _add_train(commands: Any) -> None:
     train.add_argument("--search-minutes", type=float, default=75.0, help="most minutes of --search (default 75)")
     train.set_defaults(run=_train)
 
+    search = commands.add_parser(
+        "search", help="the bounded recipe search alone (validation only); writes search.json and search.md"
+    )
+    search.add_argument("--data", type=Path, default=os.environ.get("PNEUMOSCAN_DATA"), help="the chest_xray folder")
+    search.add_argument("--output", type=Path, required=True, help="folder for search.json and search.md")
+    search.add_argument("--trials", type=int, default=12, help="most trials (default 12)")
+    search.add_argument("--minutes", type=float, default=45.0, help="most minutes (default 45)")
+    search.set_defaults(run=_search)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumoscan", description=__doc__)
@@ -318,6 +327,21 @@ def _train(arguments: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def _search(arguments: argparse.Namespace) -> int:
+    if arguments.data is None or not (Path(arguments.data) / "train").is_dir():
+        raise MissingPathError(
+            f"no data set at {arguments.data}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder"
+        )
+    from training.config import TrainingConfig
+    from training.search import SearchSettings, run_search
+
+    settings = SearchSettings(trials=arguments.trials, minutes=arguments.minutes)
+    with _stdout_to_stderr():
+        report = run_search(Path(arguments.data) / "train", TrainingConfig(), settings, arguments.output)
+    print(json.dumps({"best": report.best, "trials": len(report.trials)}))
     return 0
 
 
