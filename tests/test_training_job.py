@@ -39,7 +39,8 @@ def test_artifact_holds_model_card_and_report(smoke_artifact: Path) -> None:
     test_metrics = card["metrics"]["test"]
     for metric in METRIC_NAMES:
         interval = test_metrics[metric]
-        assert interval["low"] <= interval["value"] <= interval["high"], metric
+        # A percentile of resamples that all equal the point estimate may differ from it in the last bits.
+        assert interval["low"] - 1e-9 <= interval["value"] <= interval["high"] + 1e-9, metric
     assert sum(test_metrics["confusion_matrix"].values()) == 80
     for plot in ("learning_curves.png", "roc_test.png", "confusion_matrix_test.png", "reliability.png"):
         assert (smoke_artifact / "report" / plot).stat().st_size > 1000, plot
