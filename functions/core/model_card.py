@@ -1,8 +1,8 @@
 """The model card: the JSON document that travels with every ``model.tflite``.
 
 Training writes it; the scorer reads the fields it serves with (input size, temperature, threshold, class names,
-model checksum, and the optional explainer's checksum and bias) and ignores the rest, which is the training record
-for people.
+model checksum, the optional explainer's checksum and bias, the validated population) and ignores the rest, which
+is the training record for people.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from core.population import DEFAULT_POPULATION, Population
 
 MODEL_FILE = "model.tflite"
 CARD_FILE = "model_card.json"
@@ -47,6 +49,8 @@ class ServingSpec:
     """The logit's bias: ``logit = explainer_bias + mean(map)`` for the explainer's contribution map."""
     gate_sha256: str | None = None
     """Checksum of ``input_gate.npz``; None when the card names no input gate (models trained before it existed)."""
+    population: Population = DEFAULT_POPULATION
+    """The patients the model was validated on and the ages it accepts; the default for a card without one."""
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> ServingSpec:
@@ -76,12 +80,13 @@ class ServingSpec:
                 test_count=int(test["count"]) if "count" in test else None,
                 data_manifest_sha256=str(card["data_manifest_sha256"]) if "data_manifest_sha256" in card else None,
                 gate_sha256=str(gate["sha256"]) if gate is not None else None,
+                population=Population.from_card(card.get("population")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelArtifactError(f"model card is missing or has a malformed field: {error!r}") from error
         except AttributeError as error:
             raise ModelArtifactError(
-                f"model card has a malformed explainer or input gate section: {error!r}"
+                f"model card has a malformed explainer, input gate or population section: {error!r}"
             ) from error
 
 

@@ -1,0 +1,122 @@
+"""The validated population: stated ages read as years, the card's population section, and the check that rejects
+an age outside the accepted range with a detail that never quotes it."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.model_card import ModelArtifactError, ServingSpec, read_card
+from core.population import (
+    DEFAULT_POPULATION,
+    AgeRange,
+    AgeRangeOverride,
+    Population,
+    age_in_years,
+    check_stated_age,
+)
+from core.rejections import InvalidImageError, RejectionReason
+from tests.conftest import RELEASE_MODEL
+
+
+@pytest.mark.parametrize(
+    ("text", "years"),
+    [
+        ("062Y", 62.0),
+        ("045Y", 45.0),
+        ("18", 18.0),
+        ("004Y", 4.0),
+        ("030M", 2.5),
+        ("010D", 10 / 365.25),
+        ("002W", 14 / 365.25),
+        ("4y", 4.0),
+        (" 007Y ", 7.0),
+        ("4.5", 4.5),
+        ("216M", 18.0),
+    ],
+)
+def test_stated_ages_are_read_as_years(text: str, years: float) -> None:
+    """DICOM Age Strings (nnnD, nnnW, nnnM, nnnY, any case, padded) and plain numbers (years) are read as years."""
+    assert age_in_years(text) == pytest.approx(years)
+
+
+@pytest.mark.parametrize("text", [None, "", "   ", "garbage", "Y", "-5", "062X", "12 years", "1e3", "0x10", b"004Y", 4])
+def test_unreadable_ages_state_no_age(text: object) -> None:
+    """A missing value, an empty one, or anything that is not an age string or a plain number states no age."""
+    assert age_in_years(text) is None
+
+
+def test_the_default_range_refuses_adults_and_keeps_children() -> None:
+    """By default, ages from 0 to under 18 years are accepted: 18 (plain), 45 and 62 years are OUTSIDE_VALIDATED_
+    POPULATION, 4 years, 30 months, 10 days and no stated age are not; the detail names the range only."""
+    accepted = DEFAULT_POPULATION.accepted
+    for text in ("062Y", "045Y", "18", "216M"):
+        with pytest.raises(InvalidImageError) as raised:
+            check_stated_age(age_in_years(text), accepted)
+        assert raised.value.reason is RejectionReason.OUTSIDE_VALIDATED_POPULATION
+        assert raised.value.detail == (
+            "the stated patient age is outside the model's validated population (accepted: 0 to under 18 years)"
+        )
+    for text in ("004Y", "030M", "010D", None, "garbage"):
+        check_stated_age(age_in_years(text), accepted)
+
+
+def test_a_rejection_never_quotes_the_age() -> None:
+    """The rejection's detail and message are the same whatever age was stated: they name the accepted range."""
+    details = set()
+    for age in (18.0, 23.0, 62.5, 99.0):
+        with pytest.raises(InvalidImageError) as raised:
+            check_stated_age(age, AgeRange(1, 12))
+        details.add(str(raised.value))
+        assert "23" not in str(raised.value)
+        assert "62" not in str(raised.value)
+    assert len(details) == 1
+
+
+def test_card_without_a_population_gets_the_default() -> None:
+    """A card written before the population section existed (the release's) serves with the default population:
+    pediatric, the data set's ages 1 to 5, accepted 0 to under 18 years."""
+    card = read_card(RELEASE_MODEL)
+    card.pop("population", None)
+    spec = ServingSpec.from_card(card)
+    assert spec.population == DEFAULT_POPULATION
+    assert spec.population.data_set_ages_years == (1.0, 5.0)
+    assert spec.population.accepted == AgeRange(0.0, 18.0)
+
+
+def test_card_population_section_is_read_and_written_alike() -> None:
+    """A card's population section is what the scorer serves with, and the default's section reads back as it."""
+    card = read_card(RELEASE_MODEL)
+    card["population"] = {
+        "description": "pediatric chest radiographs",
+        "data_set_ages_years": [1, 5],
+        "accepted_age_years": {"min": 0.5, "max_exclusive": 12},
+    }
+    assert ServingSpec.from_card(card).population.accepted == AgeRange(0.5, 12.0)
+    assert Population.from_card(DEFAULT_POPULATION.to_card()) == DEFAULT_POPULATION
+    assert DEFAULT_POPULATION.to_card()["accepted_age_years"] == {"min": 0, "max_exclusive": 18}
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"description": "x"},
+        {"description": "x", "accepted_age_years": {"min": 18, "max_exclusive": 1}},
+        {"description": "x", "accepted_age_years": {"min": -1, "max_exclusive": 1}},
+        {"description": "x", "accepted_age_years": "0-18"},
+    ],
+    ids=["no-range", "reversed", "negative", "not-a-section"],
+)
+def test_malformed_population_section_is_an_artifact_error(section: dict[str, object]) -> None:
+    """A card whose population section lacks its range, or states an empty or negative one, is not served."""
+    card = read_card(RELEASE_MODEL)
+    card["population"] = section
+    with pytest.raises(ModelArtifactError):
+        ServingSpec.from_card(card)
+
+
+def test_an_override_replaces_only_the_bounds_it_gives() -> None:
+    """Deployment bounds replace the card's one by one: a maximum alone keeps the card's minimum."""
+    card_range = AgeRange(0, 18)
+    assert AgeRangeOverride().applied_to(card_range) == card_range
+    assert AgeRangeOverride(max_years_exclusive=12).applied_to(card_range) == AgeRange(0, 12)
+    assert AgeRangeOverride(min_years=1, max_years_exclusive=6).applied_to(card_range) == AgeRange(1, 6)
