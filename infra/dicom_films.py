@@ -1,7 +1,8 @@
 """12-bit DICOM files made from real 8-bit films, as modalities write them: the film's gray levels mapped linearly
 onto part of the 0-4095 range (some with a rescale slope and intercept, one stored MONOCHROME1), with or without a
 window, with or without one full-scale burned-in marker in a corner. ``bench/bench_dicom_display.py`` measures
-how the served model's labels hold up on them and ``tests/test_dicom_display.py`` checks a few films.
+how the served model's labels hold up on them and ``tests/test_dicom_display.py`` checks a few films. And any DICOM
+file with a stated patient age, for the validated-population tests.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+PATIENT_AGE = Tag(0x0010, 0x1010)
 FULL_SCALE = 4095
 """The largest 12-bit stored value: what a burned-in marker is written with."""
 MARKER_SIDE = 0.08
@@ -97,4 +102,18 @@ def film_dicom(film: np.ndarray, encoding: FilmEncoding, *, window: bool, marker
     dataset.PixelData = stored.tobytes()
     output = io.BytesIO()
     dataset.save_as(output, enforce_file_format=True)
+    return output.getvalue()
+
+
+def with_patient_age(data: bytes, age: str | None) -> bytes:
+    """A DICOM file with its ``PatientAge`` set to ``age`` exactly as written (padded to an even length, as DICOM
+    values are, and unchecked: a sender may write a plain number or anything), or without one for None."""
+    dataset = dcmread(io.BytesIO(data))
+    if PATIENT_AGE in dataset:
+        del dataset[PATIENT_AGE]
+    if age is not None:
+        raw = age.encode().ljust(len(age) + len(age) % 2)
+        dataset[PATIENT_AGE] = RawDataElement(PATIENT_AGE, "AS", len(raw), raw, 0, False, True)
+    output = io.BytesIO()
+    dataset.save_as(output)
     return output.getvalue()

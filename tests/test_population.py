@@ -3,8 +3,13 @@ an age outside the accepted range with a detail that never quotes it."""
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
+import pytest
+from PIL import Image
+
+from core.config import ConfigurationError
 from core.model_card import ModelArtifactError, ServingSpec, read_card
 from core.population import (
     DEFAULT_POPULATION,
@@ -15,6 +20,10 @@ from core.population import (
     check_stated_age,
 )
 from core.rejections import InvalidImageError, RejectionReason
+from infra.corpus import dicom_bytes
+from infra.dicom_films import with_patient_age
+from pneumoscan.cli import main
+from scoring.settings import Settings
 from tests.conftest import RELEASE_MODEL
 
 
@@ -120,3 +129,49 @@ def test_an_override_replaces_only_the_bounds_it_gives() -> None:
     assert AgeRangeOverride().applied_to(card_range) == card_range
     assert AgeRangeOverride(max_years_exclusive=12).applied_to(card_range) == AgeRange(0, 12)
     assert AgeRangeOverride(min_years=1, max_years_exclusive=6).applied_to(card_range) == AgeRange(1, 6)
+
+
+BASE_ENVIRONMENT = {"RESULTS_TABLE": "results", "INPUT_BUCKET": "input", "MODEL_PATH": str(RELEASE_MODEL)}
+
+
+def test_settings_read_the_deployments_age_bounds() -> None:
+    """MIN_PATIENT_AGE_YEARS and MAX_PATIENT_AGE_YEARS are read once into the settings; unset or empty (the
+    template's default) leaves the card's bound."""
+    assert Settings.from_environment(BASE_ENVIRONMENT).accepted_ages == AgeRangeOverride()
+    empty = {**BASE_ENVIRONMENT, "MIN_PATIENT_AGE_YEARS": "", "MAX_PATIENT_AGE_YEARS": ""}
+    assert Settings.from_environment(empty).accepted_ages == AgeRangeOverride()
+    both = {**BASE_ENVIRONMENT, "MIN_PATIENT_AGE_YEARS": "0.5", "MAX_PATIENT_AGE_YEARS": "12"}
+    assert Settings.from_environment(both).accepted_ages == AgeRangeOverride(0.5, 12.0)
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        {"MAX_PATIENT_AGE_YEARS": "adult"},
+        {"MIN_PATIENT_AGE_YEARS": "-1"},
+        {"MIN_PATIENT_AGE_YEARS": "12", "MAX_PATIENT_AGE_YEARS": "6"},
+    ],
+    ids=["not-a-number", "negative", "reversed"],
+)
+def test_malformed_age_bounds_are_a_configuration_error(bounds: dict[str, str]) -> None:
+    """An age bound that is not a number of years, or a minimum not below the maximum, stops the function at
+    start-up instead of rejecting or scoring the wrong patients."""
+    with pytest.raises(ConfigurationError, match="PATIENT_AGE_YEARS"):
+        Settings.from_environment({**BASE_ENVIRONMENT, **bounds})
+
+
+def test_pneumoscan_score_rejects_a_dicom_stating_an_adult_age(
+    tmp_path: Path, sample_xray: Image.Image, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pneumoscan score` on local files (no object metadata) applies the DICOM's stated age with the card's range:
+    62 years is OUTSIDE_VALIDATED_POPULATION, 4 years is scored, and the output never quotes the age."""
+    film = dicom_bytes(sample_xray)
+    adult, child = tmp_path / "adult.dcm", tmp_path / "child.dcm"
+    adult.write_bytes(with_patient_age(film, "062Y"))
+    child.write_bytes(with_patient_age(film, "004Y"))
+    assert main(["score", "--model", str(RELEASE_MODEL), str(adult), str(child)]) == 1
+    output = capsys.readouterr().out
+    lines = {json.loads(line)["path"]: json.loads(line) for line in output.splitlines()}
+    assert lines[str(adult)]["reason"] == "OUTSIDE_VALIDATED_POPULATION"
+    assert lines[str(child)]["label"] in {"NORMAL", "PNEUMONIA"}
+    assert "062Y" not in output

@@ -702,3 +702,16 @@ def test_alarms_can_be_delivered_to_the_encrypted_topic(template: dict[str, Any]
     ]
     assert set(cloudwatch["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey*"}
     assert cloudwatch["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+
+
+def test_validated_population_bounds_reach_the_scoring_function(template: dict[str, Any]) -> None:
+    """MinPatientAgeYears and MaxPatientAgeYears default to empty (the served model card's range) and reach the
+    scoring function's environment under the names its settings read."""
+    parameters = template["Parameters"]
+    variables = template["Resources"]["ScoringFunction"]["Properties"]["Environment"]["Variables"]
+    for parameter, variable in (
+        ("MinPatientAgeYears", "MIN_PATIENT_AGE_YEARS"),
+        ("MaxPatientAgeYears", "MAX_PATIENT_AGE_YEARS"),
+    ):
+        assert parameters[parameter]["Default"] == ""
+        assert variables[variable] == {"Ref": parameter}
