@@ -23,8 +23,9 @@ from core.rejections import InvalidImageError, RejectionReason
 from infra.corpus import dicom_bytes
 from infra.dicom_films import with_patient_age
 from pneumoscan.cli import main
+from scoring.image_store import PATIENT_AGE_METADATA
 from scoring.settings import Settings
-from tests.conftest import RELEASE_MODEL
+from tests.conftest import RELEASE_MODEL, REPOSITORY_ROOT
 
 
 @pytest.mark.parametrize(
@@ -175,3 +176,13 @@ def test_pneumoscan_score_rejects_a_dicom_stating_an_adult_age(
     assert lines[str(adult)]["reason"] == "OUTSIDE_VALIDATED_POPULATION"
     assert lines[str(child)]["label"] in {"NORMAL", "PNEUMONIA"}
     assert "062Y" not in output
+
+
+def test_readme_documents_the_metadata_key_and_the_rule() -> None:
+    """The README names the object metadata key the function reads, the default range and that an upload stating
+    no age is scored."""
+    readme = (REPOSITORY_ROOT / "README.md").read_text()
+    assert f"--metadata {PATIENT_AGE_METADATA}=4" in readme
+    assert f"x-amz-meta-{PATIENT_AGE_METADATA}" in readme
+    assert "**An upload that states no age is scored**" in readme
+    assert f"accepted ages {DEFAULT_POPULATION.accepted.describe()}" in readme
