@@ -303,7 +303,7 @@ ROBUST_PERCENTILES = (1.0, 99.0)
 """Where the window of a file without a VOI LUT or window is anchored, as percentiles of its modality values."""
 TRAINING_FILM_LEVELS = (2.5, 210.5)
 """The 8-bit levels the training films have at ``ROBUST_PERCENTILES`` (their extreme values left out, as below):
-the mean of the two classes' medians over the train split, NORMAL (1, 221) and PNEUMONIA (4, 200), so neither
+the mean of the two classes' medians over the fit split of train, NORMAL (1, 221) and PNEUMONIA (4, 200), so neither
 class's brightness is favoured. ``bench/bench_dicom_display.py`` recomputes them."""
 
 
