@@ -78,6 +78,7 @@ bench: $(VENV)/.dev $(INFRA_VENV)/.installed
 	$(BIN)/python bench/bench_package.py
 	$(BIN)/python bench/bench_dicom_bombs.py
 	$(BIN)/python bench/bench_decode_bombs.py
+	$(BIN)/python bench/bench_dicom_display.py
 
 # 2,000 uploads, the hostile corpus and injected faults through the local stack; prints the figures.
 soak: $(VENV)/.dev

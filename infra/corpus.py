@@ -121,8 +121,8 @@ _TEXT_ELEMENTS = {
     "BodyPartExamined": "CHEST",
     "PixelSpacing": [0.1, 0.1],
     "NumberOfFrames": "1",
-    "WindowCenter": "128",
-    "WindowWidth": "256",
+    "WindowCenter": "2048",  # The window of dicom_bytes' 12-bit values: the film shows as it is.
+    "WindowWidth": "4096",
     "RescaleIntercept": "0",
     "RescaleSlope": "1",
 }

@@ -47,7 +47,7 @@ from publisher import handler as publisher
 from scoring import handler, isolated_decode
 from scoring import pipeline as pipeline_module
 from scoring.model_provider import ModelUnavailableError
-from scoring.settings import Settings
+from scoring.settings import Settings, accepted_ages
 
 logger = logging.getLogger(__name__)
 
@@ -729,6 +729,13 @@ class LocalStack:
             model_cache_dir=Path(tempfile.mkdtemp(prefix="pneumoscan-local-models-")),
             max_image_bytes=int(self._parameter(template, "MaxImageBytes")),
             heatmap_bucket=self.outputs.heatmap_bucket,
+            # The template passes the parameters to the function's environment under these names.
+            accepted_ages=accepted_ages(
+                {
+                    "MIN_PATIENT_AGE_YEARS": str(self._parameter(template, "MinPatientAgeYears")),
+                    "MAX_PATIENT_AGE_YEARS": str(self._parameter(template, "MaxPatientAgeYears")),
+                }
+            ),
         )
         s3 = FaultInjectingClient(
             clients["s3"],

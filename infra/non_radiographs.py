@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from infra.dicom_films import with_patient_age
+
 SYNTHETIC_SIDE = 512
 """Side of the images drawn here, about the size of a small upload."""
 
@@ -173,13 +175,16 @@ def _package_images() -> Iterator[NonRadiograph]:
 
 
 def _other_modalities() -> Iterator[NonRadiograph]:
-    """CT and MR slices of other body parts, as DICOM and as a 16-bit MR image."""
+    """CT and MR slices of other body parts, as DICOM and as a 16-bit MR image. The DICOM files' stated patient ages
+    are removed: the set measures the input gate, and an adult's age (liver_1frame.dcm states 60 years) would have
+    the file refused as OUTSIDE_VALIDATED_POPULATION before the gate sees it."""
     import matplotlib as mpl  # noqa: PLC0415  # Development packages, imported only when the set is built.
     import pydicom.data  # noqa: PLC0415
 
     test_files = Path(pydicom.data.__file__).parent / "test_files"
     for name in ("CT_small.dcm", "MR_small.dcm", "liver_1frame.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm"):
-        yield NonRadiograph(f"pydicom-{name}", "other body part", (test_files / name).read_bytes())
+        data = with_patient_age((test_files / name).read_bytes(), None)
+        yield NonRadiograph(f"pydicom-{name}", "other body part", data)
     # matplotlib's sample MR slice of a head: 256 x 256 big-endian 16-bit values.
     raw = gzip.decompress((Path(mpl.get_data_path()) / "sample_data" / "s1045.ima.gz").read_bytes())
     slice_values = np.frombuffer(raw, dtype=">u2").reshape(256, 256).astype(np.float64)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from core.preprocessing import decode, resize_for_model
 from core.rejections import InvalidImageError, RejectionReason
-from infra.corpus import decode_cost_bombs
+from infra.corpus import decode_cost_bombs, dicom_bytes
+from infra.dicom_films import with_patient_age
 from scoring import isolated_decode
 from scoring.isolated_decode import OVER_BUDGET_DETAIL, IsolationLimits, decode_isolated
 
@@ -78,17 +79,39 @@ def test_killed_child_is_a_bomb(monkeypatch: pytest.MonkeyPatch, sample_xray: Im
         os.waitpid(-1, os.WNOHANG)
 
 
+def _well_formed_but(age: str) -> bytes:
+    """A 4 x 4 film's message, complete but for its age field (the model's pixels for size 192)."""
+    header = f'{{"format": "DICOM", "original": [4, 4], "grayscale": [4, 4], "age": {age}}}\n'
+    return header.encode() + b"\0" * (16 + 192 * 192)
+
+
 @pytest.mark.parametrize(
     "message",
-    [pickle.dumps({"format": "JPEG"}), b'{"format": "JPEG", "original": [1, 1], "grayscale": [4, 4]}\n' + b"\0" * 3],
-    ids=["pickle", "short"],
+    [
+        pickle.dumps({"format": "JPEG"}),
+        b'{"format": "JPEG", "original": [1, 1], "grayscale": [4, 4], "age": null}\n' + b"\0" * 3,
+        _well_formed_but('"062Y"'),
+        _well_formed_but("true"),
+        _well_formed_but("NaN"),
+    ],
+    ids=["pickle", "short", "age-as-text", "age-as-boolean", "age-not-finite"],
 )
 def test_child_message_is_read_as_data(
     monkeypatch: pytest.MonkeyPatch, sample_xray: Image.Image, encode: Encoder, message: bytes
 ) -> None:
-    """What the child sends back is parsed, never unpickled: a pickle, or a header whose lengths the bytes do not
-    match, is a failed child."""
+    """What the child sends back is parsed, never unpickled: a pickle, a header whose lengths the bytes do not
+    match, or an age that is not a number of years, is a failed child."""
     monkeypatch.setattr(isolated_decode, "_write_outcome", lambda decoded, pixels: message)
     with pytest.raises(InvalidImageError) as raised:
         decode_isolated(encode(sample_xray, "JPEG"), 192)
     assert raised.value.detail == OVER_BUDGET_DETAIL
+
+
+def test_stated_age_comes_back_from_the_child(sample_xray: Image.Image) -> None:
+    """A DICOM's stated patient age travels back from the child as years (for the validated-population check);
+    a file that states none comes back with none."""
+    film = dicom_bytes(sample_xray)
+    decoded, _ = decode_isolated(with_patient_age(film, "030M"), 192)
+    assert decoded.stated_age_years == 2.5
+    decoded, _ = decode_isolated(with_patient_age(film, None), 192)
+    assert decoded.stated_age_years is None

@@ -14,8 +14,12 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
+from PIL import Image
 
+from core.population import AgeRange, outside_detail
+from infra.corpus import dicom_bytes
 from infra.demo import run_demo
+from infra.dicom_films import with_patient_age
 from infra.lambda_process import InvocationKilledError
 from infra.local_stack import EventSourceMapping, SqsEventSourceEmulator, drain
 from infra.resources import create_data_plane
@@ -273,3 +277,27 @@ def test_stack_name_reads_cloudformation_outputs() -> None:
     )
     assert (outputs.heatmap_bucket, outputs.event_bus) == ("heatmap-bucket", "results-bus")
     assert outputs.region == REGION
+
+
+@pytest.mark.slow
+def test_template_age_bounds_reach_the_function(sample_paths: list[Path]) -> None:
+    """The template's MaxPatientAgeYears reaches the scoring function on the local stack as it does in AWS: at 3, a
+    DICOM stating 4 years is REJECTED as OUTSIDE_VALIDATED_POPULATION naming 0 to under 3 years, and a film
+    stating no age is scored."""
+    from infra.local_stack import LocalStack, scan_results  # noqa: PLC0415
+
+    film = dicom_bytes(Image.open(sample_paths[-1]).convert("L"))
+    with LocalStack(parameters={"MaxPatientAgeYears": "3"}, quiet=True) as stack:
+        assert stack.outputs is not None
+        stack.serve(RELEASE_MODEL)
+        s3 = stack.client("s3")
+        s3.put_object(Bucket=stack.outputs.input_bucket, Key="incoming/a.dcm", Body=with_patient_age(film, "004Y"))
+        s3.put_object(Bucket=stack.outputs.input_bucket, Key="incoming/b.dcm", Body=with_patient_age(film, None))
+        deadline = time.monotonic() + 60
+        while len(items := scan_results(stack.client("dynamodb"), stack.outputs.results_table)) < 2:
+            assert time.monotonic() < deadline, "no results within 60 s"
+            time.sleep(0.2)
+    outcomes = {item["image_key"].rsplit("/", 1)[-1]: item for item in items}
+    assert (outcomes["a.dcm"]["status"], outcomes["a.dcm"]["reason"]) == ("REJECTED", "OUTSIDE_VALIDATED_POPULATION")
+    assert outcomes["a.dcm"]["reason_detail"] == outside_detail(AgeRange(0, 3))
+    assert outcomes["b.dcm"]["status"] == "SCORED"

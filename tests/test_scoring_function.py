@@ -27,8 +27,17 @@ from PIL import Image
 from core.events import BackfillRequest
 from core.model_card import read_card
 from core.model_registry import ModelRegistry
+from core.population import AgeRange, outside_detail
 from core.results import NEVER_NOTIFIED, ResultsTable
-from infra.corpus import PATIENT_MARKERS, decode_cost_bombs, hostile_files, patient_data_files, valid_variants
+from infra.corpus import (
+    PATIENT_MARKERS,
+    decode_cost_bombs,
+    dicom_bytes,
+    hostile_files,
+    patient_data_files,
+    valid_variants,
+)
+from infra.dicom_films import with_patient_age
 from infra.local_stack import FaultInjectingClient, LocalContext, drain, scan_results
 from infra.non_radiographs import non_radiographs
 from infra.resources import create_data_plane
@@ -692,3 +701,107 @@ def test_non_radiographs_are_refused_beside_a_film(stack: Stack, sample_paths: l
     film = stack.latest("incoming/odd/film.jpeg")
     assert film is not None
     assert film["status"] == "SCORED"
+
+
+DICOM_AGES = {
+    "062Y": "REJECTED",
+    "045Y": "REJECTED",
+    "18": "REJECTED",
+    "004Y": "SCORED",
+    "030M": "SCORED",
+    "010D": "SCORED",
+    None: "SCORED",
+    "garbage": "SCORED",
+}
+"""A DICOM's stated PatientAge and its outcome with the release card's population (0 to under 18 years)."""
+
+
+def _age_key(age: str | None) -> str:
+    """The film's key, which never spells its age, so that the age's absence from what is written can be checked."""
+    return f"incoming/ages/film-{list(DICOM_AGES).index(age)}.dcm"
+
+
+@pytest.mark.parametrize("retried", [False, True], ids=["in-process", "isolated"])
+def test_dicom_ages_outside_the_validated_population_are_rejected(
+    stack: Stack, caplog: pytest.LogCaptureFixture, retried: bool
+) -> None:
+    """DICOM films stating 62, 45 or 18 (plain) years are REJECTED as OUTSIDE_VALIDATED_POPULATION with a detail
+    naming the accepted range; 4 years, 30 months, 10 days, no age and an unreadable age are scored; the same when
+    the batch is decoded in child processes. No stated age appears in any item or log line."""
+    film = dicom_bytes(Image.open(FILM).convert("L"))
+    for age in DICOM_AGES:
+        stack.upload(_age_key(age), with_patient_age(film, age))
+    records = stack.receive()
+    if retried:
+        records[0]["attributes"]["ApproximateReceiveCount"] = "2"
+    caplog.set_level(logging.DEBUG)
+    assert invoke(records) == {"batchItemFailures": []}
+    for age, status in DICOM_AGES.items():
+        latest = stack.latest(_age_key(age))
+        assert latest is not None
+        assert latest["status"] == status, age
+        if status == "REJECTED":
+            assert latest["reason"] == "OUTSIDE_VALIDATED_POPULATION"
+            assert latest["reason_detail"] == outside_detail(AgeRange(0, 18))
+    formatter = handler.logger.registered_formatter
+    written = "\n".join(
+        [*(json.dumps(item, default=str) for item in stack.results())]
+        + [formatter.format(record) for record in caplog.records if record.name == "pneumoscan-scoring"]
+    )
+    assert "OUTSIDE_VALIDATED_POPULATION" in written
+    for stated in ("062Y", "045Y", "030M", "010D", "garbage"):
+        assert stated not in written, stated
+
+
+def test_patient_age_metadata_outside_the_range_is_rejected_unread(stack: Stack, sample_paths: list[Path]) -> None:
+    """Object metadata patient-age 62 rejects the upload as OUTSIDE_VALIDATED_POPULATION from the HEAD alone (no
+    GET of it is made); patient-age 4 is scored."""
+    input_bucket = stack.outputs.input_bucket
+    downloads = FaultInjectingClient(
+        stack.s3,
+        {"get_object": (1.0, "AccessDenied")},
+        random.Random(0),
+        spare=lambda arguments: arguments.get("Bucket") != input_bucket,  # The model still loads.
+    )
+    rewire(stack, s3=downloads)
+    for age in ("62", "4"):
+        stack.s3.put_object(
+            Bucket=input_bucket,
+            Key=f"incoming/metadata/{age}.jpeg",
+            Body=sample_paths[0].read_bytes(),
+            Metadata={"patient-age": age},
+        )
+    records = stack.receive()
+    adult = next(record for record in records if "%2F62.jpeg" in record["body"])
+    child = next(record for record in records if "%2F4.jpeg" in record["body"])
+    assert invoke([adult]) == {"batchItemFailures": []}
+    assert downloads.injected["get_object"] == 0
+    rejected = stack.latest("incoming/metadata/62.jpeg")
+    assert rejected is not None
+    assert (rejected["status"], rejected["reason"]) == ("REJECTED", "OUTSIDE_VALIDATED_POPULATION")
+    rewire(stack)
+    assert invoke([child]) == {"batchItemFailures": []}
+    scored = stack.latest("incoming/metadata/4.jpeg")
+    assert scored is not None
+    assert scored["status"] == "SCORED"
+
+
+def test_deployment_age_bounds_replace_the_cards(stack: Stack, sample_paths: list[Path]) -> None:
+    """MAX_PATIENT_AGE_YEARS (the template's MaxPatientAgeYears) replaces the card's bound: at 3, a DICOM stating 4
+    years and metadata stating 4 are rejected naming 0 to under 3 years, 30 months is scored."""
+    rewire(stack, MAX_PATIENT_AGE_YEARS="3")
+    film = dicom_bytes(Image.open(FILM).convert("L"))
+    stack.upload("incoming/bounds/004Y.dcm", with_patient_age(film, "004Y"))
+    stack.upload("incoming/bounds/030M.dcm", with_patient_age(film, "030M"))
+    stack.s3.put_object(
+        Bucket=stack.outputs.input_bucket,
+        Key="incoming/bounds/4.jpeg",
+        Body=sample_paths[0].read_bytes(),
+        Metadata={"patient-age": "4"},
+    )
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    outcomes = {item["image_key"].rsplit("/", 1)[-1]: item for item in stack.results()}
+    for name in ("004Y.dcm", "4.jpeg"):
+        assert outcomes[name]["reason"] == "OUTSIDE_VALIDATED_POPULATION", name
+        assert outcomes[name]["reason_detail"] == outside_detail(AgeRange(0, 3))
+    assert outcomes["030M.dcm"]["status"] == "SCORED"

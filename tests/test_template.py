@@ -722,3 +722,16 @@ def test_alarm_topic_accepts_tls_only_and_cloudwatch_alarms_may_publish(template
     assert (allow["Principal"], allow["Action"]) == ({"Service": "cloudwatch.amazonaws.com"}, "sns:Publish")
     assert allow["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
     assert ":alarm:*" in _text(allow["Condition"]["ArnLike"]["aws:SourceArn"])
+
+
+def test_validated_population_bounds_reach_the_scoring_function(template: dict[str, Any]) -> None:
+    """MinPatientAgeYears and MaxPatientAgeYears default to empty (the served model card's range) and reach the
+    scoring function's environment under the names its settings read."""
+    parameters = template["Parameters"]
+    variables = template["Resources"]["ScoringFunction"]["Properties"]["Environment"]["Variables"]
+    for parameter, variable in (
+        ("MinPatientAgeYears", "MIN_PATIENT_AGE_YEARS"),
+        ("MaxPatientAgeYears", "MAX_PATIENT_AGE_YEARS"),
+    ):
+        assert parameters[parameter]["Default"] == ""
+        assert variables[variable] == {"Ref": parameter}

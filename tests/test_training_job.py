@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.model_card import GATE_FILE, MODEL_FILE, ModelArtifactError, read_card, sha256_of, verify_artifact
+from core.model_card import (
+    GATE_FILE,
+    MODEL_FILE,
+    ModelArtifactError,
+    ServingSpec,
+    read_card,
+    sha256_of,
+    verify_artifact,
+)
+from core.population import DEFAULT_POPULATION
 from core.preprocessing import preprocess
 from scoring.classifier import Classifier
 from tests.conftest import SmokeRun
@@ -24,14 +33,16 @@ pytestmark = pytest.mark.slow
 
 
 def test_artifact_holds_model_card_and_report(smoke_artifact: Path) -> None:
-    """The job writes the LiteRT model, a complete card and every report plot."""
+    """The job writes the LiteRT model, a complete card (the validated population included) and every report
+    plot."""
     card = read_card(smoke_artifact)
     for field in (
         "version", "created_at", "git_commit", "data_manifest_sha256", "model_sha256", "input", "class_names",
         "calibration", "metrics", "hyperparameters", "training_seconds", "export", "backbone", "serving",
-        "distillation", "comparison", "metrics_by_family",
+        "distillation", "comparison", "metrics_by_family", "population",
     ):  # fmt: skip
         assert field in card, field
+    assert ServingSpec.from_card(card).population == DEFAULT_POPULATION
     assert card["model_sha256"] == sha256_of(smoke_artifact / MODEL_FILE)
     assert card["input"]["size"] == 64
     assert card["calibration"]["temperature"] > 0

@@ -25,6 +25,7 @@ from keras import layers
 
 from core.labels import OperatingPoints
 from core.model_card import GATE_FILE, MODEL_FILE, ServingSpec, sha256_of, verify_artifact, write_card
+from core.population import DEFAULT_POPULATION
 from scoring.classifier import Classifier
 from scoring.litert import ClassifierModel
 from training.augment import AugmentationSettings, augment_film
@@ -551,6 +552,8 @@ def build_card(
                 f"patient-level stratified {config.validation_fraction:.0%} of train's patients, seed {config.seed}"
             ),
         },
+        # Who the model is validated on, and the stated patient ages the scorer accepts (core.population).
+        "population": DEFAULT_POPULATION.to_card(),
         "hyperparameters": config.to_dict(),
         "ensemble_size": config.ensemble_size if model.role == "teacher" else 1,
         "epochs_run": [len(next(iter(history.values()))) for history in model.histories],

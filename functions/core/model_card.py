@@ -1,8 +1,8 @@
 """The model card: the JSON document that travels with every ``model.tflite``.
 
-Training writes it; the scorer reads the fields it serves with (input size, temperature, operating points, class names,
-model checksum, and the optional explainer's checksum and bias) and ignores the rest, which is the training record
-for people.
+Training writes it; the scorer reads the fields it serves with (input size, temperature, operating points, class
+names, model checksum, the optional explainer's checksum and bias, the validated population) and ignores the rest,
+which is the training record for people.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.labels import OperatingPoints
+from core.population import DEFAULT_POPULATION, Population
 
 MODEL_FILE = "model.tflite"
 CARD_FILE = "model_card.json"
@@ -58,6 +59,9 @@ class ServingSpec:
         """The operating points the scorer labels with."""
         return self.operating_points or OperatingPoints.around(self.threshold)
 
+    population: Population = DEFAULT_POPULATION
+    """The patients the model was validated on and the ages it accepts; the default for a card without one."""
+
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> ServingSpec:
         """Read the serving fields of a card, naming the first one that is missing or malformed."""
@@ -91,12 +95,13 @@ class ServingSpec:
                 operating_points=None
                 if points is None
                 else OperatingPoints(float(points["normal_below"]), float(points["pneumonia_from"])),
+                population=Population.from_card(card.get("population")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelArtifactError(f"model card is missing or has a malformed field: {error!r}") from error
         except AttributeError as error:
             raise ModelArtifactError(
-                f"model card has a malformed explainer or input gate section: {error!r}"
+                f"model card has a malformed explainer, input gate or population section: {error!r}"
             ) from error
 
 

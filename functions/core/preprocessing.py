@@ -43,6 +43,8 @@ class ModelInput:
     image_format: ImageFormat
     original_width: int
     original_height: int
+    stated_age_years: float | None = None
+    """The patient age the file states (a DICOM's ``PatientAge``), in years; None when it states none."""
 
 
 def detect_format(data: bytes) -> ImageFormat:
@@ -67,6 +69,8 @@ class DecodedImage:
     image_format: ImageFormat
     original_width: int
     original_height: int
+    stated_age_years: float | None = None
+    """The patient age the file states (a DICOM's ``PatientAge``), in years; None when it states none."""
 
 
 def preprocess(data: bytes, size: int = INPUT_SIZE) -> ModelInput:
@@ -77,17 +81,19 @@ def preprocess(data: bytes, size: int = INPUT_SIZE) -> ModelInput:
 def decode(data: bytes, size: int = INPUT_SIZE) -> DecodedImage:
     """Detect, validate and decode a file to grayscale; ``size`` lets large JPEGs decode at a reduced scale."""
     image_format = detect_format(data)
+    stated_age: float | None = None
     if image_format is ImageFormat.DICOM:
         # pydicom is imported only when a DICOM file arrives, so JPEG and PNG scoring never pay for it.
         from core.dicom import decode_dicom  # noqa: PLC0415
 
-        grayscale = decode_dicom(data)
+        film = decode_dicom(data)
+        grayscale, stated_age = film.grayscale, film.stated_age_years
         width, height = grayscale.size
     else:
         grayscale, (width, height) = _decode_with_pillow(data, image_format, size)
     if min(width, height) < MIN_SIDE:
         raise InvalidImageError(RejectionReason.TOO_SMALL, f"the shorter side is below {MIN_SIDE} px")
-    return DecodedImage(grayscale, image_format, width, height)
+    return DecodedImage(grayscale, image_format, width, height, stated_age)
 
 
 def resize_for_model(decoded: DecodedImage, size: int = INPUT_SIZE) -> ModelInput:
@@ -101,6 +107,7 @@ def resize_for_model(decoded: DecodedImage, size: int = INPUT_SIZE) -> ModelInpu
         image_format=decoded.image_format,
         original_width=decoded.original_width,
         original_height=decoded.original_height,
+        stated_age_years=decoded.stated_age_years,
     )
 
 

@@ -43,6 +43,9 @@ class RejectionReason(StrEnum):
     NOT_A_CHEST_XRAY = "NOT_A_CHEST_XRAY"
     """The file decodes, but what it shows is not a chest radiograph the model can read (blank, noise, a photograph,
     a document, another body part): the input gate of the model's artifact refused it."""
+    OUTSIDE_VALIDATED_POPULATION = "OUTSIDE_VALIDATED_POPULATION"
+    """The upload states a patient age (DICOM ``PatientAge`` or the object metadata ``patient-age``) outside the
+    ages the model was validated on (``core.population``); an upload that states none is scored."""
 
 
 class InvalidImageError(ValueError):

@@ -130,6 +130,7 @@ def build_pipeline(
         input_prefix=settings.input_prefix,
         heatmaps=HeatmapStage(HeatmapStore(s3, settings.heatmap_bucket), observer) if settings.heatmap_bucket else None,
         isolation=isolation,
+        accepted_ages=settings.accepted_ages,
     )
 
 

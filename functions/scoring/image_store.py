@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.events import ObjectRef
+from core.population import age_in_years
 from core.s3 import GONE_CODES, error_code
 
 if TYPE_CHECKING:
@@ -21,6 +22,9 @@ ARCHIVE_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
 """Storage classes whose objects cannot be read before a restore (Glacier Instant Retrieval can)."""
 EXPLAIN_METADATA = "pneumoscan-explain"
 """User metadata (``x-amz-meta-pneumoscan-explain``) that requests a heatmap for any verdict."""
+PATIENT_AGE_METADATA = "patient-age"
+"""User metadata (``x-amz-meta-patient-age``) in which an upload pipeline states the patient's age: a DICOM Age
+String (``4Y``, ``030M``) or a plain number of years; outside the validated population the upload is rejected."""
 
 
 class TransientStorageError(RuntimeError):
@@ -53,6 +57,9 @@ class ObjectHead:
     version_id: str | None
     explain_requested: bool = False
     """The uploader asked for a heatmap whatever the verdict (object metadata ``pneumoscan-explain: true``)."""
+    stated_age_years: float | None = None
+    """The patient age the object metadata ``patient-age`` states, in years; None when it states none or cannot be
+    read as an age."""
 
 
 class ImageStore:
@@ -70,11 +77,13 @@ class ImageStore:
         archived = response.get("StorageClass") in ARCHIVE_STORAGE_CLASSES or bool(response.get("ArchiveStatus"))
         if archived and 'ongoing-request="false"' not in str(response.get("Restore", "")):
             raise ObjectArchivedError(f"{ref.image_key} is archived and not restored")
+        metadata = response.get("Metadata", {})
         return ObjectHead(
             size=int(response["ContentLength"]),
             etag=str(response.get("ETag", "")).strip('"'),
             version_id=response.get("VersionId"),
-            explain_requested=response.get("Metadata", {}).get(EXPLAIN_METADATA, "").lower() in {"1", "true", "yes"},
+            explain_requested=metadata.get(EXPLAIN_METADATA, "").lower() in {"1", "true", "yes"},
+            stated_age_years=age_in_years(metadata.get(PATIENT_AGE_METADATA)),
         )
 
     def read(self, ref: ObjectRef) -> bytes:

@@ -9,14 +9,16 @@ freed) or the time limit passes. A
 child that runs out of memory, dies or overruns costs only its own record: it is rejected as
 ``DECOMPRESSION_BOMB``. The pipe is a plain ``os.pipe``: Lambda has no ``/dev/shm`` for multiprocessing's queues.
 
-The child decodes a hostile file, so what it sends back is read as data, never unpickled: a JSON header line, then
-the raw bytes of the grayscale image and of the model's pixels, whose lengths the header must account for exactly.
+The child decodes a hostile file, so what it sends back is read as data, never unpickled: a JSON header line (with
+the patient age the file states, a number or null, for the validated-population check), then the raw bytes of the
+grayscale image and of the model's pixels, whose lengths the header must account for exactly.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import resource
 import select
@@ -95,6 +97,7 @@ def _write_outcome(decoded: DecodedImage, pixels: np.ndarray) -> bytes:
         "format": decoded.image_format.value,
         "original": [decoded.original_width, decoded.original_height],
         "grayscale": list(decoded.grayscale.size),
+        "age": decoded.stated_age_years,
     }
     return json.dumps(header).encode() + b"\n" + decoded.grayscale.tobytes() + np.ascontiguousarray(pixels).tobytes()
 
@@ -119,13 +122,17 @@ def _read_outcome(payload: bytes, size: int) -> tuple[DecodedImage, np.ndarray] 
         width, height = (int(side) for side in header["grayscale"])
         original_width, original_height = (int(side) for side in header["original"])
         image_format = ImageFormat(header["format"])
+        age = header["age"]
     except (ValueError, KeyError, TypeError):
         return None
     if width <= 0 or height <= 0 or len(body) != width * height + size * size:
         return None
+    if age is not None and (isinstance(age, bool) or not isinstance(age, int | float) or not math.isfinite(age)):
+        return None
     grayscale = Image.frombytes("L", (width, height), body[: width * height])
     pixels = np.frombuffer(body[width * height :], dtype=np.uint8).reshape(size, size, 1).copy()
-    return DecodedImage(grayscale, image_format, original_width, original_height), pixels
+    stated_age = None if age is None else float(age)
+    return DecodedImage(grayscale, image_format, original_width, original_height, stated_age), pixels
 
 
 def _run_child(data: bytes, size: int, limits: IsolationLimits, write_end: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from core.events import ObjectRef, parse_message
+from core.population import AgeRange, AgeRangeOverride, check_stated_age
 from core.preprocessing import DecodedImage, decode, resize_for_model
 from core.rejections import InvalidImageError, RejectionReason
 from core.results import AlreadyScoredError, ResultsTable, ScoringResult, Status, Trigger, rescoring_sequence
@@ -113,12 +114,14 @@ class ScoringPipeline:
         input_prefix: str = "",
         heatmaps: HeatmapStage | None = None,
         isolation: IsolationLimits | None = None,
+        accepted_ages: AgeRangeOverride | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """Only objects under ``input_prefix`` in ``input_bucket`` are read; without a ``heatmaps`` store no
         heatmap is made. A batch holding a record delivered before is decoded in child processes within
         ``isolation``'s limits (``scoring.isolated_decode``), so a file that kills its decoder costs only its own
-        record."""
+        record. An upload whose object metadata or DICOM header states a patient age outside the served model's
+        validated population (its card's accepted range, with ``accepted_ages``' bounds over it) is rejected."""
         self._images = images
         self._heatmaps = heatmaps
         self._results = results
@@ -128,6 +131,7 @@ class ScoringPipeline:
         self._input_bucket = input_bucket
         self._input_prefix = input_prefix
         self._isolation = isolation or IsolationLimits()
+        self._accepted_ages = accepted_ages or AgeRangeOverride()
         self._clock = clock
 
     @property
@@ -208,6 +212,8 @@ class ScoringPipeline:
                 raise InvalidImageError(
                     RejectionReason.TOO_LARGE, f"{head.size} bytes exceeds the limit of {self._max_image_bytes}"
                 )
+            accepted = self._accepted(classifier())
+            check_stated_age(head.stated_age_years, accepted)  # Before the download: the metadata is enough.
             size = classifier().input_size
             data = self._images.read(ref)
             if isolated:
@@ -215,6 +221,7 @@ class ScoringPipeline:
             else:
                 decoded = decode(data, size)
                 pixels = resize_for_model(decoded, size).pixels
+            check_stated_age(decoded.stated_age_years, accepted)
         except (InvalidImageError, ObjectGoneError, ObjectArchivedError) as permanent:
             plan.results.append(self._rejection(ref, *_rejection_of(permanent), started))
             return None
@@ -222,6 +229,10 @@ class ScoringPipeline:
             self._observer.skipped(ref.image_key, ref.sequencer, str(replaced))
             return None
         return _PendingImage(message_id, ref, decoded, pixels, started, ref.explain or head.explain_requested)
+
+    def _accepted(self, classifier: Classifier) -> AgeRange:
+        """The patient ages the served model accepts: its card's range, with the deployment's bounds over it."""
+        return self._accepted_ages.applied_to(classifier.spec.population.accepted)
 
     def _backfill_ref(self, ref: ObjectRef, served_version: str) -> ObjectRef:
         """The backfilled object's sort key: its version's sequence, then the model, so re-scorings keep history."""

@@ -1,5 +1,5 @@
 """Score a batch of uploaded files: preprocess each, run one batched inference behind the model's input gate, keep
-per-file rejections."""
+per-file rejections (a DICOM stating a patient age outside the model card's validated population among them)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.population import check_stated_age
 from core.preprocessing import preprocess
 from core.rejections import InvalidImageError
 from scoring.classifier import Classifier, Prediction
@@ -19,7 +20,9 @@ def score_files(classifier: Classifier, payloads: Sequence[bytes]) -> list[Predi
     batch_pixels: list[np.ndarray] = []
     for position, payload in enumerate(payloads):
         try:
-            batch_pixels.append(preprocess(payload, size=classifier.input_size).pixels)
+            model_input = preprocess(payload, size=classifier.input_size)
+            check_stated_age(model_input.stated_age_years, classifier.spec.population.accepted)
+            batch_pixels.append(model_input.pixels)
         except InvalidImageError as error:
             results[position] = error
         else:

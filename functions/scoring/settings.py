@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import ConfigurationError
+from core.population import AgeRangeOverride
 
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
 
@@ -29,6 +31,9 @@ class Settings:
     """Where heatmap overlays go; without it no heatmap is made."""
     input_prefix: str = ""
     """Only keys under this prefix are read (the function's role can read nothing else)."""
+    accepted_ages: AgeRangeOverride = field(default_factory=AgeRangeOverride)
+    """Accepted patient ages set by the deployment (``MIN_PATIENT_AGE_YEARS``, ``MAX_PATIENT_AGE_YEARS``, the
+    template's ``MinPatientAgeYears`` and ``MaxPatientAgeYears``); each bound left empty is the model card's."""
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Settings:
@@ -45,6 +50,7 @@ class Settings:
                 ),  # Lambda: only /tmp is writable.
                 max_image_bytes=int(environment.get("MAX_IMAGE_BYTES", str(DEFAULT_MAX_IMAGE_BYTES))),
                 heatmap_bucket=environment.get("HEATMAP_BUCKET") or None,
+                accepted_ages=accepted_ages(environment),
             )
         except KeyError as missing:
             raise ConfigurationError(f"environment variable {missing} is required") from missing
@@ -54,4 +60,27 @@ class Settings:
             raise ConfigurationError("INPUT_BUCKET must name the input bucket")
         if settings.model_bucket is None and settings.model_path is None:
             raise ConfigurationError("set MODEL_BUCKET (the model registry) or MODEL_PATH (a local artifact)")
+        lowest, highest = settings.accepted_ages.min_years, settings.accepted_ages.max_years_exclusive
+        if lowest is not None and highest is not None and lowest >= highest:
+            raise ConfigurationError("MIN_PATIENT_AGE_YEARS must be below MAX_PATIENT_AGE_YEARS")
         return settings
+
+
+def accepted_ages(environment: Mapping[str, str]) -> AgeRangeOverride:
+    """The accepted-age bounds of ``MIN_PATIENT_AGE_YEARS`` and ``MAX_PATIENT_AGE_YEARS`` (each unset or empty: the
+    card's); raises ``ValueError`` for a bound that is not a number of years."""
+    return AgeRangeOverride(_years(environment, "MIN_PATIENT_AGE_YEARS"), _years(environment, "MAX_PATIENT_AGE_YEARS"))
+
+
+def _years(environment: Mapping[str, str], name: str) -> float | None:
+    """An age bound in years, or None when the variable is unset or empty (the card's bound applies)."""
+    text = environment.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        years = float(text)
+    except ValueError:
+        years = math.nan
+    if not math.isfinite(years) or years < 0:
+        raise ValueError(f"{name} must be a number of years, at least 0")
+    return years
