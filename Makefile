@@ -7,7 +7,7 @@ INFRA_VENV := .venv-infra
 PNEUMOSCAN_DATA ?= $(abspath ../shared/data/chest_xray)
 export PNEUMOSCAN_DATA
 
-.PHONY: demo test lint format bench soak release-model recipe-search lock clean
+.PHONY: demo test lint format bench soak release-model recipe-search site-calibration-demo lock clean
 
 # setuptools warns on every editable install that a folder named like a package may take precedence over it (the
 # layout is deliberate: functions/ holds the Lambda packages); a newcomer should not learn to ignore warnings.
@@ -69,6 +69,12 @@ release-model: $(VENV)/.dev
 # what release-model trains.
 recipe-search: $(VENV)/.dev
 	$(BIN)/pneumoscan search --data $(PNEUMOSCAN_DATA) --output runs/search
+
+# The README's site-calibration demonstration: the official test split as a new site, halved by patient; scores the
+# test split once (recorded in models/holdout-ledger.jsonl). The artifact goes to runs/site-test, replaced each run.
+site-calibration-demo: $(VENV)/.dev
+	rm -rf runs/site-test
+	$(BIN)/pneumoscan calibrate --model models/release --data $(PNEUMOSCAN_DATA)/test --output runs/site-test
 
 # Benchmarks print figures and write bench/results.json; they are never timed tests.
 bench: $(VENV)/.dev $(INFRA_VENV)/.installed

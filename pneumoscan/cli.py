@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     evaluate.set_defaults(run=_evaluate)
 
-    _add_attach_gate(commands)
+    _add_derived_artifact_commands(commands)
 
     score = commands.add_parser("score", help="score image files; one JSON line per file")
     score.add_argument(
@@ -271,6 +271,13 @@ def _model_bucket(target: StackTarget, arguments: argparse.Namespace) -> str:
     return bucket
 
 
+def _add_derived_artifact_commands(commands: Any) -> None:
+    """The commands that write a new version derived from an existing artifact (``build_parser`` would grow past
+    ruff's limit)."""
+    _add_attach_gate(commands)
+    _add_calibrate(commands)
+
+
 def _add_attach_gate(commands: Any) -> None:
     """The ``attach-gate`` command, which builds its own parser (``build_parser`` would grow past ruff's limit)."""
     attach = commands.add_parser(
@@ -283,6 +290,30 @@ def _add_attach_gate(commands: Any) -> None:
     )
     attach.add_argument("--output", type=Path, required=True, help="folder for the new artifact")
     attach.set_defaults(run=_attach_gate)
+
+
+def _add_calibrate(commands: Any) -> None:
+    """The ``calibrate`` command: a site's own calibration of an artifact, as a new version."""
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="refit an artifact's calibration and operating points on a site's labelled films, as a new version",
+        description="Scores DIR/NORMAL and DIR/PNEUMONIA with the artifact's served model, splits the site's patients "
+        "in two (README: Site calibration), fits Platt scaling and the operating points on one part, reports on the "
+        "other and writes the result as a new artifact.",
+    )
+    calibrate.add_argument(
+        "--model", default=str(RELEASE_MODEL), help="artifact DIR or s3://bucket/models/VERSION/ (default: release)"
+    )
+    calibrate.add_argument("--data", type=Path, required=True, help="the site's films: DIR/NORMAL and DIR/PNEUMONIA")
+    calibrate.add_argument("--output", type=Path, required=True, help="new, empty folder for the new artifact")
+    calibrate.add_argument(
+        "--min-per-class", type=_positive(int), default=50, help="fewest films of each class (default 50)"
+    )
+    calibrate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    calibrate.add_argument(
+        "--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3 endpoint, e.g. a local moto server"
+    )
+    calibrate.set_defaults(run=_calibrate)
 
 
 def _default_test_split() -> Path:
@@ -396,6 +427,22 @@ def _attach_gate(arguments: argparse.Namespace) -> int:
     print(
         json.dumps({"version": card["version"], "derived_from": card["derived_from"], "input_gate": card["input_gate"]})
     )
+    return 0
+
+
+def _calibrate(arguments: argparse.Namespace) -> int:
+    if not arguments.data.is_dir():
+        raise MissingPathError(f"no site data at {arguments.data}; give --data a folder with NORMAL/ and PNEUMONIA/")
+    from training.site_calibration import calibrate_site, summary
+
+    card = calibrate_site(
+        _local_model(arguments.model, arguments),
+        arguments.data,
+        arguments.output,
+        min_per_class=arguments.min_per_class,
+        resamples=arguments.resamples,
+    )
+    print(json.dumps({"output": str(arguments.output), **summary(card)}, indent=2))
     return 0
 
 

@@ -90,6 +90,8 @@ PROJECT_FIXES = {
     "RegistryError": "check the model bucket's name and that it holds models published with pneumoscan publish",
     "ConfigurationError": "set the variable it names",
     "RedriveError": "run pneumoscan redrive again; the messages not moved are still on the dead-letter queue",
+    "SiteCalibrationError": "give --data the site's labelled films (NORMAL/ and PNEUMONIA/, at least --min-per-class "
+    "of each class, from two or more patients each) and --output a new folder",
 }
 
 

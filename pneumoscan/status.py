@@ -104,9 +104,12 @@ class StackStatus:
 
 
 def expected_pneumonia_rate(card: dict[str, Any]) -> float | None:
-    """The share of the card's test (else validation) films called PNEUMONIA, from its confusion matrix."""
-    for split in ("test", "validation"):
-        matrix = card.get("metrics", {}).get(split, {}).get("confusion_matrix")
+    """The share of films called PNEUMONIA where the served calibration was measured, from its confusion matrix: a
+    site calibration's held-out part (the site's own films), else the card's test (else validation) split."""
+    site = card.get("site_calibration", {}).get("held_out", {}).get("site_calibrated", {})
+    metrics = card.get("metrics", {})
+    for figures in (site, metrics.get("test", {}), metrics.get("validation", {})):
+        matrix = figures.get("confusion_matrix")
         if matrix:
             total = sum(int(count) for count in matrix.values())
             called = int(matrix.get("true_positive", 0)) + int(matrix.get("false_positive", 0))

@@ -23,9 +23,9 @@ TARGET_SENSITIVITY = 0.97
 """The screening rule: the decision threshold keeps at least this share of validation pneumonia cases."""
 
 
-def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Calibrated PNEUMONIA probability of each logit."""
-    return np.asarray(expit(np.asarray(logits, dtype=np.float64) / temperature))
+def sigmoid(logits: np.ndarray, temperature: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+    """Calibrated PNEUMONIA probability of each logit: ``sigmoid(logit / temperature + intercept)``."""
+    return np.asarray(expit(np.asarray(logits, dtype=np.float64) / temperature + intercept))
 
 
 def binary_log_loss(labels: np.ndarray, logits: np.ndarray, temperature: float) -> float:

@@ -22,11 +22,17 @@ class ArtifactScores:
 
 
 def score_image_set(classifier: Classifier, images: ImageSet, batch_size: int = 64) -> ArtifactScores:
-    """Run the LiteRT model over an image set and apply the card's temperature."""
-    logits = np.concatenate(
+    """Run the LiteRT model over an image set and apply the card's calibration (temperature and intercept)."""
+    spec = classifier.spec
+    logits = served_logits(classifier, images, batch_size)
+    return ArtifactScores(labels=images.labels, probabilities=sigmoid(logits, spec.temperature, spec.intercept))
+
+
+def served_logits(classifier: Classifier, images: ImageSet, batch_size: int = 64) -> np.ndarray:
+    """The LiteRT model's raw PNEUMONIA logits over an image set, in batches."""
+    return np.concatenate(
         [classifier.logits(images.images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     )
-    return ArtifactScores(labels=images.labels, probabilities=sigmoid(logits, classifier.spec.temperature))
 
 
 def evaluate_artifact(

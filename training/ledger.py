@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -62,6 +63,25 @@ def read_ledger(path: Path) -> list[LedgerEntry]:
     if not path.is_file():
         return []
     return [LedgerEntry(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def git_commit() -> str:
+    """The source commit, from the build's environment or the working tree; 'unknown' outside both. (Here, without
+    TensorFlow, for commands that record a scoring without training: ``training.train`` has the same function.)"""
+    if commit := os.environ.get("PNEUMOSCAN_GIT_COMMIT"):
+        return commit
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],  # git is looked up on PATH on purpose.
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip()
 
 
 def is_official_test_split(split_dir: Path) -> bool:

@@ -1,14 +1,17 @@
 """The model card: the JSON document that travels with every ``model.tflite``.
 
-Training writes it; the scorer reads the fields it serves with (input size, temperature, operating points, class
-names, model checksum, the optional explainer's checksum and bias, the validated population) and ignores the rest,
-which is the training record for people.
+Training writes it; the scorer reads the fields it serves with (input size, temperature and intercept, operating
+points, class names, model checksum, the optional explainer's checksum and bias, the validated population) and
+ignores the rest, which is the training record for people. The served probability is
+``sigmoid(logit / temperature + intercept)``; the intercept is 0 unless the card says otherwise (only a site
+calibration, ``training/site_calibration.py``, moves it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,9 @@ class ServingSpec:
     """Checksum of ``input_gate.npz``; None when the card names no input gate (models trained before it existed)."""
     operating_points: OperatingPoints | None = None
     """Where the labels change; a card written before the INDETERMINATE band gets the band around its threshold."""
+    intercept: float = 0.0
+    """Added to ``logit / temperature`` before the sigmoid; 0 for every card without one (Platt scaling on the logit
+    with slope a and intercept b is temperature 1/a and intercept b)."""
 
     @property
     def points(self) -> OperatingPoints:
@@ -79,6 +85,9 @@ class ServingSpec:
                 raise ModelArtifactError(f"the input gate must be {GATE_FILE}, not {gate['file']!r}")
             calibration = card["calibration"]
             points = calibration.get("operating_points")
+            intercept = float(calibration.get("intercept", 0.0))
+            if not math.isfinite(intercept):
+                raise ModelArtifactError(f"the calibration's intercept must be a finite number, not {intercept}")
             return cls(
                 version=str(card["version"]),
                 input_size=int(card["input"]["size"]),
@@ -96,6 +105,7 @@ class ServingSpec:
                 if points is None
                 else OperatingPoints(float(points["normal_below"]), float(points["pneumonia_from"])),
                 population=Population.from_card(card.get("population")),
+                intercept=intercept,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelArtifactError(f"model card is missing or has a malformed field: {error!r}") from error

@@ -113,10 +113,10 @@ class Classifier:
         ]
 
     def calibrate(self, logit: float) -> Prediction:
-        """Turn one logit into a prediction with the card's temperature and operating points."""
+        """Turn one logit into a prediction with the card's temperature, intercept and operating points."""
         # The label is called on the probability as the result states it (six places), so a reader who compares
         # the stated probability with the stated operating points always finds the stated label.
-        probability = round(_stable_sigmoid(logit / self.spec.temperature), 6)
+        probability = round(_stable_sigmoid(logit / self.spec.temperature + self.spec.intercept), 6)
         call = self.spec.points.call(probability)
         return Prediction(
             label=call.label,
