@@ -51,10 +51,11 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
     missing = [r.key for r in results if r.item is None]
     scored = [r for r in results if r.item is not None and r.item["status"] == Status.SCORED]
     agree = sum(r.item is not None and r.item.get("label") == r.expected for r in scored)
+    referred = sum(r.item is not None and r.item.get("label") == "INDETERMINATE" for r in scored)
     latencies = sorted(float(r.item["latency_ms"]) for r in scored if r.item is not None)
     print(
         f"\n{len(scored)} scored, {len(results) - len(scored) - len(missing)} rejected, {len(missing)} missing; "
-        f"{agree} of {len(scored)} agree with the data set's label; "
+        f"{agree} of {len(scored)} agree with the data set's label, {referred} INDETERMINATE (refer to a reader); "
         f"median latency {latencies[len(latencies) // 2] if latencies else float('nan'):.0f} ms; "
         f"{len(heatmaps)} heatmaps; "
         f"{events} result events received by a subscriber of the results bus; "
@@ -79,7 +80,7 @@ def _wait_for_results(
 
 def _print_table(results: list[DemoResult]) -> None:
     print(
-        f"\n{'key':<46} {'expected':<10} {'label':<10} {'confidence':>10} {'model version':<24} {'latency':>8}  heatmap"
+        f"\n{'key':<46} {'expected':<10} {'label':<13} {'confidence':>10} {'model version':<24} {'latency':>8}  heatmap"
     )
     for result in results:
         item = result.item
@@ -89,7 +90,7 @@ def _print_table(results: list[DemoResult]) -> None:
         label = item.get("label", item["status"])
         confidence = f"{float(item['confidence']):.3f}" if "confidence" in item else item.get("reason", "")
         print(
-            f"{result.key:<46} {result.expected:<10} {label:<10} {confidence:>10} "
+            f"{result.key:<46} {result.expected:<10} {label:<13} {confidence:>10} "
             f"{item.get('model_version', '-'):<24} {float(item['latency_ms']):>6.0f}ms  "
             f"{'yes' if 'heatmap_key' in item else '-'}"
         )
