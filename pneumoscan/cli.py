@@ -472,6 +472,8 @@ def _score(arguments: argparse.Namespace) -> int:
                 "label": result.label,
                 "confidence": round(result.confidence, 6),
                 "pneumonia_probability": round(result.pneumonia_probability, 6),
+                "normal_below": round(result.operating_points.normal_below, 6),
+                "pneumonia_from": round(result.operating_points.pneumonia_from, 6),
                 "model_version": result.model_version,
             }))  # fmt: skip
     return 1 if failed else 0

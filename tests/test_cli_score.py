@@ -15,13 +15,23 @@ pytestmark = pytest.mark.slow
 def test_score_prints_one_line_per_image(
     smoke_artifact: Path, sample_paths: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Each image gets path, label, confidence, pneumonia_probability and model_version."""
+    """Each image gets path, label, confidence, pneumonia_probability, the operating points and model_version; the
+    label agrees with its number."""
     assert main(["score", "--model", str(smoke_artifact), *map(str, sample_paths)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["path"] for line in lines] == [str(p) for p in sample_paths]
     for line in lines:
-        assert set(line) == {"path", "label", "confidence", "pneumonia_probability", "model_version"}
-        assert line["label"] in {"NORMAL", "PNEUMONIA"}
+        assert set(line) == {
+            "path",
+            "label",
+            "confidence",
+            "pneumonia_probability",
+            "normal_below",
+            "pneumonia_from",
+            "model_version",
+        }
+        assert line["label"] in {"NORMAL", "INDETERMINATE", "PNEUMONIA"}
+        assert line["confidence"] >= 0.5
 
 
 def test_bad_files_get_error_lines_and_the_rest_are_scored(
@@ -39,5 +49,5 @@ def test_bad_files_get_error_lines_and_the_rest_are_scored(
     assert lines[str(corrupt)]["reason"] == "CORRUPT_IMAGE"
     assert lines[str(empty)]["reason"] == "EMPTY_FILE"
     assert "cannot read file" in lines[str(missing)]["error"]
-    assert lines[str(sample_paths[0])]["label"] in {"NORMAL", "PNEUMONIA"}
-    assert lines[str(sample_paths[-1])]["label"] in {"NORMAL", "PNEUMONIA"}
+    assert lines[str(sample_paths[0])]["label"] in {"NORMAL", "INDETERMINATE", "PNEUMONIA"}
+    assert lines[str(sample_paths[-1])]["label"] in {"NORMAL", "INDETERMINATE", "PNEUMONIA"}
