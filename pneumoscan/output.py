@@ -248,7 +248,7 @@ def _model_rows(status: StackStatus) -> list[tuple[str, str | Text]]:
         (
             "test figures",
             f"AUC {figure(model.test_auc)}, sensitivity {figure(model.test_sensitivity)}, "
-            f"specificity {figure(model.test_specificity)}, threshold {figure(model.threshold)}",
+            f"specificity {figure(model.test_specificity)}, flagged from {figure(model.threshold)}",
         ),
     ]
 

@@ -3,7 +3,8 @@
 What is served (the promoted model and its card's headline figures), what waits (queue depth, age of the oldest
 message, the dead-letter queue and the command that redrives it), what was done (results in the last hour and day by
 status and reason, from the ``ResultsByDay`` index), whether the population drifted (the last day's share of films
-called PNEUMONIA against the share the model card's test set expects) and which CloudWatch alarms are in ALARM."""
+flagged (PNEUMONIA or INDETERMINATE) against the share the model card's test set expects) and which CloudWatch
+alarms are in ALARM."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class ModelSummary:
     test_sensitivity: float | None
     test_specificity: float | None
     threshold: float | None
+    """The screening point: flagged (INDETERMINATE or PNEUMONIA) at or above it."""
     expected_pneumonia_rate: float | None
     """The share of the card's test films the model called PNEUMONIA: what an unchanged population should show."""
 
@@ -125,7 +127,8 @@ def model_summary(pointer_version: str, promoted_at: str, card: dict[str, Any]) 
         value = test.get(name, {}).get("value")
         return None if value is None else float(value)
 
-    threshold = card.get("calibration", {}).get("threshold")
+    calibration = card.get("calibration", {})
+    threshold = calibration.get("operating_points", {}).get("normal_below", calibration.get("threshold"))
     return ModelSummary(
         version=pointer_version,
         promoted_at=promoted_at,
@@ -175,7 +178,8 @@ def count_window(items: list[dict[str, Any]], window: str, since: datetime) -> W
         statuses[str(item.get("status"))] += 1
         if item.get("status") == "SCORED":
             scored += 1
-            pneumonia += item.get("label") == "PNEUMONIA"
+            # Flagged, as the card's confusion matrix counts: PNEUMONIA and INDETERMINATE (refer to a reader).
+            pneumonia += item.get("label") in {"PNEUMONIA", "INDETERMINATE"}
         elif item.get("reason"):
             reasons[str(item["reason"])] += 1
     return WindowCounts(
