@@ -394,10 +394,9 @@ def _stdout_to_stderr() -> Iterator[None]:
 def _evaluate(arguments: argparse.Namespace) -> int:
     from core.model_card import read_card
     from training.evaluate import evaluate_artifact
-    from training.ledger import LedgerEntry, is_official_test_split, record_scoring
+    from training.ledger import LedgerEntry, git_commit, is_official_test_split, record_scoring
     from training.metrics import headline
     from training.report import write_split_plots
-    from training.train import git_commit
 
     evaluation, scores = evaluate_artifact(arguments.model, arguments.data, resamples=arguments.resamples)
     if is_official_test_split(arguments.data):

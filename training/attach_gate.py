@@ -27,7 +27,8 @@ from training.data import ImageSet, limit_per_class, list_split, load_images, ma
 from training.explain import max_logit_difference
 from training.export import convert
 from training.gate import fit_input_gate, kept_share, serving_model
-from training.train import git_commit, served_features
+from training.ledger import git_commit
+from training.train import served_features
 
 logger = logging.getLogger(__name__)
 

@@ -66,8 +66,8 @@ def read_ledger(path: Path) -> list[LedgerEntry]:
 
 
 def git_commit() -> str:
-    """The source commit, from the build's environment or the working tree; 'unknown' outside both. (Here, without
-    TensorFlow, for commands that record a scoring without training: ``training.train`` has the same function.)"""
+    """The source commit, from the build's environment or the working tree; 'unknown' outside both. It lives here,
+    without TensorFlow, so that commands recording a scoring without training need not load it."""
     if commit := os.environ.get("PNEUMOSCAN_GIT_COMMIT"):
         return commit
     try:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,7 +47,7 @@ from training.evaluate import ArtifactScores, score_image_set
 from training.explain import export_explainer
 from training.export import ExportResult, export
 from training.gate import FittedGate, fit_input_gate, kept_share
-from training.ledger import LedgerEntry, record_scoring
+from training.ledger import LedgerEntry, git_commit, record_scoring
 from training.metrics import evaluate, family_breakdown, headline
 from training.models import build_classifier, build_ensemble, is_backbone_layer
 from training.report import write_report
@@ -599,21 +597,3 @@ def build_card(
     if training_seconds is not None:
         card["training_seconds"] = training_seconds
     return card
-
-
-def git_commit() -> str:
-    """The source commit, from the build's environment or the working tree; 'unknown' outside both."""
-    if commit := os.environ.get("PNEUMOSCAN_GIT_COMMIT"):
-        return commit
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],  # git is looked up on PATH on purpose.
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip()
