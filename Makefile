@@ -83,6 +83,7 @@ bench: $(VENV)/.dev $(INFRA_VENV)/.installed
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_package.py
 	$(BIN)/python bench/bench_dicom_bombs.py
+	$(BIN)/python bench/bench_isolation.py
 	$(BIN)/python bench/bench_decode_bombs.py
 	$(BIN)/python bench/bench_dicom_display.py
 

@@ -18,7 +18,9 @@ from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLSLossless,
     RLELossless,
     SecondaryCaptureImageStorage,
 )
@@ -28,7 +30,11 @@ LIMIT_SIDE = 5_000
 _UID = UID("1.2.826.0.1.3680043.8.498.1313")
 
 
-def _dataset(rows: int, columns: int, *, bits: int, syntax: UID, frames: int = 1) -> Dataset:
+STATED_SIDE = 512
+"""The side a codestream bomb's data set states."""
+
+
+def _dataset(rows: int, columns: int, *, bits: int, syntax: UID, frames: int = 1, samples: int = 1) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = _UID
@@ -41,8 +47,10 @@ def _dataset(rows: int, columns: int, *, bits: int, syntax: UID, frames: int = 1
     dataset.Rows, dataset.Columns = rows, columns
     if frames > 1:
         dataset.NumberOfFrames = frames
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.SamplesPerPixel = samples
+    dataset.PhotometricInterpretation = "MONOCHROME2" if samples == 1 else "RGB"
+    if samples > 1:
+        dataset.PlanarConfiguration = 0
     dataset.PixelRepresentation = 0
     dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits, bits, bits - 1
     return dataset
@@ -132,3 +140,48 @@ def _meta_end(data: bytes) -> int:
     """Where the file meta group of a file with a preamble ends (its group length element says)."""
     group_length = int.from_bytes(data[140:144], "little")  # (0002,0000) UL: tag, VR, 2-byte length, value.
     return 144 + group_length
+
+
+def _encapsulated(frame: bytes, rows: int, columns: int, *, syntax: UID, samples: int = 1) -> bytes:
+    """A one-frame 8-bit DICOM file whose data set states ``rows`` x ``columns`` and whose frame is ``frame``."""
+    dataset = _dataset(rows, columns, bits=8, syntax=syntax, samples=samples)
+    dataset.PixelData = encapsulate([frame])
+    dataset["PixelData"].is_undefined_length = True
+    return _saved(dataset)
+
+
+CODESTREAM_SYNTAXES = {"JPEG": JPEGBaseline8Bit, "JPEG-LS": JPEGLSLossless, "JPEG 2000": JPEG2000Lossless}
+
+
+def codestream_larger_than_header(syntax: str, side: int, *, samples: int = 1) -> bytes:
+    """A DICOM file whose data set states a ``STATED_SIDE`` x ``STATED_SIDE`` film while its one frame is a
+    ``syntax`` codestream (a key of ``CODESTREAM_SYNTAXES``) of a black ``side`` x ``side`` image: kilobytes that
+    its decoder decodes at the codestream's own size. The black image is numpy's zeros, which take no memory."""
+    # imagecodecs (the dev extra's encoders) is imported here: the demo's environment builds the corpus without it.
+    import imagecodecs  # noqa: PLC0415
+
+    black = np.zeros((side, side, samples) if samples > 1 else (side, side), dtype=np.uint8)
+    if syntax == "JPEG":
+        frame = imagecodecs.jpeg8_encode(black, level=90)
+    elif syntax == "JPEG-LS":
+        frame = imagecodecs.jpegls_encode(black)
+    else:
+        frame = imagecodecs.jpeg2k_encode(black, level=0, codecformat="j2k", reversible=True, numthreads=1)
+    stated = STATED_SIDE
+    return _encapsulated(bytes(frame), stated, stated, syntax=CODESTREAM_SYNTAXES[syntax], samples=samples)
+
+
+def repeated_scan_frame(progressive_jpeg: bytes) -> bytes:
+    """A baseline-JPEG DICOM file whose one frame is ``progressive_jpeg`` (infra.corpus.many_scans_jpeg: one scan
+    repeated a thousand times) and whose data set states its size truly: only the scans are hostile."""
+    width, height = Image.open(io.BytesIO(progressive_jpeg)).size
+    return _encapsulated(progressive_jpeg, height, width, syntax=JPEGBaseline8Bit)
+
+
+def rle_segment_bomb(side: int = STATED_SIDE, expansion: int = 64) -> bytes:
+    """An RLE DICOM file stating a ``side`` x ``side`` 8-bit film whose one segment decodes to ``expansion`` times
+    that: runs of 128 zeros (two bytes each), all decoded before pydicom compares the length."""
+    segment = b"\x81\x00" * (side * side * expansion // 128)
+    header = np.zeros(16, dtype="<u4")
+    header[0], header[1] = 1, 64
+    return _encapsulated(header.tobytes() + segment, side, side, syntax=RLELossless)

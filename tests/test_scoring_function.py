@@ -37,10 +37,13 @@ from infra.corpus import (
     patient_data_files,
     valid_variants,
 )
+from infra.dicom_bombs import codestream_larger_than_header
 from infra.dicom_films import with_patient_age
+from infra.lambda_process import LambdaLimits, LambdaProcess
 from infra.local_stack import FaultInjectingClient, LocalContext, drain, scan_results
 from infra.non_radiographs import non_radiographs
 from infra.resources import create_data_plane
+from infra.template import load_template
 from pneumoscan.stack import StackOutputs
 from publisher.handler import result_detail
 from scoring import handler, isolated_decode
@@ -317,6 +320,35 @@ def test_retried_batch_is_decoded_record_by_record_in_isolation(
         latest = stack.latest(key)
         assert latest is not None
         assert latest["status"] == "SCORED", key
+
+
+def test_first_delivery_batch_holding_a_codestream_bomb_costs_the_others_no_redelivery(
+    stack: Stack, sample_paths: list[Path]
+) -> None:
+    """Ten first deliveries, one a DICOM whose 3 KB JPEG-LS frame declares 20,000 x 20,000 pixels inside a data set
+    stating 512 x 512 (2 GB when it was decoded), run in the Lambda memory-kill harness at the template's memory
+    size and timeout: the invocation is not killed and fails no record, the bomb is DECOMPRESSION_BOMB and the
+    nine films are scored, so none of them waits for a redelivery."""
+    films = {f"incoming/batch/{path.name}": path.read_bytes() for path in sample_paths[:9]}
+    bomb = "incoming/batch/codestream.dcm"
+    for key, body in {**films, bomb: codestream_larger_than_header("JPEG-LS", 20_000)}.items():
+        stack.upload(key, body)
+    records = stack.receive()
+    assert len(records) == 10
+    assert {record["attributes"]["ApproximateReceiveCount"] for record in records} == {"1"}
+
+    def scored_batch(event: dict[str, Any], context: Any) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+        # The results live in this child's moto; they travel back with the response.
+        response = invoke(event["Records"])
+        latest = {key: stack.latest(key) or {} for key in [*films, bomb]}
+        return response, {key: (item.get("status", ""), item.get("reason", "")) for key, item in latest.items()}
+
+    process = LambdaProcess(scored_batch, LambdaLimits.from_template(load_template()))
+    response, outcomes = process({"Records": records}, None)
+    assert (process.killed.memory, process.killed.timeout, process.killed.died) == (0, 0, 0)
+    assert response == {"batchItemFailures": []}
+    assert outcomes.pop(bomb) == ("REJECTED", "DECOMPRESSION_BOMB")
+    assert all(status == "SCORED" for status, _ in outcomes.values()), outcomes
 
 
 def test_first_delivery_is_decoded_in_process(

@@ -9,6 +9,7 @@ decompression bomb and is rejected before its pixels are decoded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from core.rejections import MAX_DECODED_BYTES, MAX_JPEG_SCANS, InvalidImageError, RejectionReason
@@ -50,25 +51,77 @@ class JpegLayout:
     scans: int
 
 
+@dataclass(frozen=True)
+class JpegFrameHeader:
+    """A JPEG's frame header (SOFn, or JPEG-LS's SOF55): what its decoder will allocate for."""
+
+    marker: int
+    """The SOF marker's second byte: 0xC0-0xCF for the JPEG processes, 0xF7 for JPEG-LS."""
+    precision: int
+    height: int
+    width: int
+    sampling: tuple[tuple[int, int], ...]
+    """Horizontal and vertical sampling factors of each component."""
+
+    @property
+    def progressive(self) -> bool:
+        """Whether the frame is progressive (SOF2, SOF6, SOF10, SOF14)."""
+        return self.marker in {0xC2, 0xC6, 0xCA, 0xCE}
+
+
+_SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
+"""Frame headers: every SOFn (not DHT, JPG, DAC, which share the range) and JPEG-LS's SOF55."""
+
+
+def _header_markers(data: bytes) -> Iterator[tuple[int, int]]:
+    """Each marker before the first scan and where it starts, skipping segments by their lengths (so a thumbnail
+    inside EXIF is never seen); the first SOS is the last one given. Stops at anything that is not a marker."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return  # Not a marker where one must be: the decoder rejects the file as corrupt.
+        marker = data[position + 1]
+        if marker == 0xFF:
+            position += 1  # A fill byte before a marker.
+            continue
+        yield marker, position
+        if marker == 0xDA:
+            return
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            position += 2  # A marker without a length.
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+
+
+def jpeg_frame_header(data: bytes) -> JpegFrameHeader | None:
+    """The first frame header of a JPEG or JPEG-LS codestream before its first scan; None without a whole one."""
+    for marker, position in _header_markers(data):
+        if marker not in _SOF_MARKERS:
+            continue
+        if position + 10 > len(data):
+            return None
+        precision = data[position + 4]
+        height = int.from_bytes(data[position + 5 : position + 7], "big")
+        width = int.from_bytes(data[position + 7 : position + 9], "big")
+        components = data[position + 9]
+        table = data[position + 10 : position + 10 + 3 * components]
+        if components == 0 or len(table) < 3 * components:
+            return None
+        sampling = tuple((table[i + 1] >> 4, table[i + 1] & 0x0F) for i in range(0, len(table), 3))
+        return JpegFrameHeader(marker, precision, height, width, sampling)
+    return None
+
+
 def count_scans(data: bytes) -> int:
     """The number of scans (SOS markers) of the image a JPEG holds.
 
     The marker segments before the first scan are skipped by their lengths, so a thumbnail inside EXIF is not
-    counted; from there a 0xFF inside entropy-coded data is always followed by a stuffed zero, so every 0xFF 0xDA
-    is a scan (a table segment between scans could hold the pair too, which can only over-count)."""
-    position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return 0  # Not a marker where one must be: the decoder rejects the file as corrupt.
-        marker = data[position + 1]
-        if marker == 0xFF:
-            position += 1  # A fill byte before a marker.
-        elif marker == 0xDA:
+    counted; from there a 0xFF inside entropy-coded data is always followed by a stuffed zero (in JPEG-LS, by a
+    byte below 0x80), so every 0xFF 0xDA is a scan (a table segment between scans could hold the pair too, which
+    can only over-count)."""
+    for marker, position in _header_markers(data):
+        if marker == 0xDA:
             return data.count(b"\xff\xda", position)
-        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:
-            position += 2  # A marker without a length.
-        else:
-            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
     return 0
 
 

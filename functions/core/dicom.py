@@ -6,7 +6,9 @@ never a corrupt file. Files without the 128-byte preamble (starting ``DICM``) ar
 Decoding cost is bounded before anything is decoded: the file's structure (elements, inflated size) by
 ``core.dicom_structure``; the pixels by ``MAX_DECODED_BYTES``, counted for the one frame that is decoded (the
 first: a chest radiograph is one frame, and the others of a multi-frame file are never touched) with the
-conversion's own arrays; and the conversion to 8 bits works in stripes, so no float copy of the whole image exists.
+conversion's own arrays; an encapsulated frame's codestream must declare the image the data set states
+(``core.dicom_codestream``), since its decoder decodes it at its own size; and the conversion to 8 bits works in
+stripes, so no float copy of the whole image exists.
 
 The conversion is the standard's display pipeline (``_to_grayscale``): the modality LUT, then the file's VOI LUT
 or first window; a file without either is shown through a robust window that makes it look like the training
@@ -38,6 +40,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 from pydicom.uid import UID, AllTransferSyntaxes
 
+from core.dicom_codestream import StatedImage, check_first_frame
 from core.dicom_structure import check_structure
 from core.population import age_in_years
 from core.rejections import MAX_DECODED_BYTES, MAX_PIXELS, InvalidImageError, RejectionReason
@@ -70,9 +73,9 @@ def decode_dicom(data: bytes) -> DicomFilm:
     the patient age it states."""
     with _silenced_pydicom():
         dataset = _read_header(data)
-        _check_budget(dataset)
+        budgeted = _check_budget(dataset)
         stated_age = _stated_age(dataset)
-        pixels = _read_pixels(dataset)
+        pixels = _read_pixels(dataset, budgeted)
         try:
             return DicomFilm(_to_grayscale(dataset, pixels), stated_age)
         except MemoryError:
@@ -139,10 +142,11 @@ def _read_header(data: bytes) -> Dataset:
     return dataset
 
 
-def _check_budget(dataset: Dataset) -> None:
+def _check_budget(dataset: Dataset) -> int:
     """Reject a file whose first frame, decoded, and the conversion's arrays would exceed ``MAX_DECODED_BYTES``:
     the frame (rows x columns x samples x whole bytes per sample), one byte per pixel of output (and per sample of
-    a colour frame's 8-bit copy) and one stripe's float arrays. Other frames are not decoded and not counted."""
+    a colour frame's 8-bit copy) and one stripe's float arrays; return those bytes. Other frames are not decoded
+    and not counted. That the frame's codestream declares this image is checked next (``_check_codestream``)."""
     try:
         rows, columns = int(dataset.Rows), int(dataset.Columns)
         samples = int(dataset.get("SamplesPerPixel", 1))
@@ -157,13 +161,37 @@ def _check_budget(dataset: Dataset) -> None:
     output = rows * columns * (samples + 1 if samples > 1 else 1)
     if frame + output + _STRIPE_BYTES > MAX_DECODED_BYTES:
         raise InvalidImageError(RejectionReason.DECOMPRESSION_BOMB, OVER_BUDGET)
+    return frame + output + _STRIPE_BYTES
 
 
-def _read_pixels(dataset: Dataset) -> np.ndarray:
+def _check_codestream(dataset: Dataset, budgeted: int) -> None:
+    """Refuse an encapsulated first frame whose codestream declares another image than the data set, or whose
+    decoder would take the ``budgeted`` decode past the budget (``core.dicom_codestream``)."""
+    uid = _transfer_syntax_uid(dataset)
+    if uid is None or not UID(uid).is_encapsulated:
+        return
+    try:
+        stated = StatedImage(
+            rows=int(dataset.Rows),
+            columns=int(dataset.Columns),
+            samples=int(dataset.get("SamplesPerPixel", 1)),
+            bits_allocated=int(dataset.BitsAllocated),
+        )
+        frames = int(dataset.get("NumberOfFrames") or 1)
+        pixel_data = dataset.PixelData
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001  # A missing or malformed element raises many types; each is a corrupt file.
+        raise InvalidImageError(RejectionReason.CORRUPT, UNREADABLE_PIXELS) from None
+    check_first_frame(pixel_data, uid, stated, max(frames, 1), budgeted)
+
+
+def _read_pixels(dataset: Dataset, budgeted: int) -> np.ndarray:
     if not _decodable(dataset):
         name = transfer_syntax_name(dataset)
         detail = f"DICOM transfer syntax {name} cannot be decoded" if name else UNKNOWN_SYNTAX
         raise InvalidImageError(RejectionReason.UNSUPPORTED_FORMAT, detail)
+    _check_codestream(dataset, budgeted)
     try:
         dataset.pixel_array_options(index=0)  # The first frame only: the others are never decoded.
         pixels: np.ndarray = dataset.pixel_array

@@ -9,6 +9,10 @@ freed) or the time limit passes. A
 child that runs out of memory, dies or overruns costs only its own record: it is rejected as
 ``DECOMPRESSION_BOMB``. The pipe is a plain ``os.pipe``: Lambda has no ``/dev/shm`` for multiprocessing's queues.
 
+First deliveries are not decoded here: a fork costs about 13 ms an image with the model loaded, 80% of the
+per-image time (``bench/bench_isolation.py``); the checks before decoding (``core.decode_budget``,
+``core.dicom_structure``, ``core.dicom_codestream``) bound what every shipped decoder is given instead.
+
 The child decodes a hostile file, so what it sends back is read as data, never unpickled: a JSON header line (with
 the patient age the file states, a number or null, for the validated-population check), then the raw bytes of the
 grayscale image and of the model's pixels, whose lengths the header must account for exactly.
