@@ -46,6 +46,9 @@ class RejectionReason(StrEnum):
     """The notified object version (or its whole bucket) was deleted before it could be read."""
     OBJECT_ARCHIVED = "OBJECT_ARCHIVED"
     """The object is in an archive storage class or tier: it cannot be read until it is restored."""
+    DECODE_TIMEOUT = "DECODE_TIMEOUT"
+    """Decoding the file, alone in a child process, ran past its wall time on every delivery the pipeline allows
+    (``scoring.pipeline.DECODE_TIMEOUT_VERDICT_RECEIVE``): each overrun before that was retried as transient."""
     NOT_A_CHEST_XRAY = "NOT_A_CHEST_XRAY"
     """The file decodes, but what it shows is not a chest radiograph the model can read (blank, noise, a photograph,
     a document, another body part): the input gate of the model's artifact refused it."""
