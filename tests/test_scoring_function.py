@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from pneumoscan.stack import StackOutputs
 from publisher.handler import result_detail
 from scoring import handler, isolated_decode
 from scoring import pipeline as pipeline_module
-from scoring.isolated_decode import OVER_BUDGET_DETAIL, IsolationLimits
+from scoring.isolated_decode import OVER_BUDGET_DETAIL, TIMEOUT_DETAIL, IsolationLimits
 from scoring.settings import Settings
 from tests.conftest import RELEASE_MODEL, SAMPLES
 
@@ -349,6 +350,48 @@ def test_first_delivery_batch_holding_a_codestream_bomb_costs_the_others_no_rede
     assert response == {"batchItemFailures": []}
     assert outcomes.pop(bomb) == ("REJECTED", "DECOMPRESSION_BOMB")
     assert all(status == "SCORED" for status, _ in outcomes.values()), outcomes
+
+
+@pytest.mark.parametrize(("delivery", "rejected"), [("2", False), ("3", False), ("4", True)])
+def test_decode_past_its_time_is_retried_then_rejected_as_a_timeout(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch, delivery: str, rejected: bool
+) -> None:
+    """An isolated decode that runs past its time fails only its own record, so SQS delivers it again (a slow
+    decode on a busy machine is no verdict), until the delivery DECODE_TIMEOUT_VERDICT_RECEIVE: then it is
+    REJECTED as DECODE_TIMEOUT, never DECOMPRESSION_BOMB. The film beside it is scored either way."""
+    assert pipeline_module.DECODE_TIMEOUT_VERDICT_RECEIVE == 4
+    rewire(stack, isolation=IsolationLimits(seconds=0.5))
+    slow_body = sample_paths[1].read_bytes()
+    decode = isolated_decode.decode
+
+    def stalling_decode(data: bytes, size: int) -> Any:
+        if data == slow_body:
+            signal.pause()  # Outlives any time limit, as a decode starved of CPU would.
+        return decode(data, size)
+
+    monkeypatch.setattr(isolated_decode, "decode", stalling_decode)
+    stack.upload("incoming/slow.jpeg", slow_body)
+    stack.upload("incoming/film.jpeg", sample_paths[0].read_bytes())
+    records = stack.receive()
+    for record in records:
+        record["attributes"]["ApproximateReceiveCount"] = delivery
+    slow_record = next(record for record in records if "slow.jpeg" in record["body"])
+    response = invoke(records)
+    latest = stack.latest("incoming/slow.jpeg")
+    if rejected:
+        assert response == {"batchItemFailures": []}
+        assert latest is not None
+        assert (latest["status"], latest["reason"], latest["reason_detail"]) == (
+            "REJECTED",
+            "DECODE_TIMEOUT",
+            TIMEOUT_DETAIL,
+        )
+    else:
+        assert response == {"batchItemFailures": [{"itemIdentifier": slow_record["messageId"]}]}
+        assert latest is None
+    film = stack.latest("incoming/film.jpeg")
+    assert film is not None
+    assert film["status"] == "SCORED"
 
 
 def test_first_delivery_is_decoded_in_process(

@@ -1,10 +1,11 @@
 """What decoding a JPEG or PNG will cost, read from its header before any pixel is decoded.
 
 The cost counts the bytes every full-size buffer holds at once while a file is decoded and reduced to grayscale:
-the decoder's pixels in Pillow's storage (1, 2 or 4 bytes a pixel by mode), libjpeg's coefficient buffer of a
-progressive or multi-scan JPEG, the grayscale image the conversion writes, and the strips it converts through.
-A file whose cost exceeds ``MAX_DECODED_BYTES``, or a JPEG with more than ``MAX_JPEG_SCANS`` scans, is a
-decompression bomb and is rejected before its pixels are decoded.
+the decoder's pixels in Pillow's storage (1, 2 or 4 bytes a pixel by mode), the grayscale image the conversion
+writes, and the strips it converts through; beside them, libjpeg's coefficient buffer of a progressive or
+multi-scan JPEG has its own budget. A file whose pixels exceed ``MAX_DECODED_BYTES``, a JPEG whose coefficients
+exceed ``MAX_JPEG_COEFFICIENT_BYTES`` or with more than ``MAX_JPEG_SCANS`` scans, is a decompression bomb and is
+rejected before its pixels are decoded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from core.rejections import MAX_DECODED_BYTES, MAX_JPEG_SCANS, InvalidImageError, RejectionReason
+from core.rejections import (
+    MAX_DECODED_BYTES,
+    MAX_JPEG_COEFFICIENT_BYTES,
+    MAX_JPEG_SCANS,
+    InvalidImageError,
+    RejectionReason,
+)
 
 STRIP_ROWS = 64
 """Rows converted to grayscale at a time: intermediate modes (RGBA, float64) never exist at full size."""
@@ -27,6 +34,7 @@ whatever scale it decodes at."""
 
 OVER_BYTES = f"decoding would need more than {MAX_DECODED_BYTES:,} bytes of pixels"
 TOO_MANY_SCANS = f"the JPEG has more than {MAX_JPEG_SCANS} scans"
+OVER_COEFFICIENT_BYTES = f"the JPEG's coefficients would need more than {MAX_JPEG_COEFFICIENT_BYTES:,} bytes"
 
 _TWO_BYTE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ONE_BYTE_MODES = frozenset({"1", "L", "P"})
@@ -125,7 +133,15 @@ def count_scans(data: bytes) -> int:
     return 0
 
 
-def jpeg_cost(layout: JpegLayout, output_bytes: int, conversion_bytes: int) -> int:
+@dataclass(frozen=True)
+class JpegCost:
+    """Bytes decoding a JPEG holds: libjpeg's coefficient buffer, and the pixels with their conversion to gray."""
+
+    coefficient_bytes: int
+    pixel_bytes: int
+
+
+def jpeg_cost(layout: JpegLayout, output_bytes: int, conversion_bytes: int) -> JpegCost:
     """Bytes of decoding a JPEG whose decoder writes ``output_bytes`` and whose conversion to gray holds
     ``conversion_bytes`` on top."""
     coefficients = 0
@@ -137,7 +153,14 @@ def jpeg_cost(layout: JpegLayout, output_bytes: int, conversion_bytes: int) -> i
             columns = -(-layout.width * h // h_max) // 8 + h
             rows = -(-layout.height * v // v_max) // 8 + v
             coefficients += columns * rows * 64 * COEFFICIENT_BYTES_PER_PIXEL
-    return coefficients + output_bytes + conversion_bytes
+    return JpegCost(coefficients, output_bytes + conversion_bytes)
+
+
+def check_jpeg(cost: JpegCost, scans: int) -> None:
+    """Raise ``DECOMPRESSION_BOMB`` when a JPEG has too many scans, too many coefficient bytes or pixel bytes."""
+    check(cost.pixel_bytes, scans)
+    if cost.coefficient_bytes > MAX_JPEG_COEFFICIENT_BYTES:
+        raise InvalidImageError(RejectionReason.DECOMPRESSION_BOMB, OVER_COEFFICIENT_BYTES)
 
 
 def conversion_bytes(mode: str, width: int, height: int, *, oriented: bool) -> int:

@@ -9,6 +9,7 @@ happens inside the model, so the returned array stays plain ``uint8``.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import simplejpeg
 from PIL import ExifTags, Image, JpegImagePlugin
 
-from core import decode_budget
+from core import decode_budget, jpeg_structure
 from core.rejections import MAX_PIXELS, MIN_SIDE, InvalidImageError, RejectionReason
 
 INPUT_SIZE = 224
@@ -45,6 +46,17 @@ class ModelInput:
     original_height: int
     stated_age_years: float | None = None
     """The patient age the file states (a DICOM's ``PatientAge``), in years; None when it states none."""
+
+
+ENDS_BEFORE_LAST_SCAN = "the JPEG ends without its end marker before its last scan"
+
+MAX_STRICT_DECODES = 12
+"""Strict decodes one JPEG may take while the stray bytes after its scans are found and dropped."""
+
+_EXTRANEOUS = re.compile(r"(\d+) extraneous bytes before marker 0x([0-9a-fA-F]{2})")
+"""libjpeg's warning for bytes it skipped where a marker belongs (``JWRN_EXTRANEOUS_DATA``)."""
+_PREMATURE_END = "premature end of data segment"
+"""libjpeg's warning for entropy-coded data that ends before its scan's last block (``JWRN_HIT_MARKER``)."""
 
 
 def detect_format(data: bytes) -> ImageFormat:
@@ -121,6 +133,11 @@ def _decode_with_pillow(data: bytes, image_format: ImageFormat, size: int) -> tu
     warnings may quote what the file holds."""
     too_many = InvalidImageError(RejectionReason.DECOMPRESSION_BOMB, f"more than {MAX_PIXELS:,} pixels")
     undecodable = InvalidImageError(RejectionReason.CORRUPT, f"the {image_format.value} could not be decoded")
+    structure = jpeg_structure.read_structure(data) if image_format is ImageFormat.JPEG else None
+    if structure is not None:
+        if structure.missing_end and not structure.scans_complete:
+            raise InvalidImageError(RejectionReason.CORRUPT, ENDS_BEFORE_LAST_SCAN)
+        data = structure.repaired  # Stray bytes between marker segments dropped, a missing end marker appended.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's warnings (corrupt EXIF, odd chunks) go to stderr, i.e. the logs.
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb must be an error, not a warning.
@@ -134,7 +151,8 @@ def _decode_with_pillow(data: bytes, image_format: ImageFormat, size: int) -> tu
             full_size = image.size
             if isinstance(image, JpegImagePlugin.JpegImageFile):
                 orientation = _orientation(image)
-                grayscale = _decode_jpeg(data, image, size, oriented=orientation is not None)
+                boundaries = structure.boundaries if structure is not None else ()
+                grayscale = _decode_jpeg(data, image, size, boundaries, oriented=orientation is not None)
             else:
                 # Checked before the pixels are decoded, then again once the orientation is known: a PNG's EXIF
                 # chunk may follow its pixels, so Pillow reads it only while loading them.
@@ -179,10 +197,18 @@ def _orientation(image: Image.Image) -> Image.Transpose | None:
     return _EXIF_TRANSPOSITIONS.get(image.getexif().get(ExifTags.Base.Orientation, 1))
 
 
-def _decode_jpeg(data: bytes, header: JpegImagePlugin.JpegImageFile, size: int, *, oriented: bool) -> Image.Image:
+def _decode_jpeg(
+    data: bytes,
+    header: JpegImagePlugin.JpegImageFile,
+    size: int,
+    boundaries: tuple[tuple[int, int], ...],
+    *,
+    oriented: bool,
+) -> Image.Image:
     """Decode a JPEG whose header Pillow has read: gray, luminance-only JPEGs at Pillow's draft scale (the
     largest of 1/8, 1/4, 1/2 that keeps both sides at least ``size``), CMYK at full size through Pillow after a
-    strict libjpeg pass has checked the data."""
+    strict libjpeg pass has checked the data. ``boundaries`` are the markers that follow entropy-coded data
+    (``JpegStructure.boundaries``)."""
     width, height = header.size
     layout = decode_budget.JpegLayout(
         width=width,
@@ -195,10 +221,10 @@ def _decode_jpeg(data: bytes, header: JpegImagePlugin.JpegImageFile, size: int, 
         scale = next((s for s in (8, 4, 2) if min(width // size, height // size) >= s), 1)
         out_width, out_height = -(-width // scale), -(-height // scale)
         budget = decode_budget.jpeg_cost(layout, out_width * out_height, out_width * out_height if oriented else 0)
-        decode_budget.check(budget, layout.scans)
+        decode_budget.check_jpeg(budget, layout.scans)
         # libjpeg converts to luminance itself (for YCbCr it keeps the Y channel), as Pillow's draft("L") asks it.
-        pixels = simplejpeg.decode_jpeg(
-            data, colorspace="GRAY", min_width=out_width, min_height=out_height, strict=True
+        pixels = _decode_strictly(
+            data, boundaries, colorspace="GRAY", min_width=out_width, min_height=out_height, min_factor=1.0
         )
         if pixels.shape[:2] != (out_height, out_width):
             raise InvalidImageError(RejectionReason.CORRUPT, "the JPEG could not be decoded")
@@ -207,10 +233,46 @@ def _decode_jpeg(data: bytes, header: JpegImagePlugin.JpegImageFile, size: int, 
     budget = decode_budget.jpeg_cost(
         layout, stored, decode_budget.conversion_bytes(header.mode, width, height, oriented=oriented)
     )
-    decode_budget.check(budget, layout.scans)
-    simplejpeg.decode_jpeg(data, colorspace="CMYK", min_factor=8, strict=True)
+    decode_budget.check_jpeg(budget, layout.scans)
+    _decode_strictly(data, boundaries, colorspace="CMYK", min_width=0, min_height=0, min_factor=8.0)
     header.load()
     return _to_grayscale(header)
+
+
+def _decode_strictly(data: bytes, boundaries: tuple[tuple[int, int], ...], **options: str | int | float) -> np.ndarray:
+    """Decode with libjpeg-turbo in strict mode, where every warning is an error, except stray bytes between a
+    scan's data and the next marker, which libjpeg skips ("N extraneous bytes before marker 0xXX"): they are the N
+    bytes before one of the ``boundaries`` with that marker, and are dropped, trying the boundaries in order. A
+    wrong guess cuts real data and the decoder says so ("premature end of data segment"), so the next one is
+    tried; what is returned is always a strict decode, of at most ``MAX_STRICT_DECODES`` attempts."""
+    pending = list(boundaries)  # Offsets into ``accepted``, the bytes the decoder has got furthest with.
+    accepted = data
+    stray: tuple[int, int] | None = None
+    for _ in range(MAX_STRICT_DECODES):
+        candidate, guessed = accepted, None
+        if stray is not None:
+            count, marker = stray
+            guessed = next((offset for offset, code in pending if code == marker), None)
+            if guessed is None:
+                break
+            candidate = jpeg_structure.without_bytes_before(accepted, guessed, count)
+        try:
+            return cast(np.ndarray, simplejpeg.decode_jpeg(candidate, strict=True, **options))
+        except ValueError as warning:
+            if guessed is not None and _PREMATURE_END in str(warning):
+                # The guess cut the scan's own data: the next boundary with that marker is tried.
+                pending = [(offset, code) for offset, code in pending if offset > guessed]
+                continue
+            found = _EXTRANEOUS.search(str(warning))
+            if found is None:
+                raise
+            if stray is not None and guessed is not None:
+                # The decoder got past the dropped bytes, or skipped fewer before the same marker (it reads a few
+                # bytes ahead, so it reports only some of them): the boundary stays a candidate.
+                accepted = candidate
+                pending = [(offset - stray[0], code) for offset, code in pending if offset >= guessed]
+            stray = (int(found[1]), int(found[2], 16))
+    raise InvalidImageError(RejectionReason.CORRUPT, "the JPEG could not be decoded")
 
 
 def _to_grayscale(image: Image.Image) -> Image.Image:

@@ -27,6 +27,12 @@ decoded: 25 megapixels of 8-bit RGBA, or a 4,300 x 4,300 16-bit film (37 MB) wit
 function has 1,024 MB; a file over budget is rejected as ``DECOMPRESSION_BOMB`` and affects only its own record."""
 
 
+MAX_JPEG_COEFFICIENT_BYTES = 128_000_000
+"""Budget for the DCT coefficients libjpeg holds for the whole image of a progressive or multi-scan JPEG (2 bytes
+for every pixel of every component, whatever scale it decodes at), on top of ``MAX_DECODED_BYTES``: RGB 4:4:4 up to
+about 21 megapixels (a 4,300 x 4,300 one holds 111 MB), 4:2:0 colour and gray up to the pixel limit."""
+
+
 class RejectionReason(StrEnum):
     """Why an input file can never be scored, however often it is retried."""
 
@@ -40,6 +46,9 @@ class RejectionReason(StrEnum):
     """The notified object version (or its whole bucket) was deleted before it could be read."""
     OBJECT_ARCHIVED = "OBJECT_ARCHIVED"
     """The object is in an archive storage class or tier: it cannot be read until it is restored."""
+    DECODE_TIMEOUT = "DECODE_TIMEOUT"
+    """Decoding the file, alone in a child process, ran past its wall time on every delivery the pipeline allows
+    (``scoring.pipeline.DECODE_TIMEOUT_VERDICT_RECEIVE``): each overrun before that was retried as transient."""
     NOT_A_CHEST_XRAY = "NOT_A_CHEST_XRAY"
     """The file decodes, but what it shows is not a chest radiograph the model can read (blank, noise, a photograph,
     a document, another body part): the input gate of the model's artifact refused it."""

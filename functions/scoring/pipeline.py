@@ -27,7 +27,7 @@ from core.results import AlreadyScoredError, ResultsTable, ScoringResult, Status
 from scoring.classifier import Classifier, Prediction
 from scoring.heatmaps import HeatmapOutcome, HeatmapStage
 from scoring.image_store import BucketGoneError, ImageStore, ObjectArchivedError, ObjectGoneError, ObjectReplacedError
-from scoring.isolated_decode import IsolationLimits, decode_isolated
+from scoring.isolated_decode import TIMEOUT_DETAIL, DecodeTimeoutError, IsolationLimits, decode_isolated
 from scoring.model_provider import ModelProvider
 
 OBJECT_GONE_DETAIL = "the notified object version no longer exists"
@@ -59,12 +59,23 @@ class Message(Protocol):
     def attributes(self) -> ReceiveAttributes: ...
 
 
+DECODE_TIMEOUT_VERDICT_RECEIVE = 4
+"""The delivery on which an isolated decode that runs past its time is rejected as ``DECODE_TIMEOUT``; on an
+earlier one the overrun is transient and the record is retried (at most three timed-out tries, before the queue's
+five receives send it to the dead-letter queue)."""
+
+
+def receive_count(message: Message) -> int:
+    """How often SQS has delivered the message, this delivery included."""
+    try:
+        return int(message.attributes.approximate_receive_count)
+    except (KeyError, ValueError):  # An event without the attribute (tests, other sources): a first delivery.
+        return 1
+
+
 def is_retry(message: Message) -> bool:
     """Whether SQS has delivered the message before: its batch failed, or the invocation that had it died."""
-    try:
-        return int(message.attributes.approximate_receive_count) > 1
-    except (KeyError, ValueError):  # An event without the attribute (tests, other sources): a first delivery.
-        return False
+    return receive_count(message) > 1
 
 
 class Observer(Protocol):
@@ -161,7 +172,9 @@ class ScoringPipeline:
                 for why in parsed.malformed:
                     self._observer.dropped(f"malformed record: {why}")
                 for ref in parsed.refs:
-                    image = self._read(message.message_id, ref, plan, classifier, isolated=isolated)
+                    image = self._read(
+                        message.message_id, ref, plan, classifier, isolated=isolated, delivery=receive_count(message)
+                    )
                     if image is not None:
                         pending.append(image)
             except Exception as fault:  # noqa: BLE001  # Any fault of one record must fail that record only.
@@ -190,6 +203,7 @@ class ScoringPipeline:
         classifier: Callable[[], Classifier],
         *,
         isolated: bool,
+        delivery: int,
     ) -> _PendingImage | None:
         started = self._clock()
         if ref.bucket != self._input_bucket or not ref.key.startswith(self._input_prefix):
@@ -217,7 +231,7 @@ class ScoringPipeline:
             size = classifier().input_size
             data = self._images.read(ref)
             if isolated:
-                decoded, pixels = decode_isolated(data, size, self._isolation)
+                decoded, pixels = _decode_in_child(data, size, self._isolation, delivery)
             else:
                 decoded = decode(data, size)
                 pixels = resize_for_model(decoded, size).pixels
@@ -313,6 +327,17 @@ class ScoringPipeline:
             latency_ms=round((self._clock() - started) * 1000, 2),
             **verdict,
         )
+
+
+def _decode_in_child(data: bytes, size: int, limits: IsolationLimits, delivery: int) -> tuple[DecodedImage, np.ndarray]:
+    """``decode_isolated``, with a decode past its time a transient fault (``DecodeTimeoutError``, the record is
+    retried) before delivery ``DECODE_TIMEOUT_VERDICT_RECEIVE``, and ``DECODE_TIMEOUT`` from then on."""
+    try:
+        return decode_isolated(data, size, limits)
+    except DecodeTimeoutError:
+        if delivery < DECODE_TIMEOUT_VERDICT_RECEIVE:
+            raise
+        raise InvalidImageError(RejectionReason.DECODE_TIMEOUT, TIMEOUT_DETAIL) from None
 
 
 def _rejection_of(fault: InvalidImageError | ObjectGoneError | ObjectArchivedError) -> tuple[RejectionReason, str]:
