@@ -113,7 +113,7 @@ def _jpeg(frame: bytes, stated: StatedImage) -> DeclaredImage:
     coefficients = 0
     if header.marker != _JPEG_LS_SOF:  # JPEG-LS codes samples, never DCT coefficients.
         layout = decode_budget.JpegLayout(header.width, header.height, header.sampling, header.progressive, scans)
-        coefficients = decode_budget.jpeg_cost(layout, 0, 0)
+        coefficients = decode_budget.jpeg_cost(layout, 0, 0).coefficient_bytes
     return DeclaredImage(
         rows=header.height,
         columns=header.width,
