@@ -22,7 +22,7 @@ import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,13 @@ class LocalContext:
     memory_limit_in_mb: int = 1024
     invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:pneumoscan-scoring-local"
     aws_request_id: str = ""
+    timeout_seconds: float = 60.0
+    """The scoring function's timeout in the template."""
+    started_at: float = field(default_factory=time.monotonic)
+
+    def get_remaining_time_in_millis(self) -> int:
+        """What is left of the invocation's time, as Lambda's context says it."""
+        return max(0, int((self.timeout_seconds - (time.monotonic() - self.started_at)) * 1000))
 
 
 @dataclass

@@ -394,6 +394,37 @@ def test_decode_past_its_time_is_retried_then_rejected_as_a_timeout(
     assert film["status"] == "SCORED"
 
 
+def test_isolated_decodes_never_outlast_the_invocation(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a retried batch's last allowed delivery, a decode cut short by the invocation's own deadline is retried,
+    never DECODE_TIMEOUT: each decode gets at most the invocation's remaining time less a reserve, and a record left
+    no time at all fails for retry without decoding."""
+    rewire(stack, isolation=IsolationLimits(seconds=30.0))
+    slow_body = sample_paths[1].read_bytes()
+    decode = isolated_decode.decode
+
+    def stalling_decode(data: bytes, size: int) -> Any:
+        if data == slow_body:
+            signal.pause()  # Outlives any time limit, as a decode starved of CPU would.
+        return decode(data, size)
+
+    monkeypatch.setattr(isolated_decode, "decode", stalling_decode)
+    stack.upload("incoming/slow.jpeg", slow_body)
+    stack.upload("incoming/late.jpeg", sample_paths[0].read_bytes())
+    records = stack.receive()
+    for record in records:
+        record["attributes"]["ApproximateReceiveCount"] = str(pipeline_module.DECODE_TIMEOUT_VERDICT_RECEIVE)
+    # The slow film gets 1.5 s of the 11.5 s left (the reserve keeps 10 s); the film after it finds no time left.
+    slow_first = sorted(records, key=lambda record: "late.jpeg" in record["body"])
+    context = LocalContext(aws_request_id="deadline", timeout_seconds=pipeline_module.INVOCATION_RESERVE_SECONDS + 1.5)
+    response = handler.lambda_handler({"Records": slow_first}, context)
+    failed = {failure["itemIdentifier"] for failure in response["batchItemFailures"]}
+    assert failed == {record["messageId"] for record in records}
+    assert stack.latest("incoming/slow.jpeg") is None
+    assert stack.latest("incoming/late.jpeg") is None
+
+
 def test_first_delivery_is_decoded_in_process(
     stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -143,7 +143,10 @@ pipeline = Provider(lambda: build_pipeline(Settings.from_environment()))
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     scoring = pipeline.get()
-    plans = scoring.prepare([SQSRecord(record) for record in event.get("Records", [])])
+    plans = scoring.prepare(
+        [SQSRecord(record) for record in event.get("Records", [])],
+        remaining_seconds=lambda: context.get_remaining_time_in_millis() / 1000,
+    )
     if any(plan.results for plan in plans.values()):
         # Every metric of the invocation is broken down by the model that served it. (Only when there will be
         # metrics: Powertools keeps the dimensions of an invocation that flushed none.)

@@ -60,6 +60,16 @@ class Message(Protocol):
 
 
 DECODE_TIMEOUT_VERDICT_RECEIVE = 4
+INVOCATION_RESERVE_SECONDS = 10.0
+"""Time an invocation keeps for inference, heatmaps and writes after its isolated decodes: a decode gets at most the
+invocation's remaining time less this, so ten slow films in a retried batch never run the function past its
+timeout."""
+
+
+class InvocationTimeExhaustedError(RuntimeError):
+    """The invocation had no time left for this record's isolated decode; the record is retried (no verdict)."""
+
+
 """The delivery on which an isolated decode that runs past its time is rejected as ``DECODE_TIMEOUT``; on an
 earlier one the overrun is transient and the record is retried (at most three timed-out tries, before the queue's
 five receives send it to the dead-letter queue)."""
@@ -144,6 +154,7 @@ class ScoringPipeline:
         self._isolation = isolation or IsolationLimits()
         self._accepted_ages = accepted_ages or AgeRangeOverride()
         self._clock = clock
+        self._remaining_seconds: Callable[[], float] | None = None
 
     @property
     def model_version(self) -> str | None:
@@ -155,8 +166,12 @@ class ScoringPipeline:
         it forks one, as a warm execution environment keeps its model); raises ``ModelUnavailableError``."""
         self._models.get()
 
-    def prepare(self, messages: Sequence[Message]) -> dict[str, RecordPlan]:
-        """Read, validate and score every image of every message; nothing is written yet."""
+    def prepare(
+        self, messages: Sequence[Message], remaining_seconds: Callable[[], float] | None = None
+    ) -> dict[str, RecordPlan]:
+        """Read, validate and score every image of every message; nothing is written yet. ``remaining_seconds``
+        (the Lambda context's remaining time) bounds the isolated decodes, so they never outlast the invocation."""
+        self._remaining_seconds = remaining_seconds
         plans = {message.message_id: RecordPlan() for message in messages}
         # One model per invocation, loaded on first use: preprocessing and inference never see two versions.
         classifier = _first_outcome(self._models.get)
@@ -231,7 +246,10 @@ class ScoringPipeline:
             size = classifier().input_size
             data = self._images.read(ref)
             if isolated:
-                decoded, pixels = _decode_in_child(data, size, self._isolation, delivery)
+                limits = self._isolation_now()
+                # A decode whose time the invocation's deadline cut short says nothing about the file: retried.
+                verdict_delivery = delivery if limits == self._isolation else 0
+                decoded, pixels = _decode_in_child(data, size, limits, verdict_delivery)
             else:
                 decoded = decode(data, size)
                 pixels = resize_for_model(decoded, size).pixels
@@ -247,6 +265,18 @@ class ScoringPipeline:
     def _accepted(self, classifier: Classifier) -> AgeRange:
         """The patient ages the served model accepts: its card's range, with the deployment's bounds over it."""
         return self._accepted_ages.applied_to(classifier.spec.population.accepted)
+
+    def _isolation_now(self) -> IsolationLimits:
+        """The isolation limits of the next decode: its full time budget, or what the invocation has left when that
+        is less (then a timeout is the invocation's, not the file's: ``InvocationTimeExhaustedError``)."""
+        if self._remaining_seconds is None:
+            return self._isolation
+        left = self._remaining_seconds() - INVOCATION_RESERVE_SECONDS
+        if left >= self._isolation.seconds:
+            return self._isolation
+        if left <= 1.0:
+            raise InvocationTimeExhaustedError("no time left in this invocation to decode the file; retried")
+        return replace(self._isolation, seconds=left)
 
     def _backfill_ref(self, ref: ObjectRef, served_version: str) -> ObjectRef:
         """The backfilled object's sort key: its version's sequence, then the model, so re-scorings keep history."""
