@@ -25,6 +25,7 @@ from core.model_card import (
     EXPLAINER_FILE,
     GATE_FILE,
     MODEL_FILE,
+    SCREENING_FILE,
     ModelArtifactError,
     ServingSpec,
     read_card,
@@ -42,7 +43,7 @@ ARTIFACT_FILES = (MODEL_FILE,)
 """Published first; the card is written last, so a version whose publish was interrupted has no card and cannot
 be promoted."""
 _EXISTS_CODES = frozenset({"PreconditionFailed", "412"})
-OPTIONAL_ARTIFACT_FILES = (EXPLAINER_FILE, GATE_FILE)
+OPTIONAL_ARTIFACT_FILES = (EXPLAINER_FILE, GATE_FILE, SCREENING_FILE)
 """Published when the artifact has them; downloaded when the card names them."""
 
 
@@ -158,13 +159,14 @@ class ModelRegistry:
         return pointer
 
     def download(self, prefix: str, destination: Path) -> ServingSpec:
-        """Fetch an artifact's card, then the files it names (the model, and the explainer and input gate when it
-        has them), into ``destination`` and verify their sha256."""
+        """Fetch an artifact's card, then the files it names (the model, and the explainer, input gate and screening
+        head when it has them), into ``destination`` and verify their sha256."""
         destination.mkdir(parents=True, exist_ok=True)
         self._download(prefix + CARD_FILE, destination / CARD_FILE)
         spec = ServingSpec.from_card(read_card(destination))
         names = [MODEL_FILE] + ([EXPLAINER_FILE] if spec.explainer_sha256 is not None else [])
         names += [GATE_FILE] if spec.gate_sha256 is not None else []
+        names += [SCREENING_FILE] if spec.screening_sha256 is not None else []
         for name in names:
             self._download(prefix + name, destination / name)
         return verify_artifact(destination)

@@ -43,6 +43,13 @@ class RejectionReason(StrEnum):
     NOT_A_CHEST_XRAY = "NOT_A_CHEST_XRAY"
     """The file decodes, but what it shows is not a chest radiograph the model can read (blank, noise, a photograph,
     a document, another body part): the input gate of the model's artifact refused it."""
+    NON_DIAGNOSTIC_IMAGE = "NON_DIAGNOSTIC_IMAGE"
+    """A chest film, but not one that can be read: smaller than the model's input, only part of the film, the lungs
+    covered, or too blurred; the detail names which (``core.screening``)."""
+    INVERTED_IMAGE = "INVERTED_IMAGE"
+    """A chest film with its grey levels inverted (bone dark, air bright)."""
+    ROTATED_IMAGE = "ROTATED_IMAGE"
+    """A chest film turned by 90, 180 or 270 degrees."""
 
 
 class InvalidImageError(ValueError):

@@ -1,5 +1,5 @@
-"""Score a batch of uploaded files: preprocess each, run one batched inference behind the model's input gate, keep
-per-file rejections."""
+"""Score a batch of uploaded files: preprocess each, run one batched inference behind the model's screening stage,
+keep per-file rejections."""
 
 from __future__ import annotations
 
@@ -17,14 +17,18 @@ def score_files(classifier: Classifier, payloads: Sequence[bytes]) -> list[Predi
     results: list[Prediction | InvalidImageError | None] = [None] * len(payloads)
     batch_positions: list[int] = []
     batch_pixels: list[np.ndarray] = []
+    source_sizes: list[tuple[int, int]] = []
     for position, payload in enumerate(payloads):
         try:
-            batch_pixels.append(preprocess(payload, size=classifier.input_size).pixels)
+            model_input = preprocess(payload, size=classifier.input_size)
         except InvalidImageError as error:
             results[position] = error
         else:
             batch_positions.append(position)
+            batch_pixels.append(model_input.pixels)
+            source_sizes.append((model_input.original_width, model_input.original_height))
     if batch_pixels:
-        for position, prediction in zip(batch_positions, classifier.screen(np.stack(batch_pixels)), strict=True):
+        verdicts = classifier.screen(np.stack(batch_pixels), source_sizes)
+        for position, prediction in zip(batch_positions, verdicts, strict=True):
             results[position] = prediction
     return [result for result in results if result is not None]
