@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     evaluate.set_defaults(run=_evaluate)
 
-    _add_attach_gate(commands)
+    _add_attach_commands(commands)
 
     score = commands.add_parser("score", help="score image files; one JSON line per file")
     score.add_argument(
@@ -243,8 +243,15 @@ def _model_bucket(target: StackTarget, arguments: argparse.Namespace) -> str:
     return bucket
 
 
+def _add_attach_commands(commands: Any) -> None:
+    """The ``attach-gate`` and ``attach-screening`` commands, which build their own parsers (``build_parser`` would
+    grow past ruff's limit)."""
+    _add_attach_gate(commands)
+    _add_attach_screening(commands)
+
+
 def _add_attach_gate(commands: Any) -> None:
-    """The ``attach-gate`` command, which builds its own parser (``build_parser`` would grow past ruff's limit)."""
+    """The ``attach-gate`` command: an artifact's input gate, as a new version."""
     attach = commands.add_parser(
         "attach-gate", help="give an artifact trained before the input gate its gate, as a new version"
     )
@@ -255,6 +262,20 @@ def _add_attach_gate(commands: Any) -> None:
     )
     attach.add_argument("--output", type=Path, required=True, help="folder for the new artifact")
     attach.set_defaults(run=_attach_gate)
+
+
+def _add_attach_screening(commands: Any) -> None:
+    """The ``attach-screening`` command: an artifact's film-condition head, as a new version."""
+    attach = commands.add_parser(
+        "attach-screening",
+        help="give an artifact trained before the screening checks its film-condition head, as a new version",
+    )
+    attach.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
+    attach.add_argument(
+        "--data", type=Path, default=os.environ.get("PNEUMOSCAN_DATA"), help="the chest_xray folder it was trained on"
+    )
+    attach.add_argument("--output", type=Path, required=True, help="folder for the new artifact")
+    attach.set_defaults(run=_attach_screening)
 
 
 def _default_test_split() -> Path:
@@ -329,6 +350,20 @@ def _attach_gate(arguments: argparse.Namespace) -> int:
         card = attach_gate(arguments.model, arguments.keras, arguments.data, arguments.output)
     print(
         json.dumps({"version": card["version"], "derived_from": card["derived_from"], "input_gate": card["input_gate"]})
+    )
+    return 0
+
+
+def _attach_screening(arguments: argparse.Namespace) -> int:
+    if arguments.data is None or not arguments.data.is_dir():
+        where = f"at {arguments.data}" if arguments.data is not None else "given"
+        raise MissingPathError(f"no data set {where}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder")
+    from training.attach_screening import attach_screening
+
+    with _stdout_to_stderr():
+        card = attach_screening(arguments.model, arguments.data, arguments.output)
+    print(
+        json.dumps({"version": card["version"], "derived_from": card["derived_from"], "screening": card["screening"]})
     )
     return 0
 

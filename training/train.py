@@ -23,7 +23,16 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from core.model_card import GATE_FILE, MODEL_FILE, ServingSpec, sha256_of, verify_artifact, write_card
+from core.model_card import (
+    GATE_FILE,
+    MODEL_FILE,
+    SCREENING_FILE,
+    ServingSpec,
+    sha256_of,
+    verify_artifact,
+    write_card,
+)
+from core.screening import build_stage
 from scoring.classifier import Classifier
 from scoring.litert import ClassifierModel
 from training.calibration import TARGET_SENSITIVITY, choose_threshold, fit_temperature, sigmoid
@@ -49,6 +58,8 @@ from training.gate import FittedGate, fit_input_gate, kept_share
 from training.metrics import evaluate, family_breakdown, headline
 from training.models import build_classifier, build_ensemble, build_training_model, is_backbone_layer
 from training.report import write_report
+from training.screening import fit_screening
+from training.screening import kept_share as stage_kept_share
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +168,7 @@ def train_and_export(splits: DataSplits, output_dir: Path, config: TrainingConfi
             training_seconds=elapsed,
             explainer=evaluation.explainer,
             input_gate=evaluation.input_gate,
+            screening=evaluation.screening,
         )
         write_card(folder, cards[model.role])
         verify_artifact(folder)  # The files on disk are the ones the card describes.
@@ -394,6 +406,8 @@ class ArtifactEvaluation:
     """The card's explainer section, None for an architecture without a class activation map."""
     input_gate: dict[str, Any] | None = None
     """The card's input gate section, None for a model without a pooled features output."""
+    screening: dict[str, Any] | None = None
+    """The card's screening section (the film-condition head), None for a model without a pooled features output."""
 
 
 def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> ArtifactEvaluation:
@@ -406,17 +420,32 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
     )
     model.classifier.save(folder / KERAS_FILE)
     fitted = fit_artifact_gate(folder / MODEL_FILE, model.splits)
+    gate = fitted.gate if fitted is not None else None
     gate_section = None
+    screening_section = None
+    head = None
     if fitted is not None:
         fitted.gate.save(folder / GATE_FILE)
+        test_features = served_features(folder, model.splits.test) if context.config.evaluate_test else None
         test_kept = None
-        if context.config.evaluate_test:
-            test_kept = kept_share(fitted.gate, model.splits.test.images, served_features(folder, model.splits.test))
+        if test_features is not None:
+            test_kept = kept_share(fitted.gate, model.splits.test.images, test_features)
         gate_section = fitted.card_section(sha256_of(folder / GATE_FILE), test_kept=test_kept)
+        # The screening stage's film-condition head, on the same model's features; measured with the gate.
+        screening = fit_screening(
+            folder / MODEL_FILE, model.splits.fit.files, model.splits.validation.files, gate, context.config.seed
+        )
+        head = screening.head
+        head.save(folder / SCREENING_FILE)
+        stage = build_stage(screening.input_size, gate, head)
+        stage_kept = None
+        if test_features is not None:
+            stage_kept = stage_kept_share(stage, model.splits.test.images, test_features)
+        screening_section = screening.card_section(sha256_of(folder / SCREENING_FILE), stage, test_kept=stage_kept)
     # The served classifier: the model file just written, with the temperature and threshold its card will hold.
     # The card itself is written once, with the metrics, when every artifact of the run has been measured.
-    spec = ServingSpec.from_card(build_card(model, context, explainer=explainer, input_gate=gate_section))
-    served = Classifier(folder / MODEL_FILE, spec, gate=fitted.gate if fitted is not None else None)
+    card = build_card(model, context, explainer=explainer, input_gate=gate_section, screening=screening_section)
+    served = Classifier(folder / MODEL_FILE, ServingSpec.from_card(card), gate=gate, head=head)
     scores: dict[str, ArtifactScores] = {}
     metrics: dict[str, dict[str, Any]] = {}
     by_family: dict[str, dict[str, dict[str, float]]] = {}
@@ -431,7 +460,7 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
         families = [image_family(item.path.name) for item in image_set.files]
         by_family[split] = family_breakdown(families, image_set.labels, scores[split].probabilities, model.threshold)
     write_report(folder / "report", model.histories, scores, model.threshold)
-    return ArtifactEvaluation(model.architecture, metrics, by_family, explainer, gate_section)
+    return ArtifactEvaluation(model.architecture, metrics, by_family, explainer, gate_section, screening_section)
 
 
 def fit_artifact_gate(model_path: Path, splits: DecodedSplits) -> FittedGate | None:
@@ -465,6 +494,7 @@ def build_card(
     training_seconds: float | None = None,
     explainer: dict[str, Any] | None = None,
     input_gate: dict[str, Any] | None = None,
+    screening: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card of one artifact; with ``evaluations``, its metrics and the side-by-side comparison."""
     config = context.config
@@ -522,6 +552,8 @@ def build_card(
         card["explainer"] = explainer
     if input_gate is not None:
         card["input_gate"] = input_gate
+    if screening is not None:
+        card["screening"] = screening
     if evaluations is not None:
         own = evaluations[model.role]
         card["metrics"] = own.metrics
