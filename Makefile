@@ -67,6 +67,7 @@ release-model: $(VENV)/.dev
 # Benchmarks print figures and write bench/results.json; they are never timed tests.
 bench: $(VENV)/.dev $(INFRA_VENV)/.installed
 	$(BIN)/python bench/bench_quality.py
+	$(BIN)/python bench/bench_screening.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_package.py
 	$(BIN)/python bench/bench_dicom_bombs.py
