@@ -80,6 +80,7 @@ site-calibration-demo: $(VENV)/.dev
 bench: $(VENV)/.dev $(INFRA_VENV)/.installed
 	$(BIN)/python bench/bench_quality.py
 	$(BIN)/python bench/bench_stress.py
+	$(BIN)/python bench/bench_screening.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_package.py
 	$(BIN)/python bench/bench_dicom_bombs.py

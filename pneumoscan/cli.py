@@ -275,11 +275,12 @@ def _add_derived_artifact_commands(commands: Any) -> None:
     """The commands that write a new version derived from an existing artifact (``build_parser`` would grow past
     ruff's limit)."""
     _add_attach_gate(commands)
+    _add_attach_screening(commands)
     _add_calibrate(commands)
 
 
 def _add_attach_gate(commands: Any) -> None:
-    """The ``attach-gate`` command, which builds its own parser (``build_parser`` would grow past ruff's limit)."""
+    """The ``attach-gate`` command: an artifact's input gate, as a new version."""
     attach = commands.add_parser(
         "attach-gate", help="give an artifact trained before the input gate its gate, as a new version"
     )
@@ -314,6 +315,20 @@ def _add_calibrate(commands: Any) -> None:
         "--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3 endpoint, e.g. a local moto server"
     )
     calibrate.set_defaults(run=_calibrate)
+
+
+def _add_attach_screening(commands: Any) -> None:
+    """The ``attach-screening`` command: an artifact's film-condition head, as a new version."""
+    attach = commands.add_parser(
+        "attach-screening",
+        help="give an artifact trained before the screening checks its film-condition head, as a new version",
+    )
+    attach.add_argument("--model", type=Path, default=RELEASE_MODEL, help="artifact folder (default: release model)")
+    attach.add_argument(
+        "--data", type=Path, default=os.environ.get("PNEUMOSCAN_DATA"), help="the chest_xray folder it was trained on"
+    )
+    attach.add_argument("--output", type=Path, required=True, help="folder for the new artifact")
+    attach.set_defaults(run=_attach_screening)
 
 
 def _default_test_split() -> Path:
@@ -442,6 +457,20 @@ def _calibrate(arguments: argparse.Namespace) -> int:
         resamples=arguments.resamples,
     )
     print(json.dumps({"output": str(arguments.output), **summary(card)}, indent=2))
+    return 0
+
+
+def _attach_screening(arguments: argparse.Namespace) -> int:
+    if arguments.data is None or not arguments.data.is_dir():
+        where = f"at {arguments.data}" if arguments.data is not None else "given"
+        raise MissingPathError(f"no data set {where}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder")
+    from training.attach_screening import attach_screening
+
+    with _stdout_to_stderr():
+        card = attach_screening(arguments.model, arguments.data, arguments.output)
+    print(
+        json.dumps({"version": card["version"], "derived_from": card["derived_from"], "screening": card["screening"]})
+    )
     return 0
 
 

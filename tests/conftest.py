@@ -147,6 +147,17 @@ def smoke_artifact(smoke_run: SmokeRun) -> Path:
     return smoke_run.artifact
 
 
+@pytest.fixture(scope="session")
+def screened_release(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The release model given a film-condition head by ``attach-screening``'s code, fitted on variants of a sample
+    of 300 fit films and measured on 120 validation films (a release fits on 1,500 and measures on all 750)."""
+    from training.attach_screening import attach_screening  # noqa: PLC0415  # TensorFlow only for tests that use it.
+
+    output = tmp_path_factory.mktemp("screened-release") / "artifact"
+    attach_screening(RELEASE_MODEL, data_root, output, fit_films=300, validation_films=120)
+    return output
+
+
 MODEL_BUCKET = "pneumoscan-models-test"
 
 

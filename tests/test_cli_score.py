@@ -1,4 +1,7 @@
-"""`pneumoscan score`: one JSON line per file; a bad file gets an error line and the rest are still scored."""
+"""`pneumoscan score`: one JSON line per file; a bad file gets an error line and the rest are still scored.
+
+The artifact is the release model with a film-condition head (the whole screening stage), not the smoke run's: a
+model trained for one epoch at 64 px has a head too weak to be sure of keeping every sample film."""
 
 from __future__ import annotations
 
@@ -13,11 +16,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_score_prints_one_line_per_image(
-    smoke_artifact: Path, sample_paths: list[Path], capsys: pytest.CaptureFixture[str]
+    screened_release: Path, sample_paths: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each image gets path, label, confidence, pneumonia_probability, the operating points and model_version; the
     label agrees with its number."""
-    assert main(["score", "--model", str(smoke_artifact), *map(str, sample_paths)]) == 0
+    assert main(["score", "--model", str(screened_release), *map(str, sample_paths)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["path"] for line in lines] == [str(p) for p in sample_paths]
     for line in lines:
@@ -35,7 +38,7 @@ def test_score_prints_one_line_per_image(
 
 
 def test_bad_files_get_error_lines_and_the_rest_are_scored(
-    smoke_artifact: Path, sample_paths: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    screened_release: Path, sample_paths: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Corrupt, empty and missing files each get an error line; good files around them are scored."""
     corrupt = tmp_path / "corrupt.jpeg"
@@ -44,7 +47,7 @@ def test_bad_files_get_error_lines_and_the_rest_are_scored(
     empty.write_bytes(b"")
     missing = tmp_path / "missing.jpeg"
     paths = [sample_paths[0], corrupt, empty, missing, sample_paths[-1]]
-    assert main(["score", "--model", str(smoke_artifact), *map(str, paths)]) == 1
+    assert main(["score", "--model", str(screened_release), *map(str, paths)]) == 1
     lines = {json.loads(line)["path"]: json.loads(line) for line in capsys.readouterr().out.splitlines()}
     assert lines[str(corrupt)]["reason"] == "CORRUPT_IMAGE"
     assert lines[str(empty)]["reason"] == "EMPTY_FILE"

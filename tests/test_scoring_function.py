@@ -23,8 +23,9 @@ import boto3
 import numpy as np
 import pytest
 from moto import mock_aws
-from PIL import Image
+from PIL import Image, ImageOps
 
+from core import screening
 from core.events import BackfillRequest
 from core.model_card import read_card
 from core.model_registry import ModelRegistry
@@ -911,3 +912,32 @@ def test_deployment_age_bounds_replace_the_cards(stack: Stack, sample_paths: lis
         assert outcomes[name]["reason"] == "OUTSIDE_VALIDATED_POPULATION", name
         assert outcomes[name]["reason_detail"] == outside_detail(AgeRange(0, 3))
     assert outcomes["030M.dcm"]["status"] == "SCORED"
+
+
+def test_unreadable_films_are_refused_beside_a_film(
+    stack: Stack, sample_xray: Image.Image, sample_paths: list[Path], screened_release: Path
+) -> None:
+    """With a model whose artifact has the film-condition head, an inverted film and the top-left quarter of a film
+    are REJECTED with their reasons and fixed details, no verdict and no heatmap; the film beside them is scored."""
+    rewire(stack, MODEL_PATH=str(screened_release))
+    quarter = sample_xray.crop((0, 0, sample_xray.width // 2, sample_xray.height // 2)).resize(sample_xray.size)
+    uploads = {"inverted.png": ImageOps.invert(sample_xray), "quarter.png": quarter}
+    for name, image in uploads.items():
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        stack.upload(f"incoming/unreadable/{name}", buffer.getvalue())
+    stack.upload("incoming/unreadable/film.jpeg", sample_paths[-1].read_bytes())
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    expected = {
+        "inverted.png": ("INVERTED_IMAGE", screening.INVERTED),
+        "quarter.png": ("NON_DIAGNOSTIC_IMAGE", screening.PARTIAL),
+    }
+    for name, (reason, detail) in expected.items():
+        latest = stack.latest(f"incoming/unreadable/{name}")
+        assert latest is not None
+        assert (latest["status"], latest["reason"], latest["reason_detail"]) == ("REJECTED", reason, detail)
+        assert "label" not in latest
+        assert "heatmap_key" not in latest
+    film = stack.latest("incoming/unreadable/film.jpeg")
+    assert film is not None
+    assert film["status"] == "SCORED"

@@ -12,6 +12,7 @@ import pytest
 from core.model_card import (
     GATE_FILE,
     MODEL_FILE,
+    SCREENING_FILE,
     ModelArtifactError,
     ServingSpec,
     read_card,
@@ -20,6 +21,7 @@ from core.model_card import (
 )
 from core.population import DEFAULT_POPULATION
 from core.preprocessing import preprocess
+from core.screening import HEAD_CHECKS
 from scoring.classifier import Classifier
 from tests.conftest import SmokeRun
 from training import train
@@ -28,6 +30,7 @@ from training.data import DataLayoutError
 from training.gate import MINIMUM_VALIDATION_KEPT
 from training.job import run_job
 from training.metrics import METRIC_NAMES
+from training.screening import THRESHOLD_CEILING, THRESHOLD_FLOOR
 
 pytestmark = pytest.mark.slow
 
@@ -177,3 +180,19 @@ def test_artifacts_carry_an_input_gate(smoke_artifact: Path) -> None:
         assert section["validation_kept"] >= MINIMUM_VALIDATION_KEPT
         assert "test_kept" in section
         assert Classifier.from_directory(folder).gate is not None
+
+
+def test_artifacts_carry_a_screening_head(smoke_artifact: Path) -> None:
+    """Training fits the film-condition head for the served model and its alternative on variants of the fit films,
+    and names it in each card with its checks in serving order, its threshold and what it measured per check."""
+    for folder in (smoke_artifact, *sorted((smoke_artifact / "alternatives").iterdir())):
+        section = read_card(folder)["screening"]
+        assert section["sha256"] == sha256_of(folder / SCREENING_FILE)
+        assert "test_kept" in section
+        classifier = Classifier.from_directory(folder)
+        assert classifier.head is not None
+        assert list(classifier.screening.names) == section["order"]
+        assert THRESHOLD_FLOOR <= section["clean_threshold"] <= THRESHOLD_CEILING
+        figures = {check["name"]: check["figures"] for check in section["checks"]}
+        for name, _, _, _ in HEAD_CHECKS:
+            assert 0.0 <= figures[name]["clean_validation_refused"] <= 1.0, name

@@ -22,8 +22,17 @@ import tensorflow as tf
 from keras import layers
 
 from core.labels import OperatingPoints
-from core.model_card import GATE_FILE, MODEL_FILE, ServingSpec, sha256_of, verify_artifact, write_card
+from core.model_card import (
+    GATE_FILE,
+    MODEL_FILE,
+    SCREENING_FILE,
+    ServingSpec,
+    sha256_of,
+    verify_artifact,
+    write_card,
+)
 from core.population import DEFAULT_POPULATION
+from core.screening import build_stage
 from scoring.classifier import Classifier
 from scoring.litert import ClassifierModel
 from training.augment import AugmentationSettings, augment_film
@@ -51,6 +60,8 @@ from training.ledger import LedgerEntry, git_commit, record_scoring
 from training.metrics import evaluate, family_breakdown, headline
 from training.models import build_classifier, build_ensemble, is_backbone_layer
 from training.report import write_report
+from training.screening import fit_screening
+from training.screening import kept_share as stage_kept_share
 from training.search import trials_table
 from training.stress import build_stress_set, served_stress_figures, stress_table
 
@@ -165,6 +176,7 @@ def train_and_export(
             training_seconds=elapsed,
             explainer=evaluation.explainer,
             input_gate=evaluation.input_gate,
+            screening=evaluation.screening,
         )
         write_card(folder, cards[model.role])
         verify_artifact(folder)  # The files on disk are the ones the card describes.
@@ -410,6 +422,8 @@ class ArtifactEvaluation:
     """The card's input gate section, None for a model without a pooled features output."""
     stress_suite: list[dict[str, Any]] | None = None
     """The validation stress suite through the served artifact (``training.stress``)."""
+    screening: dict[str, Any] | None = None
+    """The card's screening section (the film-condition head), None for a model without a pooled features output."""
 
 
 def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> ArtifactEvaluation:
@@ -422,17 +436,32 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
     )
     model.classifier.save(folder / KERAS_FILE)
     fitted = fit_artifact_gate(folder / MODEL_FILE, model.splits)
+    gate = fitted.gate if fitted is not None else None
     gate_section = None
+    screening_section = None
+    head = None
     if fitted is not None:
         fitted.gate.save(folder / GATE_FILE)
+        test_features = served_features(folder, model.splits.test) if context.config.evaluate_test else None
         test_kept = None
-        if context.config.evaluate_test:
-            test_kept = kept_share(fitted.gate, model.splits.test.images, served_features(folder, model.splits.test))
+        if test_features is not None:
+            test_kept = kept_share(fitted.gate, model.splits.test.images, test_features)
         gate_section = fitted.card_section(sha256_of(folder / GATE_FILE), test_kept=test_kept)
+        # The screening stage's film-condition head, on the same model's features; measured with the gate.
+        screening = fit_screening(
+            folder / MODEL_FILE, model.splits.fit.files, model.splits.validation.files, gate, context.config.seed
+        )
+        head = screening.head
+        head.save(folder / SCREENING_FILE)
+        stage = build_stage(screening.input_size, gate, head)
+        stage_kept = None
+        if test_features is not None:
+            stage_kept = stage_kept_share(stage, model.splits.test.images, test_features)
+        screening_section = screening.card_section(sha256_of(folder / SCREENING_FILE), stage, test_kept=stage_kept)
     # The served classifier: the model file just written, with the temperature and threshold its card will hold.
     # The card itself is written once, with the metrics, when every artifact of the run has been measured.
-    spec = ServingSpec.from_card(build_card(model, context, explainer=explainer, input_gate=gate_section))
-    served = Classifier(folder / MODEL_FILE, spec, gate=fitted.gate if fitted is not None else None)
+    card = build_card(model, context, explainer=explainer, input_gate=gate_section, screening=screening_section)
+    served = Classifier(folder / MODEL_FILE, ServingSpec.from_card(card), gate=gate, head=head)
     scores: dict[str, ArtifactScores] = {}
     metrics: dict[str, dict[str, Any]] = {}
     by_family: dict[str, dict[str, dict[str, float]]] = {}
@@ -451,7 +480,7 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
             record_scoring(
                 LedgerEntry(
                     run="pneumoscan train",
-                    version=spec.version,
+                    version=str(card["version"]),
                     count=len(image_set),
                     figures=headline(metrics[split]),
                     git_commit=context.source_commit,
@@ -479,6 +508,7 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
         explainer,
         gate_section,
         stress_suite=[row.to_dict() for row in stress_rows],
+        screening=screening_section,
     )
 
 
@@ -513,6 +543,7 @@ def build_card(
     training_seconds: float | None = None,
     explainer: dict[str, Any] | None = None,
     input_gate: dict[str, Any] | None = None,
+    screening: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card of one artifact; with ``evaluations``, its metrics and the side-by-side comparison."""
     config = context.config
@@ -576,6 +607,8 @@ def build_card(
         card["explainer"] = explainer
     if input_gate is not None:
         card["input_gate"] = input_gate
+    if screening is not None:
+        card["screening"] = screening
     if evaluations is not None:
         own = evaluations[model.role]
         card["metrics"] = own.metrics

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ EXPLAINER_FILE = "explain.tflite"
 GATE_FILE = "input_gate.npz"
 """The optional input gate's statistics (``core.input_gate``); present only when the card has an ``input_gate``
 section."""
+SCREENING_FILE = "screening.npz"
+"""The optional film-condition head of the screening stage (``core.film_condition``, ``core.screening``); present
+only when the card has a ``screening`` section."""
 
 
 class ModelArtifactError(RuntimeError):
@@ -67,6 +71,10 @@ class ServingSpec:
 
     population: Population = DEFAULT_POPULATION
     """The patients the model was validated on and the ages it accepts; the default for a card without one."""
+    screening_sha256: str | None = None
+    """Checksum of ``screening.npz``; None when the card names no film-condition head (models trained before it)."""
+    screening_figures: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """What the card measured for each check of the screening stage, by check name (for the stage and its logs)."""
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> ServingSpec:
@@ -88,6 +96,9 @@ class ServingSpec:
             intercept = float(calibration.get("intercept", 0.0))
             if not math.isfinite(intercept):
                 raise ModelArtifactError(f"the calibration's intercept must be a finite number, not {intercept}")
+            screening = card.get("screening")
+            if screening is not None and screening.get("file", SCREENING_FILE) != SCREENING_FILE:
+                raise ModelArtifactError(f"the screening head must be {SCREENING_FILE}, not {screening['file']!r}")
             return cls(
                 version=str(card["version"]),
                 input_size=int(card["input"]["size"]),
@@ -106,13 +117,22 @@ class ServingSpec:
                 else OperatingPoints(float(points["normal_below"]), float(points["pneumonia_from"])),
                 population=Population.from_card(card.get("population")),
                 intercept=intercept,
+                screening_sha256=str(screening["sha256"]) if screening is not None else None,
+                screening_figures=_check_figures(screening),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ModelArtifactError(f"model card is missing or has a malformed field: {error!r}") from error
         except AttributeError as error:
             raise ModelArtifactError(
-                f"model card has a malformed explainer, input gate or population section: {error!r}"
+                f"model card has a malformed explainer, input gate, population or screening section: {error!r}"
             ) from error
+
+
+def _check_figures(screening: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The figures of each check that the card's screening section measured, by check name."""
+    if screening is None:
+        return {}
+    return {str(check["name"]): dict(check.get("figures", {})) for check in screening.get("checks", [])}
 
 
 def sha256_of(path: Path) -> str:
@@ -139,14 +159,16 @@ def write_card(directory: Path, card: dict[str, Any]) -> None:
 
 
 def verify_artifact(directory: Path) -> ServingSpec:
-    """Check that the artifact's model file (and explainer and input gate, when the card names them) match the
-    sha256 its card states, and return the serving spec."""
+    """Check that the artifact's model file (and explainer, input gate and screening head, when the card names
+    them) match the sha256 its card states, and return the serving spec."""
     spec = ServingSpec.from_card(read_card(directory))
     verify_file(directory / MODEL_FILE, spec.model_sha256)
     if spec.explainer_sha256 is not None:
         verify_file(directory / EXPLAINER_FILE, spec.explainer_sha256)
     if spec.gate_sha256 is not None:
         verify_file(directory / GATE_FILE, spec.gate_sha256)
+    if spec.screening_sha256 is not None:
+        verify_file(directory / SCREENING_FILE, spec.screening_sha256)
     return spec
 
 

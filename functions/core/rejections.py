@@ -55,6 +55,13 @@ class RejectionReason(StrEnum):
     OUTSIDE_VALIDATED_POPULATION = "OUTSIDE_VALIDATED_POPULATION"
     """The upload states a patient age (DICOM ``PatientAge`` or the object metadata ``patient-age``) outside the
     ages the model was validated on (``core.population``); an upload that states none is scored."""
+    NON_DIAGNOSTIC_IMAGE = "NON_DIAGNOSTIC_IMAGE"
+    """A chest film, but not one that can be read: smaller than the model's input, only part of the film, the lungs
+    covered, or too blurred; the detail names which (``core.screening``)."""
+    INVERTED_IMAGE = "INVERTED_IMAGE"
+    """A chest film with its grey levels inverted (bone dark, air bright)."""
+    ROTATED_IMAGE = "ROTATED_IMAGE"
+    """A chest film turned by 90, 180 or 270 degrees."""
 
 
 class InvalidImageError(ValueError):

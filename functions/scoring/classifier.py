@@ -1,25 +1,30 @@
-"""Scoring preprocessed images with the LiteRT interpreter, the calibration of the model card and its input gate."""
+"""Scoring preprocessed images with the LiteRT interpreter, the calibration of the model card and its screening stage
+(the source resolution check, the input gate and the film-condition checks)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from core.film_condition import ConditionHead, ConditionHeadError
 from core.input_gate import InputGate
 from core.labels import Label, OperatingPoints
 from core.model_card import (
     EXPLAINER_FILE,
     GATE_FILE,
     MODEL_FILE,
+    SCREENING_FILE,
     ModelArtifactError,
     ServingSpec,
     verify_artifact,
     verify_file,
 )
-from core.rejections import InvalidImageError, RejectionReason
+from core.rejections import InvalidImageError
+from core.screening import Films, ScreeningStage, build_stage
 from scoring.explainer import Explainer
 from scoring.litert import ClassifierModel
 
@@ -47,26 +52,39 @@ class Classifier:
         *,
         directory: Path | None = None,
         gate: InputGate | None = None,
+        head: ConditionHead | None = None,
     ) -> None:
         """``directory`` is the artifact folder the explainer is loaded from; without it there is no explainer.
-        Without a ``gate`` every decodable image is scored (artifacts made before the gate existed)."""
+        Without a ``gate`` or a film-condition ``head`` (artifacts made before they existed) the screening stage has
+        only the checks it can run."""
         self.spec = spec
         self.directory = directory
         self.gate = gate
+        self.head = head
         self._num_threads = num_threads
         self._model = ClassifierModel(model_path, num_threads=num_threads)
-        if gate is not None and self._model.feature_count != gate.feature_count:
-            raise ModelArtifactError(
-                f"the input gate expects {gate.feature_count} features, the model gives {self._model.feature_count}"
-            )
+        for name, expected in (("input gate", gate), ("screening head", head)):
+            if expected is not None and self._model.feature_count != expected.feature_count:
+                raise ModelArtifactError(
+                    f"the {name} expects {expected.feature_count} features, the model gives {self._model.feature_count}"
+                )
+        try:
+            self.screening: ScreeningStage = build_stage(spec.input_size, gate, head, spec.screening_figures)
+        except ConditionHeadError as error:
+            raise ModelArtifactError(str(error)) from error
         self._explainer: Explainer | None = None
 
     @classmethod
     def from_directory(cls, directory: Path, num_threads: int = 1) -> Classifier:
-        """Load an artifact directory after checking its model file (explainer, input gate) against the card."""
+        """Load an artifact directory after checking its model file (explainer, input gate, screening head) against
+        the card."""
         spec = verify_artifact(directory)
         gate = InputGate.load(directory / GATE_FILE) if spec.gate_sha256 is not None else None
-        return cls(directory / MODEL_FILE, spec, num_threads=num_threads, directory=directory, gate=gate)
+        try:
+            head = ConditionHead.load(directory / SCREENING_FILE) if spec.screening_sha256 is not None else None
+        except ConditionHeadError as error:
+            raise ModelArtifactError(str(error)) from error
+        return cls(directory / MODEL_FILE, spec, num_threads=num_threads, directory=directory, gate=gate, head=head)
 
     @property
     def input_size(self) -> int:
@@ -91,25 +109,27 @@ class Classifier:
 
     def predict(self, pixels: np.ndarray) -> list[Prediction]:
         """Calibrated predictions for a batch of preprocessed images, whatever they show: for measuring the model.
-        Serving uses ``screen``, which refuses what the input gate does not accept."""
+        Serving uses ``screen``, which refuses what the screening stage does not accept."""
         if len(pixels) == 0:
             return []
         return [self.calibrate(float(logit)) for logit in self.logits(pixels)]
 
-    def screen(self, pixels: np.ndarray) -> list[Prediction | InvalidImageError]:
-        """For each image of a batch, its prediction, or a ``NOT_A_CHEST_XRAY`` rejection from the input gate."""
+    def screen(
+        self, pixels: np.ndarray, source_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[Prediction | InvalidImageError]:
+        """For each image of a batch, its prediction, or the rejection of the first check of the screening stage
+        that refuses it. ``source_sizes`` are the decoded files' widths and heights; without them the pixels are
+        taken as the files themselves."""
         if len(pixels) == 0:
             return []
+        sizes = tuple(source_sizes) if source_sizes is not None else ((self.input_size, self.input_size),) * len(pixels)
+        if len(sizes) != len(pixels):
+            raise ValueError(f"{len(pixels)} images but {len(sizes)} source sizes")
         logits, features = self._model.run(pixels, expected_size=self.input_size)
-        predictions = [self.calibrate(float(logit)) for logit in logits]
-        if self.gate is None or features is None:
-            return list(predictions)
-        verdicts = self.gate.check(pixels, features)
+        refusals = self.screening.screen(Films(pixels, features, sizes))
         return [
-            prediction
-            if verdict.refusal is None
-            else InvalidImageError(RejectionReason.NOT_A_CHEST_XRAY, verdict.refusal)
-            for prediction, verdict in zip(predictions, verdicts, strict=True)
+            self.calibrate(float(logit)) if refusal is None else InvalidImageError(refusal.reason, refusal.detail)
+            for logit, refusal in zip(logits, refusals, strict=True)
         ]
 
     def calibrate(self, logit: float) -> Prediction:

@@ -292,12 +292,15 @@ class ScoringPipeline:
     def _score(
         self, pending: list[_PendingImage], plans: dict[str, RecordPlan], classifier: Callable[[], Classifier]
     ) -> None:
-        """One batched inference over every image that survived preprocessing."""
+        """One batched inference over every image that survived preprocessing, behind the screening stage."""
         live = [image for image in pending if plans[image.message_id].fault is None]
         if not live:
             return
         try:
-            verdicts = classifier().screen(np.stack([image.pixels for image in live]))
+            verdicts = classifier().screen(
+                np.stack([image.pixels for image in live]),
+                [(image.decoded.original_width, image.decoded.original_height) for image in live],
+            )
         except Exception as fault:  # noqa: BLE001  # A model fault fails the records with images, so they retry.
             for image in live:
                 plans[image.message_id].fault = fault
@@ -305,7 +308,8 @@ class ScoringPipeline:
         accepted: list[tuple[_PendingImage, Prediction]] = []
         for image, verdict in zip(live, verdicts, strict=True):
             if isinstance(verdict, InvalidImageError):
-                # What the input gate refuses is rejected like a file that cannot be decoded, and gets no heatmap.
+                # What the screening stage refuses is rejected like a file that cannot be decoded: no label, no
+                # heatmap.
                 plans[image.message_id].results.append(
                     self._rejection(image.ref, *_rejection_of(verdict), image.started)
                 )
