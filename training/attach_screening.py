@@ -1,10 +1,12 @@
 """Give an artifact trained before the screening stage's film-condition head its head, as a new version.
 
 The model file is not touched (the head reads the pooled features the model with an input gate already outputs),
-so the card's calibration, threshold and metrics still hold. The head is fitted exactly as training fits it: on
+so the card's calibration still holds; a card written before the INDETERMINATE band gets its operating points
+written out and its metrics measured again as served (``remeasure_with_operating_points``: the one time this reads
+the test split, recorded in the holdout ledger). The head is fitted exactly as training fits it: on
 variants of the fit split, with its threshold on the validation split, both carved again with the card's seed and
-share from the same data (the data manifest must match the card's). The test split is not read beyond its
-fingerprint. The result is a new version: published versions are never rewritten.
+share from the same data (the data manifest must match the card's). The result is a new version: published
+versions are never rewritten.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from core.model_card import (
     GATE_FILE,
     MODEL_FILE,
     SCREENING_FILE,
+    ServingSpec,
     read_card,
     sha256_of,
     verify_artifact,
@@ -29,8 +32,11 @@ from core.model_card import (
 from core.screening import build_stage
 from scoring.classifier import Classifier
 from scoring.litert import ClassifierModel
-from training.data import limit_per_class, list_split, manifest_sha256, patient_level_split
-from training.ledger import git_commit
+from training.calibration import OPERATING_POINT_RULE
+from training.data import LabelledFile, limit_per_class, list_split, load_images, manifest_sha256, patient_level_split
+from training.evaluate import score_image_set
+from training.ledger import LedgerEntry, git_commit, record_scoring
+from training.metrics import evaluate, headline
 from training.screening import FIT_FILMS, fit_screening
 
 logger = logging.getLogger(__name__)
@@ -94,6 +100,42 @@ def attach_screening(
         **({"previous": card["derived_from"]} if "derived_from" in card else {}),
     }
     new_card["screening"] = fitted.card_section(sha256_of(output_dir / SCREENING_FILE), stage)
+    if "operating_points" not in card["calibration"]:
+        remeasure_with_operating_points(new_card, output_dir, validation_files, test_files)
     write_card(output_dir, new_card)
     Classifier.from_directory(output_dir)  # The new artifact loads: checksums, feature counts, the head's classes.
     return new_card
+
+
+def remeasure_with_operating_points(
+    card: dict[str, Any], folder: Path, validation: list[LabelledFile], test: list[LabelledFile]
+) -> None:
+    """Give a card written before the INDETERMINATE band its operating points (the band between its threshold and
+    0.5, as the scorer already serves it) and its metrics as served: screening figures at ``normal_below``. This
+    scores the test split, so the scoring goes into the holdout ledger."""
+    spec = ServingSpec.from_card(card)
+    points = spec.points
+    card["calibration"] = {
+        **card["calibration"],
+        "operating_points": points.to_dict(),
+        "operating_point_rule": OPERATING_POINT_RULE,
+    }
+    classifier = Classifier(folder / MODEL_FILE, spec)
+    resamples = int(card["hyperparameters"].get("bootstrap_resamples", 1000))
+    metrics: dict[str, Any] = {}
+    for split, files in (("validation", validation), ("test", test)):
+        images = load_images(files, size=spec.input_size)
+        scores = score_image_set(classifier, images)
+        metrics[split] = evaluate(images.labels, scores.probabilities, points, resamples).to_dict()
+    card["metrics_before_operating_points"] = card.get("metrics")
+    card["metrics"] = metrics
+    record_scoring(
+        LedgerEntry(
+            run="pneumoscan attach-screening",
+            version=str(card["version"]),
+            count=int(metrics["test"]["count"]),
+            figures=headline(metrics["test"]),
+            git_commit=git_commit(),
+            note="the release re-measured as served with INDETERMINATE (screening figures at normal_below)",
+        )
+    )
