@@ -39,6 +39,7 @@ is still a readable film."""
 
 TOO_FEW_PIXELS = "the image is smaller than the model's input: too few pixels to read a chest film"
 CONDITION_UNJUDGED = "the screening checks could not judge whether the film can be read"
+GATE_UNJUDGED = "the input gate could not judge the image: the model gave no features"
 INVERTED = "the film's grey levels are inverted (bone dark, air bright); send it as displayed for diagnosis"
 ROTATED = "the film is turned by 90, 180 or 270 degrees; send it upright"
 PARTIAL = "the image shows only part of the chest film (a quarter or a half of it)"
@@ -122,8 +123,8 @@ class InputGateCheck:
     figures: Mapping[str, Any] = field(default_factory=dict)
 
     def judge(self, films: Films) -> list[str | None]:
-        if films.features is None:
-            return [CONDITION_UNJUDGED] * len(films)
+        if films.features is None:  # A model with a gate always gives features; without them nothing is judged.
+            return [GATE_UNJUDGED] * len(films)
         return [verdict.refusal for verdict in self.gate.check(films.pixels, films.features)]
 
 
@@ -203,10 +204,3 @@ def build_stage(
             for name, reason, detail, conditions in HEAD_CHECKS
         )
     return ScreeningStage(tuple(checks))
-
-
-def stage_summary(stage: ScreeningStage) -> list[dict[str, Any]]:
-    """The stage's checks as plain data, in order: for logs, benches and the README."""
-    return [
-        {"name": check.name, "reason": check.reason.value, "figures": dict(check.figures)} for check in stage.checks
-    ]
