@@ -18,7 +18,7 @@ import pytest
 from moto import mock_aws
 from PIL import Image
 
-from core.model_card import CARD_FILE, EXPLAINER_FILE, GATE_FILE, MODEL_FILE, read_card, write_card
+from core.model_card import CARD_FILE, EXPLAINER_FILE, GATE_FILE, MODEL_FILE, SCREENING_FILE, read_card, write_card
 from infra.corpus import encode as encode_image
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
@@ -89,11 +89,12 @@ def copy_artifact(artifact: Path, destination: Path, version: str, test_auc: flo
 
 
 def release_copy(destination: Path) -> Path:
-    """The release artifact's served files (model, card, explainer, input gate; no report) in a folder that a test
-    may change."""
+    """The release artifact's served files (model, card, explainer, input gate, screening head when it has one; no
+    report) in a folder that a test may change."""
     destination.mkdir()
-    for name in (MODEL_FILE, CARD_FILE, EXPLAINER_FILE, GATE_FILE):
-        shutil.copyfile(RELEASE_MODEL / name, destination / name)
+    for name in (MODEL_FILE, CARD_FILE, EXPLAINER_FILE, GATE_FILE, SCREENING_FILE):
+        if (RELEASE_MODEL / name).is_file():
+            shutil.copyfile(RELEASE_MODEL / name, destination / name)
     return destination
 
 
@@ -153,8 +154,15 @@ def screened_release(data_root: Path, tmp_path_factory: pytest.TempPathFactory) 
     of 300 fit films and measured on 120 validation films (a release fits on 1,500 and measures on all 750)."""
     from training.attach_screening import attach_screening  # noqa: PLC0415  # TensorFlow only for tests that use it.
 
-    output = tmp_path_factory.mktemp("screened-release") / "artifact"
-    attach_screening(RELEASE_MODEL, data_root, output, fit_films=300, validation_films=120)
+    folder = tmp_path_factory.mktemp("screened-release")
+    # The committed release has its head already: the test gives a copy without it a new one.
+    unscreened = release_copy(folder / "unscreened")
+    card = read_card(unscreened)
+    card.pop("screening", None)
+    (unscreened / SCREENING_FILE).unlink(missing_ok=True)
+    write_card(unscreened, card)
+    output = folder / "artifact"
+    attach_screening(unscreened, data_root, output, fit_films=300, validation_films=120)
     return output
 
 

@@ -297,6 +297,8 @@ def test_registry_round_trip_without_explainer(s3: Any, tmp_path: Path) -> None:
     registry = ModelRegistry(s3, MODEL_BUCKET)
     prefix = registry.publish(artifact)
     keys = {item["Key"] for item in s3.list_objects_v2(Bucket=MODEL_BUCKET)["Contents"]}
-    assert {f"{prefix}{MODEL_FILE}", f"{prefix}{GATE_FILE}", f"{prefix}{CARD_FILE}"} == keys
+    served = sorted(path.name for path in artifact.iterdir())
+    assert EXPLAINER_FILE not in served
+    assert {f"{prefix}{name}" for name in served} == keys
     registry.download(prefix, tmp_path / "downloaded")
-    assert sorted(p.name for p in (tmp_path / "downloaded").iterdir()) == sorted([MODEL_FILE, GATE_FILE, CARD_FILE])
+    assert sorted(p.name for p in (tmp_path / "downloaded").iterdir()) == served

@@ -26,7 +26,7 @@ import pytest
 from moto import mock_aws
 from PIL import Image
 
-from core.model_card import CARD_FILE, EXPLAINER_FILE, GATE_FILE, MODEL_FILE, read_card, sha256_of
+from core.model_card import CARD_FILE, EXPLAINER_FILE, GATE_FILE, MODEL_FILE, SCREENING_FILE, read_card, sha256_of
 from core.model_registry import (
     POINTER_KEY,
     ModelRegistry,
@@ -63,7 +63,7 @@ def _release_label(path: Path) -> str:
 
 RELEASE_LABEL = _release_label(NORMAL_FILM)
 PNEUMONIA_FILM = SAMPLES / "PNEUMONIA" / "person100_bacteria_475.jpeg"
-EXTRA_FILE = "screening.npz"
+EXTRA_FILE = "future_check.npz"
 """A kind of file this code does not know, beside the model: pinned like every other."""
 
 
@@ -104,7 +104,7 @@ TAMPERED: dict[str, Callable[[], bytes]] = {
 def with_extra_file(destination: Path) -> Path:
     """A copy of the release artifact (report included) with a file of a new kind beside the model."""
     shutil.copytree(RELEASE_MODEL, destination)
-    (destination / EXTRA_FILE).write_bytes(b"screening statistics")
+    (destination / EXTRA_FILE).write_bytes(b"statistics of a check to come")
     return destination
 
 
@@ -123,7 +123,9 @@ def test_promotion_pins_every_file_of_the_version(s3: Any, tmp_path: Path) -> No
     registry = ModelRegistry(s3, MODEL_BUCKET)
     registry.publish(artifact)
     pointer = registry.promote(VERSION)
-    expected = {name: sha256_of(artifact / name) for name in (MODEL_FILE, CARD_FILE, GATE_FILE, EXPLAINER_FILE)}
+    expected = {
+        name: sha256_of(artifact / name) for name in (MODEL_FILE, CARD_FILE, GATE_FILE, EXPLAINER_FILE, SCREENING_FILE)
+    }
     assert pointer.files == {**expected, EXTRA_FILE: sha256_of(artifact / EXTRA_FILE)}
     document = json.loads(s3.get_object(Bucket=MODEL_BUCKET, Key=POINTER_KEY)["Body"].read())
     assert document["files"] == pointer.files

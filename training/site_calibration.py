@@ -42,6 +42,7 @@ from core.model_card import (
     EXPLAINER_FILE,
     GATE_FILE,
     MODEL_FILE,
+    SCREENING_FILE,
     ServingSpec,
     read_card,
     verify_artifact,
@@ -417,6 +418,7 @@ def write_site_artifact(
     names = [MODEL_FILE]
     names += [EXPLAINER_FILE] if spec.explainer_sha256 is not None else []
     names += [GATE_FILE] if spec.gate_sha256 is not None else []
+    names += [SCREENING_FILE] if spec.screening_sha256 is not None else []
     for name in names:
         shutil.copyfile(artifact_dir / name, output_dir / name)
     if (artifact_dir / "report").is_dir():
