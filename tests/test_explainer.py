@@ -16,7 +16,6 @@ from PIL import Image
 from core.model_card import (
     CARD_FILE,
     EXPLAINER_FILE,
-    GATE_FILE,
     MODEL_FILE,
     ModelArtifactError,
     ServingSpec,
