@@ -6,10 +6,10 @@ killed past either as Lambda kills it. Faults follow a seeded schedule: a share 
 of DynamoDB writes are throttled, a share of notifications arrive twice, one invocation crashes after handling half
 of its batch, decoding one file exhausts memory (its invocation is killed), and a share of the result publisher's
 PutEvents calls fail. Afterwards every valid upload must have exactly one SCORED result from
-the promoted model (with a heatmap when it is called PNEUMONIA), every hostile file a REJECTED result with its
-reason (decode-cost bombs, truncated films), no valid film that shared a batch with a bomb may lose its result, the
-dead-letter queue holds only the messages whose every delivery failed, and a downstream subscriber of the results
-bus at least one event for every result.
+the promoted model (with a heatmap when it is flagged: PNEUMONIA or INDETERMINATE), every hostile file a REJECTED
+result with its reason (decode-cost bombs, truncated films), no valid film that shared a batch with a bomb may lose
+its result, the dead-letter queue holds only the messages whose every delivery failed, and a downstream subscriber
+of the results bus at least one event for every result.
 """
 
 from __future__ import annotations
@@ -149,9 +149,10 @@ def run_soak(
     without_event = result_ids - set(events)
     outcome.problems.extend(f"no event for {result_id}" for result_id in sorted(without_event)[:5])
     for item in items:
-        # Every film called PNEUMONIA points to a heatmap that exists; no other result points to one.
+        # Every flagged film (PNEUMONIA or INDETERMINATE) points to a heatmap that exists; no other result does.
         heatmap = item.get("heatmap_key")
-        if (item.get("label") == "PNEUMONIA") != (heatmap is not None) or (heatmap and heatmap not in heatmap_keys):
+        flagged = item.get("label") in {"PNEUMONIA", "INDETERMINATE"}
+        if flagged != (heatmap is not None) or (heatmap and heatmap not in heatmap_keys):
             outcome.problems.append(f"heatmap of {item['image_key']}: {heatmap} for {item.get('label')}")
     sharing, lost_to_bomb = _films_beside_bombs(files, items, batches, f"s3://{outputs.input_bucket}/")
     # A film the fault plan dead-lettered (every delivery failed, at most one of them killed beside a bomb) was not

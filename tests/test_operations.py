@@ -78,10 +78,10 @@ def test_results_backfill_rescoring_heatmaps_and_events(
     assert {item["status"] for item in first.values()} == {"SCORED"}
     assert latest("incoming/ops/notes.txt")["status"] == "REJECTED"  # type: ignore[index]
 
-    # Heatmaps: every PNEUMONIA verdict points to a PNG in the heatmap bucket, which triggers nothing.
+    # Heatmaps: every flagged verdict points to a PNG in the heatmap bucket, which triggers nothing.
     heatmap_bucket = stack.outputs.heatmap_bucket
     for item in first.values():
-        assert ("heatmap_key" in item) == (item["label"] == "PNEUMONIA")
+        assert ("heatmap_key" in item) == (item["label"] in {"PNEUMONIA", "INDETERMINATE"})
         if "heatmap_key" in item:
             bucket, key = item["heatmap_key"].removeprefix("s3://").split("/", 1)
             assert bucket == heatmap_bucket

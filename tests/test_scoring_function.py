@@ -353,6 +353,18 @@ def test_first_delivery_batch_holding_a_codestream_bomb_costs_the_others_no_rede
     assert all(status == "SCORED" for status, _ in outcomes.values()), outcomes
 
 
+def stall_isolated_decodes_of(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the isolated decode of ``body`` outlive any time limit, as a decode starved of CPU would."""
+    decode = isolated_decode.decode
+
+    def stalling_decode(data: bytes, size: int) -> Any:
+        if data == body:
+            signal.pause()
+        return decode(data, size)
+
+    monkeypatch.setattr(isolated_decode, "decode", stalling_decode)
+
+
 @pytest.mark.parametrize(("delivery", "rejected"), [("2", False), ("3", False), ("4", True)])
 def test_decode_past_its_time_is_retried_then_rejected_as_a_timeout(
     stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch, delivery: str, rejected: bool
@@ -363,14 +375,7 @@ def test_decode_past_its_time_is_retried_then_rejected_as_a_timeout(
     assert pipeline_module.DECODE_TIMEOUT_VERDICT_RECEIVE == 4
     rewire(stack, isolation=IsolationLimits(seconds=0.5))
     slow_body = sample_paths[1].read_bytes()
-    decode = isolated_decode.decode
-
-    def stalling_decode(data: bytes, size: int) -> Any:
-        if data == slow_body:
-            signal.pause()  # Outlives any time limit, as a decode starved of CPU would.
-        return decode(data, size)
-
-    monkeypatch.setattr(isolated_decode, "decode", stalling_decode)
+    stall_isolated_decodes_of(slow_body, monkeypatch)
     stack.upload("incoming/slow.jpeg", slow_body)
     stack.upload("incoming/film.jpeg", sample_paths[0].read_bytes())
     records = stack.receive()
@@ -403,14 +408,7 @@ def test_isolated_decodes_never_outlast_the_invocation(
     no time at all fails for retry without decoding."""
     rewire(stack, isolation=IsolationLimits(seconds=30.0))
     slow_body = sample_paths[1].read_bytes()
-    decode = isolated_decode.decode
-
-    def stalling_decode(data: bytes, size: int) -> Any:
-        if data == slow_body:
-            signal.pause()  # Outlives any time limit, as a decode starved of CPU would.
-        return decode(data, size)
-
-    monkeypatch.setattr(isolated_decode, "decode", stalling_decode)
+    stall_isolated_decodes_of(slow_body, monkeypatch)
     stack.upload("incoming/slow.jpeg", slow_body)
     stack.upload("incoming/late.jpeg", sample_paths[0].read_bytes())
     records = stack.receive()
