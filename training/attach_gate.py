@@ -23,7 +23,7 @@ import training.efficientnet_lite  # Registers the custom layers of saved Effici
 import training.models  # noqa: F401  # Registers the custom layer of the saved models.
 from core.model_card import EXPLAINER_FILE, GATE_FILE, MODEL_FILE, read_card, sha256_of, verify_artifact, write_card
 from scoring.litert import ClassifierModel
-from training.data import ImageSet, limit_per_class, list_split, load_images, manifest_sha256, patient_level_split
+from training.data import ImageSet, load_images, split_as_trained
 from training.explain import max_logit_difference
 from training.export import convert
 from training.gate import fit_input_gate, kept_share, serving_model
@@ -47,14 +47,7 @@ def attach_gate(artifact_dir: Path, keras_path: Path, data_dir: Path, output_dir
     card = read_card(artifact_dir)
     if "input_gate" in card:
         raise AttachGateError(f"{artifact_dir} already has an input gate")
-    hyperparameters = card["hyperparameters"]
-    train_files = limit_per_class(list_split(data_dir / "train"), hyperparameters["limit_per_class"])
-    test_files = limit_per_class(list_split(data_dir / "test"), hyperparameters["limit_per_class"])
-    if manifest_sha256({"train": train_files, "test": test_files}) != card["data_manifest_sha256"]:
-        raise AttachGateError(f"{data_dir} is not the data {card['version']} was trained and evaluated on")
-    fit_files, validation_files = patient_level_split(
-        train_files, hyperparameters["validation_fraction"], hyperparameters["seed"]
-    )
+    fit_files, validation_files, test_files = split_as_trained(card, data_dir, AttachGateError)
     size = int(card["input"]["size"])
     fit, validation, test = (load_images(files, size=size) for files in (fit_files, validation_files, test_files))
 

@@ -33,7 +33,7 @@ from core.screening import build_stage
 from scoring.classifier import Classifier
 from scoring.litert import ClassifierModel
 from training.calibration import OPERATING_POINT_RULE
-from training.data import LabelledFile, limit_per_class, list_split, load_images, manifest_sha256, patient_level_split
+from training.data import LabelledFile, load_images, split_as_trained
 from training.evaluate import score_image_set
 from training.ledger import LedgerEntry, git_commit, record_scoring
 from training.metrics import evaluate, headline
@@ -67,13 +67,7 @@ def attach_screening(
     if output_dir.exists() and any(output_dir.iterdir()):
         raise AttachScreeningError(f"{output_dir} is not empty; a new version goes to a new folder")
     hyperparameters = card["hyperparameters"]
-    train_files = limit_per_class(list_split(data_dir / "train"), hyperparameters["limit_per_class"])
-    test_files = limit_per_class(list_split(data_dir / "test"), hyperparameters["limit_per_class"])
-    if manifest_sha256({"train": train_files, "test": test_files}) != card["data_manifest_sha256"]:
-        raise AttachScreeningError(f"{data_dir} is not the data {card['version']} was trained and evaluated on")
-    fit_files, validation_files = patient_level_split(
-        train_files, hyperparameters["validation_fraction"], hyperparameters["seed"]
-    )
+    fit_files, validation_files, test_files = split_as_trained(card, data_dir, AttachScreeningError)
 
     shutil.copytree(artifact_dir, output_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CARD_FILE))
     gate = InputGate.load(output_dir / GATE_FILE) if "input_gate" in card else None

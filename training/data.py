@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -167,3 +168,19 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     if (counts == 0).any():
         raise DataLayoutError(f"a class has no training images: counts {counts.tolist()}")
     return {index: float(len(labels) / (len(CLASS_NAMES) * count)) for index, count in enumerate(counts)}
+
+
+def split_as_trained(
+    card: Mapping[str, Any], data_dir: Path, mismatch: type[Exception]
+) -> tuple[list[LabelledFile], list[LabelledFile], list[LabelledFile]]:
+    """The fit, validation and test files of the data an artifact's card was trained and evaluated on, carved with
+    its seed and share; raises ``mismatch`` when ``data_dir`` is not that data (its manifest differs)."""
+    hyperparameters = card["hyperparameters"]
+    train_files = limit_per_class(list_split(data_dir / "train"), hyperparameters["limit_per_class"])
+    test_files = limit_per_class(list_split(data_dir / "test"), hyperparameters["limit_per_class"])
+    if manifest_sha256({"train": train_files, "test": test_files}) != card["data_manifest_sha256"]:
+        raise mismatch(f"{data_dir} is not the data {card['version']} was trained and evaluated on")
+    fit_files, validation_files = patient_level_split(
+        train_files, hyperparameters["validation_fraction"], hyperparameters["seed"]
+    )
+    return fit_files, validation_files, test_files
