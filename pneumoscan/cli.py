@@ -377,10 +377,7 @@ def _train(arguments: argparse.Namespace) -> int:
 
 
 def _search(arguments: argparse.Namespace) -> int:
-    if arguments.data is None or not (Path(arguments.data) / "train").is_dir():
-        raise MissingPathError(
-            f"no data set at {arguments.data}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder"
-        )
+    _require_data_set(arguments.data, "train")
     from training.config import TrainingConfig
     from training.search import SearchSettings, run_search
 
@@ -430,10 +427,15 @@ def _evaluate(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _attach_gate(arguments: argparse.Namespace) -> int:
-    if arguments.data is None or not arguments.data.is_dir():
-        where = f"at {arguments.data}" if arguments.data is not None else "given"
+def _require_data_set(data: Path | str | None, inside: str = "") -> None:
+    """Fail in one line when ``--data`` (or PNEUMOSCAN_DATA) names no chest_xray folder (with ``inside`` in it)."""
+    if data is None or not (Path(data) / inside).is_dir():
+        where = f"at {data}" if data is not None else "given"
         raise MissingPathError(f"no data set {where}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder")
+
+
+def _attach_gate(arguments: argparse.Namespace) -> int:
+    _require_data_set(arguments.data)
     from training.attach_gate import attach_gate
 
     with _stdout_to_stderr():
@@ -461,9 +463,7 @@ def _calibrate(arguments: argparse.Namespace) -> int:
 
 
 def _attach_screening(arguments: argparse.Namespace) -> int:
-    if arguments.data is None or not arguments.data.is_dir():
-        where = f"at {arguments.data}" if arguments.data is not None else "given"
-        raise MissingPathError(f"no data set {where}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder")
+    _require_data_set(arguments.data)
     from training.attach_screening import attach_screening
 
     with _stdout_to_stderr():
