@@ -82,15 +82,21 @@ bench: $(VENV)/.dev $(INFRA_VENV)/.installed
 	$(BIN)/python bench/bench_stress.py
 	$(BIN)/python bench/bench_screening.py
 	$(BIN)/python bench/bench_scoring.py
+	$(BIN)/python bench/bench_int8.py
 	$(BIN)/python bench/bench_package.py
+	$(BIN)/python bench/bench_memory.py
 	$(BIN)/python bench/bench_dicom_bombs.py
 	$(BIN)/python bench/bench_isolation.py
 	$(BIN)/python bench/bench_decode_bombs.py
 	$(BIN)/python bench/bench_dicom_display.py
+	$(BIN)/python bench/bench_cost.py
+	$(BIN)/python bench/bench_throughput.py
 
-# 2,000 uploads, the hostile corpus and injected faults through the local stack; prints the figures.
+# 2,000 uploads, the hostile corpus and injected faults through the local stack; then a burst of 2,000 films at once
+# under a concurrency cap of 2 (none may be dead-lettered); prints the figures of each.
 soak: $(VENV)/.dev
 	$(BIN)/pneumoscan soak --uploads 2000
+	$(BIN)/pneumoscan soak --burst --uploads 2000 --max-concurrency 2
 
 # One lock file pins every package of the training image and the scoring function's zip for Lambda's Python 3.12
 # on x86_64, constrained by the function's pins, so training and serving decode and resize with the same numpy and

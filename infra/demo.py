@@ -26,7 +26,9 @@ def run_demo(samples: Path, model_dir: Path, timeout_seconds: float = 90.0) -> i
     """Run the whole round trip; returns the exit code (0 when every sample got a result)."""
     paths = sorted(p for p in samples.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     started = time.perf_counter()
-    with LocalStack(quiet=True) as stack:
+    # The demo shows the heatmaps a deploy with Heatmaps=Flagged makes for every flagged film (the template's
+    # default makes them only on request).
+    with LocalStack(quiet=True, parameters={"Heatmaps": "Flagged"}) as stack:
         assert stack.outputs is not None
         outputs = stack.outputs
         print(f"local stack up at {outputs.endpoint_url} ({time.perf_counter() - started:.1f} s)")

@@ -11,7 +11,8 @@ then treats the invocation as crashed. An address-space limit in the child keeps
 hurting the machine.
 
 What the handler changes in its own process stays in the child. The state the harness reads afterwards (the fault
-plan's random generator and its counts of injected faults) travels back with the response.
+plan's random generator and its counts of injected faults) travels back with the response, beside the state the
+child started from, so invocations running at once (the emulator's concurrency) each add what they changed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pickle
 import resource
 import select
 import signal
+import threading
 import time
 import traceback
 import warnings
@@ -71,11 +73,11 @@ class LambdaLimits:
 
 @dataclass
 class SharedState:
-    """State of the harness that the handler changes and the harness reads: exported by the child after the
-    invocation, imported by the parent."""
+    """State of the harness that the handler changes and the harness reads: exported by the parent as the child
+    starts and by the child after the invocation; ``restore`` gets both (started, ended) in the parent."""
 
     export: Callable[[], Any]
-    restore: Callable[[Any], None]
+    restore: Callable[[Any, Any], None]
 
 
 @dataclass
@@ -106,24 +108,29 @@ class LambdaProcess:
         self._limits = limits
         self._state = state
         self._warm = warm
+        self._forking = threading.Lock()
+        """Invocations may run at once (the emulator's concurrency); warming and forking take turns."""
+        self._counting = threading.Lock()
         self.killed = KillCounts()
 
     def __call__(self, event: dict[str, Any], context: Any) -> Any:
-        if self._warm is not None:
-            self._warm()
-        read_end, write_end = os.pipe()
-        inherited = anonymous_bytes(os.getpid())
-        gc.freeze()  # The child's collections then leave the parent's objects (and their pages) untouched.
-        with warnings.catch_warnings():
-            # Forking with threads running (the moto server, the stream emulator) is what this harness means to
-            # do: the child only runs the handler, which talks to the server over new connections.
-            warnings.filterwarnings("ignore", message=".*fork", category=DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:  # pragma: no cover  # The child; coverage of it is not collected.
-            os.close(read_end)
-            self._run_child(event, context, write_end)
-        gc.unfreeze()
-        os.close(write_end)
+        with self._forking:
+            if self._warm is not None:
+                self._warm()
+            started = self._state.export() if self._state is not None else None
+            read_end, write_end = os.pipe()
+            inherited = anonymous_bytes(os.getpid())
+            gc.freeze()  # The child's collections then leave the parent's objects (and their pages) untouched.
+            with warnings.catch_warnings():
+                # Forking with threads running (the moto server, the stream emulator) is what this harness means to
+                # do: the child only runs the handler, which talks to the server over new connections.
+                warnings.filterwarnings("ignore", message=".*fork", category=DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # pragma: no cover  # The child; coverage of it is not collected.
+                os.close(read_end)
+                self._run_child(event, context, write_end)
+            gc.unfreeze()
+            os.close(write_end)
         try:
             payload, cause = self._watch(pid, read_end, inherited)
         finally:
@@ -133,7 +140,8 @@ class LambdaProcess:
             raise InvocationKilledError(f"the invocation's process was killed: {cause}")
         outcome, response, state = pickle.loads(payload)  # The child of this process wrote it, just now.
         if self._state is not None and state is not None:
-            self._state.restore(state)
+            with self._counting:
+                self._state.restore(started, state)
         if outcome != "returned":
             raise RuntimeError(f"the handler raised in its process:\n{response}")
         return response
@@ -162,17 +170,19 @@ class LambdaProcess:
         chunks: list[bytes] = []
         while True:
             added = _added_bytes(pid, inherited)
-            self.killed.peak_added_mb = max(self.killed.peak_added_mb, added / 2**20)
             cause = None
-            if added > self._limits.added_bytes:
-                self.killed.memory += 1
-                cause = f"memory past {self._limits.memory_mb} MB"
-            elif time.monotonic() > deadline:
-                self.killed.timeout += 1
-                cause = f"timeout after {self._limits.timeout_seconds:g} s"
+            with self._counting:
+                self.killed.peak_added_mb = max(self.killed.peak_added_mb, added / 2**20)
+                if added > self._limits.added_bytes:
+                    self.killed.memory += 1
+                    cause = f"memory past {self._limits.memory_mb} MB"
+                elif time.monotonic() > deadline:
+                    self.killed.timeout += 1
+                    cause = f"timeout after {self._limits.timeout_seconds:g} s"
+                if cause is not None:
+                    self.killed.causes.append(cause)
             if cause is not None:
                 _kill_tree(pid)
-                self.killed.causes.append(cause)
                 return b"", cause
             ready, _, _ = select.select([read_end], [], [], POLL_SECONDS)
             if ready:
@@ -180,8 +190,9 @@ class LambdaProcess:
                 if not chunk:
                     payload = b"".join(chunks)
                     if not payload:
-                        self.killed.died += 1
-                        self.killed.causes.append("the process died")
+                        with self._counting:
+                            self.killed.died += 1
+                            self.killed.causes.append("the process died")
                         return payload, "the process died"
                     return payload, None
                 chunks.append(chunk)

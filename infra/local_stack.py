@@ -3,13 +3,21 @@ the real scoring handler with Lambda's semantics, and a DynamoDB-stream emulator
 publisher, which puts one event per result on the results bus.
 
 The emulator reads the function's SQS event from the template (batch size, batching window,
-``ReportBatchItemFailures``). Like Lambda it receives a batch with the queue's visibility timeout, invokes the
-handler, deletes the messages that succeeded, and leaves failed ones to reappear after the visibility timeout;
-SQS itself (moto) moves a message to the dead-letter queue once it has been received ``maxReceiveCount`` times.
+``ReportBatchItemFailures``, ``ScalingConfig.MaximumConcurrency``). Like Lambda it receives a batch with the queue's
+visibility timeout, invokes the handler, deletes the messages that succeeded, and leaves failed ones to reappear
+after the visibility timeout; SQS itself (moto) moves a message to the dead-letter queue once it has been received
+``maxReceiveCount`` times.
+
+Like Lambda's poller it runs several invocations at once: at most ``MaximumConcurrency`` when the event source
+declares it, and it receives no batch while that many are running, so a backlog waits in the queue. Without the cap
+it runs as many pollers as it is given (Lambda starts with five), and an invocation beyond the function's concurrency
+limit (its reserved concurrency, or the account's) is throttled: its batch is not handled, and comes back after the
+visibility timeout with one more receive counted towards ``maxReceiveCount``, as under Lambda.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -22,32 +30,27 @@ import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-from unittest.mock import patch
+from typing import Any, Protocol
 
 import boto3
-import numpy as np
-from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
-from core import preprocessing
 from core.model_card import read_card
 from core.model_registry import ModelRegistry, NoCurrentModelError
-from core.preprocessing import DecodedImage
 from core.results import plain_item
-from infra.corpus import MEMORY_HOG_MARKER, MEMORY_HOG_NAME
 from infra.lambda_process import InvocationKilledError, LambdaLimits, LambdaProcess, SharedState
+from infra.moto_atomicity import make_dynamodb_writes_atomic
 from infra.resources import create_data_plane
-from infra.template import load_template, parameter_defaults
+from infra.template import evaluate_conditions, load_template, parameter_defaults
 from pneumoscan.stack import StackOutputs
 from publisher import handler as publisher
-from scoring import handler, isolated_decode
-from scoring import pipeline as pipeline_module
+from scoring import handler
 from scoring.model_provider import ModelUnavailableError
-from scoring.settings import Settings, accepted_ages
+from scoring.settings import Settings, accepted_ages, heatmap_policy
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,28 @@ def scan_results(dynamodb: Any, table_name: str) -> list[dict[str, Any]]:
     return [plain_item(item) for page in pages for item in page["Items"]]
 
 
+LAMBDA_INITIAL_POLLERS = 5
+"""How many batches Lambda's SQS poller starts with, without a ``MaximumConcurrency`` (it scales up from there)."""
+
+
+def resolved(template: dict[str, Any], value: Any, parameters: dict[str, Any] | None = None) -> Any:
+    """A property's value for these parameters (the template's defaults where one is not given): ``Ref`` to a
+    parameter, ``Fn::If`` on the template's conditions, and ``AWS::NoValue`` (None)."""
+    if isinstance(value, dict) and set(value) == {"Ref"}:
+        if value["Ref"] == "AWS::NoValue":
+            return None
+        return {**parameter_defaults(template), **(parameters or {})}[value["Ref"]]
+    if isinstance(value, dict) and set(value) == {"Fn::If"}:
+        condition, when_true, when_false = value["Fn::If"]
+        chosen = when_true if evaluate_conditions(template, parameters)[condition] else when_false
+        return resolved(template, chosen, parameters)
+    return value
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 @dataclass(frozen=True)
 class EventSourceMapping:
     """The SQS event of the scoring function, as the template declares it."""
@@ -77,16 +102,45 @@ class EventSourceMapping:
     batch_size: int
     batching_window_seconds: float
     report_batch_item_failures: bool
+    maximum_concurrency: int | None = None
+    """``ScalingConfig.MaximumConcurrency``: the most invocations the poller runs at once; None when not declared."""
 
     @classmethod
-    def from_template(cls, template: dict[str, Any], function: str = "ScoringFunction") -> EventSourceMapping:
+    def from_template(
+        cls, template: dict[str, Any], function: str = "ScoringFunction", parameters: dict[str, Any] | None = None
+    ) -> EventSourceMapping:
         events = template["Resources"][function]["Properties"]["Events"]
         properties = next(event["Properties"] for event in events.values() if event["Type"] == "SQS")
+        scaling = resolved(template, properties.get("ScalingConfig"), parameters) or {}
         return cls(
             batch_size=int(properties.get("BatchSize", 10)),
             batching_window_seconds=float(properties.get("MaximumBatchingWindowInSeconds", 0)),
             report_batch_item_failures="ReportBatchItemFailures" in properties.get("FunctionResponseTypes", []),
+            maximum_concurrency=_optional_int(resolved(template, scaling.get("MaximumConcurrency"), parameters)),
         )
+
+
+def reserved_concurrency(
+    template: dict[str, Any], function: str = "ScoringFunction", parameters: dict[str, Any] | None = None
+) -> int | None:
+    """The function's ``ReservedConcurrentExecutions`` for these parameters; None when it reserves none."""
+    value = template["Resources"][function]["Properties"].get("ReservedConcurrentExecutions")
+    return _optional_int(resolved(template, value, parameters))
+
+
+def with_maximum_concurrency(
+    template: dict[str, Any], parameters: dict[str, Any], cap: int, function: str = "ScoringFunction"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The template and parameters with the function's SQS event capped at ``cap`` invocations: through the
+    parameter the template's ``MaximumConcurrency`` names, or as a ``ScalingConfig`` of its own when it has none."""
+    template = copy.deepcopy(template)
+    events = template["Resources"][function]["Properties"]["Events"]
+    properties = next(event["Properties"] for event in events.values() if event["Type"] == "SQS")
+    declared = properties.get("ScalingConfig", {}).get("MaximumConcurrency")
+    if isinstance(declared, dict) and set(declared) == {"Ref"}:
+        return template, {**parameters, declared["Ref"]: cap}
+    properties["ScalingConfig"] = {"MaximumConcurrency": cap}
+    return template, parameters
 
 
 @dataclass(frozen=True)
@@ -115,6 +169,10 @@ class DeliveryStats:
     messages_failed: int = 0
     handler_crashes: int = 0
     duplicates_sent: int = 0
+    throttled_invocations: int = 0
+    """Batches received but not handled: the function was at its concurrency limit (they come back later)."""
+    peak_concurrency: int = 0
+    """The most invocations that ran at once."""
 
 
 class _Poller:
@@ -145,11 +203,16 @@ class SqsEventSourceEmulator(_Poller):
         duplicate_rate: float = 0.0,
         rng: random.Random | None = None,
         region: str = "us-east-1",
+        pollers: int = LAMBDA_INITIAL_POLLERS,
+        concurrency_limit: int | None = None,
     ) -> None:
         """``retry_delay_seconds`` makes failed messages visible again sooner than the visibility timeout would
         (soak tests and demos); by default they wait out the visibility timeout, as under Lambda.
         ``duplicate_rate`` re-sends that share of first deliveries as a second message with the same body, as S3's
-        at-least-once notifications do."""
+        at-least-once notifications do.
+        ``run`` runs at most the mapping's ``maximum_concurrency`` invocations at once, or ``pollers`` without one;
+        an invocation beyond ``concurrency_limit`` (the function's reserved concurrency, or the account's; None:
+        none) is throttled."""
         self._sqs = sqs
         self._failed_deliveries: Counter[str] = Counter()
         self._killed_deliveries: Counter[str] = Counter()
@@ -169,9 +232,48 @@ class SqsEventSourceEmulator(_Poller):
         self.stats = DeliveryStats()
         self.batches: list[list[str]] = []
         """The message bodies of every invocation, in order: which uploads shared a batch."""
+        self.slots = mapping.maximum_concurrency or pollers
+        """The most invocations ``run`` has in flight at once."""
+        self._concurrency_limit = concurrency_limit
+        self._running = 0
+        self._lock = threading.Lock()
+        """Invocations run on their own threads; the counts above are changed under this lock."""
 
     def poll_once(self) -> int:
-        """Gather one batch (up to the batch size, within the batching window) and deliver it; returns its size."""
+        """Gather one batch (up to the batch size, within the batching window) and deliver it on this thread;
+        returns its size."""
+        messages = self._gather()
+        if messages:
+            self._duplicate_some(messages)
+            self._deliver(messages)
+        return len(messages)
+
+    def run(self, stop: threading.Event, idle_sleep: float = 0.1) -> None:
+        """Poll until ``stop`` is set, with at most ``slots`` invocations in flight: no batch is received while
+        every slot is taken, so the rest of a backlog waits in the queue (Lambda's poller under
+        ``MaximumConcurrency``). Invocations still running when ``stop`` is set are finished."""
+        free = threading.BoundedSemaphore(self.slots)
+
+        def deliver(messages: list[dict[str, Any]]) -> None:
+            try:
+                self._deliver(messages)
+            finally:
+                free.release()
+
+        with ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="sqs-invocation") as invocations:
+            while not stop.is_set():
+                if not free.acquire(timeout=idle_sleep):
+                    continue
+                messages = self._gather()
+                if not messages:
+                    free.release()
+                    stop.wait(idle_sleep)
+                    continue
+                self._duplicate_some(messages)
+                invocations.submit(deliver, messages)
+
+    def _gather(self) -> list[dict[str, Any]]:
+        """One batch: up to the batch size, within the batching window."""
         messages: list[dict[str, Any]] = []
         deadline = time.monotonic() + self._mapping.batching_window_seconds
         while len(messages) < self._mapping.batch_size:
@@ -190,25 +292,44 @@ class SqsEventSourceEmulator(_Poller):
                 break
             if not received:
                 time.sleep(0.05)
-        if messages:
-            self._deliver(messages)
-        return len(messages)
+        return messages
 
     def _deliver(self, messages: list[dict[str, Any]]) -> None:
-        self._duplicate_some(messages)
+        """Invoke the handler with the batch, unless the function is at its concurrency limit (throttled)."""
+        with self._lock:
+            self._bodies.update((message["MessageId"], message["Body"]) for message in messages)
+            throttled = self._concurrency_limit is not None and self._running >= self._concurrency_limit
+            if throttled:
+                self.stats.throttled_invocations += 1
+                self.stats.messages_failed += len(messages)
+                self._failed_deliveries.update(message["MessageId"] for message in messages)
+            else:
+                self._running += 1
+                self.stats.peak_concurrency = max(self.stats.peak_concurrency, self._running)
+                self.stats.invocations += 1
+                self.batches.append([message["Body"] for message in messages])
+        if throttled:
+            # Lambda refuses the invocation; the batch stays invisible until its visibility timeout ends.
+            self._schedule_retry(messages)
+            return
+        try:
+            self._invoke(messages)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def _invoke(self, messages: list[dict[str, Any]]) -> None:
         event = {"Records": [self._record(message) for message in messages]}
-        self.stats.invocations += 1
-        self.batches.append([message["Body"] for message in messages])
-        self._bodies.update((message["MessageId"], message["Body"]) for message in messages)
         try:
             response = self._handler(event, LocalContext(aws_request_id=str(uuid.uuid4())))
         except Exception as crash:  # A crashed invocation, whatever the cause, leaves the whole batch for retry.
             logger.exception("handler crashed; the whole batch of %d becomes visible again", len(messages))
-            self.stats.handler_crashes += 1
-            self.stats.messages_failed += len(messages)
-            self._failed_deliveries.update(message["MessageId"] for message in messages)
-            if isinstance(crash, InvocationKilledError):
-                self._killed_deliveries.update(message["MessageId"] for message in messages)
+            with self._lock:
+                self.stats.handler_crashes += 1
+                self.stats.messages_failed += len(messages)
+                self._failed_deliveries.update(message["MessageId"] for message in messages)
+                if isinstance(crash, InvocationKilledError):
+                    self._killed_deliveries.update(message["MessageId"] for message in messages)
             self._schedule_retry(messages)
             return
         failed: set[str] = set()
@@ -221,9 +342,10 @@ class SqsEventSourceEmulator(_Poller):
                 for index, message in enumerate(done[start : start + 10])
             ]
             self._sqs.delete_message_batch(QueueUrl=self._queue_url, Entries=entries)
-        self.stats.messages_deleted += len(done)
-        self.stats.messages_failed += len(messages) - len(done)
-        self._failed_deliveries.update(failed)
+        with self._lock:
+            self.stats.messages_deleted += len(done)
+            self.stats.messages_failed += len(messages) - len(done)
+            self._failed_deliveries.update(failed)
         self._schedule_retry([message for message in messages if message["MessageId"] in failed])
 
     def exhausted(self, max_receive_count: int) -> int:
@@ -418,108 +540,29 @@ class DynamoDbStreamEmulator(_Poller):
         }
 
 
-@dataclass(frozen=True)
-class FaultPlan:
-    """Faults injected around the real handler: the soak test's schedule. All rates are per call or message."""
+class Interposer(Protocol):
+    """What a harness may put around the stack's functions: the soak's fault injection
+    (``infra.fault_injection.FaultInjection``), which this module never imports."""
 
-    get_object_failure_rate: float = 0.0
-    put_item_throttle_rate: float = 0.0
-    put_events_failure_rate: float = 0.0
-    """Share of the result publisher's PutEvents calls that fail, so its batches are retried from the stream."""
-    duplicate_rate: float = 0.0
-    """Share of S3 notifications delivered twice, as separate SQS messages."""
-    crash_on_invocation: int | None = None
-    """This invocation handles half of its batch, then the handler crashes."""
-    decoder_memory_hog: bool = False
-    """Decoding a file that carries ``infra.corpus.MEMORY_HOG_MARKER`` allocates memory until its process is killed
-    or refused more: a file whose decoding exceeds Lambda's memory in a way the decode budget does not foresee.
-    Reads of the hog itself are never failed, so its first delivery always reaches the decoder."""
-    seed: int = 0
-
-
-class FaultInjectingClient:
-    """A boto3 client whose named operations fail at the plan's rates (GetObject, PutItem, PutEvents)."""
-
-    def __init__(
-        self,
-        client: Any,
-        failures: dict[str, tuple[float, str]],
-        rng: random.Random,
-        spare: Callable[[dict[str, Any]], bool] = lambda arguments: False,
-    ) -> None:
-        """A call whose arguments ``spare`` accepts is never failed."""
-        self._client = client
-        self._failures = failures
-        self._rng = rng
-        self._spare = spare
-        self._lock = threading.Lock()
-        self.injected: dict[str, int] = dict.fromkeys(failures, 0)
-
-    def __getattr__(self, name: str) -> Any:
-        operation = getattr(self._client, name)
-        if name not in self._failures:
-            return operation
-        rate, code = self._failures[name]
-
-        def maybe_fail(**arguments: Any) -> Any:
-            if self._spare(arguments):
-                return operation(**arguments)
-            with self._lock:
-                fail = self._rng.random() < rate
-                if fail:
-                    self.injected[name] += 1
-            if fail:
-                raise ClientError({"Error": {"Code": code, "Message": f"injected {code}"}}, name)
-            return operation(**arguments)
-
-        return maybe_fail
-
-
-class MemoryHoggingDecoders:
-    """Replaces the scoring pipeline's decoders (in-process and isolated) with ones that exhaust memory on a file
-    carrying ``MEMORY_HOG_MARKER``, and puts the real ones back."""
-
-    def __init__(self) -> None:
-        self._patches = [
-            patch.object(module, "decode", _hogging(preprocessing.decode))
-            for module in (pipeline_module, isolated_decode)
-        ]
+    rng: random.Random
+    """The generator of the emulator's duplicate notifications (shared with the harness's own draws)."""
+    duplicate_rate: float
+    """Share of S3 notifications the emulator delivers twice, as separate SQS messages."""
 
     def enter(self) -> None:
-        for replacement in self._patches:
-            replacement.start()
+        """The stack starts."""
 
     def exit(self) -> None:
-        for replacement in self._patches:
-            replacement.stop()
+        """The stack stops."""
 
+    def client(self, operation_owner: str, service: str, client: Any) -> Any:
+        """The client that a function (``scoring`` or ``publisher``) is given for ``service``."""
 
-def _hogging(decode: Callable[[bytes, int], DecodedImage]) -> Callable[[bytes, int], DecodedImage]:
-    def run(data: bytes, size: int) -> DecodedImage:
-        if MEMORY_HOG_MARKER in data:
-            hog: list[np.ndarray] = []
-            while True:  # Every page is written, so it is resident: until the process is killed or refused.
-                hog.append(np.ones(32 * 2**20, dtype=np.uint8))
-        return decode(data, size)
+    def shared_state(self) -> SharedState | None:
+        """The harness's state that an invocation's process changes, to bring back from it."""
 
-    return run
-
-
-class CrashingHandler:
-    """Runs the handler normally, except on one invocation: half the batch is handled, then it crashes."""
-
-    def __init__(self, handler: Handler, crash_on_invocation: int) -> None:
-        self._handler = handler
-        self._crash_on = crash_on_invocation
-        self.invocations = 0
-
-    def __call__(self, event: dict[str, Any], context: Any) -> Any:
-        self.invocations += 1
-        if self.invocations != self._crash_on:
-            return self._handler(event, context)
-        half = {"Records": event["Records"][: len(event["Records"]) // 2]}
-        self._handler(half, context)
-        raise RuntimeError(f"injected crash in invocation {self.invocations}, after half of its batch")
+    def scoring_handler(self, invoke: Handler) -> Handler:
+        """The scoring handler as the emulator invokes it."""
 
 
 class QuietFunctions:
@@ -568,12 +611,18 @@ def _load_model() -> None:
         return  # Nothing is promoted yet: the invocation fails and its messages wait, as in AWS.
 
 
-def _restore_faults(rng: random.Random, clients: tuple[FaultInjectingClient, ...], exported: Any) -> None:
-    """Continue the fault plan where an invocation's process left it."""
-    rng_state, counts = exported
-    rng.setstate(rng_state)
-    for client, injected in zip(clients, counts, strict=True):
-        client.injected.update(injected)
+def _one_at_a_time(invoke: Handler) -> Handler:
+    """An in-process handler whose invocations take turns: they share one pipeline (one LiteRT interpreter, which is
+    not thread-safe) and Powertools' module state. Each still counts as running while it waits, so the emulator's
+    concurrency cap and throttling behave as in Lambda; only the work is serialised (``lambda_process`` runs each
+    invocation in a process of its own, at once)."""
+    turn = threading.Lock()
+
+    def run(event: dict[str, Any], context: Any) -> Any:
+        with turn:
+            return invoke(event, context)
+
+    return run
 
 
 def _is_s3_test_event(body: str) -> bool:
@@ -594,18 +643,24 @@ class LocalStack:
         region: str = "us-east-1",
         retry_delay_seconds: int | None = None,
         parameters: dict[str, Any] | None = None,
-        faults: FaultPlan | None = None,
+        interposer: Interposer | None = None,
         quiet: bool = False,
         on_waiting_without_model: Callable[[int], None] | None = None,
         lambda_process: bool = False,
+        template: dict[str, Any] | None = None,
+        account_concurrency: int | None = None,
     ) -> None:
-        """``quiet`` keeps the handler's per-image logs and metrics off the terminal (demo and soak).
+        """``interposer`` wraps the functions' clients and handler (the soak's fault injection).
+        ``quiet`` keeps the handler's per-image logs and metrics off the terminal (demo and soak).
         ``lambda_process`` runs each scoring invocation in a forked child under the function's memory size and
         timeout from the template, killed past either as Lambda kills it (``infra.lambda_process``; the soak).
         ``on_waiting_without_model`` is told, once per delivered batch, how many messages arrived while no model
-        is promoted (they fail and wait for a retry, then the dead-letter queue)."""
+        is promoted (they fail and wait for a retry, then the dead-letter queue).
+        ``template`` is template.yaml as loaded (``infra.template.load_template``), or a variant of it (a burst test
+        caps the event source with ``with_maximum_concurrency``). ``account_concurrency`` is the account's
+        unreserved concurrency: with the function's reservation, if any, it limits the invocations running at
+        once; one beyond it is throttled (None: no limit but the event source's own)."""
         self._quiet = quiet
-        self._hog = MemoryHoggingDecoders() if faults is not None and faults.decoder_memory_hog else None
         self._lambda_process = lambda_process
         self.lambda_process: LambdaProcess | None = None
         self._on_waiting_without_model = on_waiting_without_model
@@ -615,8 +670,9 @@ class LocalStack:
         self._region = region
         self._retry_delay_seconds = retry_delay_seconds
         self._parameters = parameters or {}
-        self.faults = faults or FaultPlan()
-        self.fault_clients: list[FaultInjectingClient] = []
+        self._template = template
+        self._account_concurrency = account_concurrency
+        self.interposer = interposer
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.outputs: StackOutputs | None = None
@@ -669,6 +725,8 @@ class LocalStack:
 
     def start(self) -> StackOutputs:
         """Start the server, create the resources, and begin feeding the handlers."""
+        # The server runs in this process, and the emulator's invocations write at once.
+        make_dynamodb_writes_atomic()
         self._server.start()
         host, port = self._server.get_host_and_port()
         endpoint_url = f"http://{host}:{port}"
@@ -677,8 +735,8 @@ class LocalStack:
         if self._quiet:
             self._quieted = QuietFunctions()
             self._quieted.enter()
-        if self._hog is not None:
-            self._hog.enter()
+        if self.interposer is not None:
+            self.interposer.enter()
         # Moto accepts any credentials; clients of this process sign with these unless real ones are set.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
@@ -687,7 +745,7 @@ class LocalStack:
         # An invocation that records no metric (a batch of backfill requests for images already scored, or metrics
         # disabled on a quiet stack) is normal here; Powertools warns about each one.
         warnings.filterwarnings("ignore", message="No application metrics to publish", category=UserWarning)
-        template = load_template()
+        template = self._template if self._template is not None else load_template()
         clients: dict[str, Any] = {
             name: boto3.client(name, region_name=self._region, endpoint_url=endpoint_url)
             for name in ("s3", "sqs", "dynamodb", "events", "dynamodbstreams")
@@ -702,9 +760,8 @@ class LocalStack:
             template=template,
             parameters=self._parameters,
         )
-        rng = random.Random(self.faults.seed)
-        self.emulator = self._attach_scoring(template, clients, rng)
-        self.stream_emulator = self._attach_publisher(template, clients, rng)
+        self.emulator = self._attach_scoring(template, clients)
+        self.stream_emulator = self._attach_publisher(template, clients)
         self._threads = [
             threading.Thread(target=self.emulator.run, args=(self._stop,), name="sqs-event-source", daemon=True),
             threading.Thread(
@@ -720,11 +777,13 @@ class LocalStack:
         invoke: Handler = function.lambda_handler
         return QuietFunctions.wrap(invoke, function.metrics) if self._quiet else invoke
 
-    def _attach_scoring(
-        self, template: dict[str, Any], clients: dict[str, Any], rng: random.Random
-    ) -> SqsEventSourceEmulator:
-        """The real scoring handler, wired to this stack's endpoint exactly as the template wires it in AWS, behind
-        the fault plan's S3 and DynamoDB faults, fed by the queue."""
+    def _interposed(self, function: str, service: str, client: Any) -> Any:
+        """The client ``function`` is given: the interposer's, if any."""
+        return client if self.interposer is None else self.interposer.client(function, service, client)
+
+    def _attach_scoring(self, template: dict[str, Any], clients: dict[str, Any]) -> SqsEventSourceEmulator:
+        """The real scoring handler, wired to this stack's endpoint exactly as the template wires it in AWS (behind
+        the interposer's clients, if any), fed by the queue."""
         assert self.outputs is not None
         settings = Settings(
             results_table=self.outputs.results_table,
@@ -736,6 +795,8 @@ class LocalStack:
             model_cache_dir=Path(tempfile.mkdtemp(prefix="pneumoscan-local-models-")),
             max_image_bytes=int(self._parameter(template, "MaxImageBytes")),
             heatmap_bucket=self.outputs.heatmap_bucket,
+            heatmaps_for_flagged=heatmap_policy({"HEATMAPS": str(self._parameter(template, "Heatmaps"))}),
+            by_day_shards=self.outputs.by_day_shards,
             # The template passes the parameters to the function's environment under these names.
             accepted_ages=accepted_ages(
                 {
@@ -744,41 +805,32 @@ class LocalStack:
                 }
             ),
         )
-        s3 = FaultInjectingClient(
-            clients["s3"],
-            {"get_object": (self.faults.get_object_failure_rate, "SlowDown")},
-            rng,
-            # The memory hog's first delivery must reach the decoder, so the soak always has an invocation killed.
-            spare=lambda arguments: arguments.get("Key", "").endswith(f"/{MEMORY_HOG_NAME}"),
-        )
-        dynamodb = FaultInjectingClient(
-            clients["dynamodb"],
-            {"put_item": (self.faults.put_item_throttle_rate, "ProvisionedThroughputExceededException")},
-            rng,
-        )
-        self.fault_clients.extend([s3, dynamodb])
+        s3 = self._interposed("scoring", "s3", clients["s3"])
+        dynamodb = self._interposed("scoring", "dynamodb", clients["dynamodb"])
         handler.pipeline.set(handler.build_pipeline(settings, s3, dynamodb))
         invoke = self._invoke(handler)
+        if not self._lambda_process:
+            invoke = _one_at_a_time(invoke)
         if self._lambda_process:
-            # The fault plan's generator and counts change in the invocation's process; they come back with it.
-            state = SharedState(
-                export=lambda: (rng.getstate(), [dict(client.injected) for client in (s3, dynamodb)]),
-                restore=lambda exported: _restore_faults(rng, (s3, dynamodb), exported),
-            )
+            # The interposer's state (a fault plan's generator and counts) changes in the invocation's process; it
+            # comes back with it.
+            state = self.interposer.shared_state() if self.interposer is not None else None
             self.lambda_process = LambdaProcess(invoke, LambdaLimits.from_template(template), state, _load_model)
             invoke = self.lambda_process
         if self._on_waiting_without_model is not None:
             invoke = self._watch_for_missing_model(invoke, ModelRegistry(clients["s3"], self.outputs.model_bucket))
-        if self.faults.crash_on_invocation is not None:
-            invoke = CrashingHandler(invoke, self.faults.crash_on_invocation)
+        if self.interposer is not None:
+            invoke = self.interposer.scoring_handler(invoke)
+        limits = [reserved_concurrency(template, parameters=self._parameters), self._account_concurrency]
         return SqsEventSourceEmulator(
             clients["sqs"],
             self.outputs.queue_url,
             invoke,
-            EventSourceMapping.from_template(template),
+            EventSourceMapping.from_template(template, parameters=self._parameters),
+            concurrency_limit=min((limit for limit in limits if limit is not None), default=None),
             retry_delay_seconds=self._retry_delay_seconds,
-            duplicate_rate=self.faults.duplicate_rate,
-            rng=rng,
+            duplicate_rate=0.0 if self.interposer is None else self.interposer.duplicate_rate,
+            rng=None if self.interposer is None else self.interposer.rng,
             region=self._region,
         )
 
@@ -799,15 +851,11 @@ class LocalStack:
 
         return run
 
-    def _attach_publisher(
-        self, template: dict[str, Any], clients: dict[str, Any], rng: random.Random
-    ) -> DynamoDbStreamEmulator:
-        """The real result publisher behind the fault plan's PutEvents faults, fed by the table's stream."""
+    def _attach_publisher(self, template: dict[str, Any], clients: dict[str, Any]) -> DynamoDbStreamEmulator:
+        """The real result publisher (behind the interposer's EventBridge client, if any), fed by the table's
+        stream."""
         assert self.outputs is not None
-        events = FaultInjectingClient(
-            clients["events"], {"put_events": (self.faults.put_events_failure_rate, "InternalException")}, rng
-        )
-        self.fault_clients.append(events)
+        events = self._interposed("publisher", "events", clients["events"])
         publisher.feed.set(publisher.EventFeed(events, self.outputs.event_bus))
         table = clients["dynamodb"].describe_table(TableName=self.outputs.results_table)["Table"]
         dead_letters = f"{self._parameter(template, 'NamePrefix')}-PublisherDeadLetterQueue"
@@ -831,8 +879,8 @@ class LocalStack:
             thread.join(timeout=30)
         handler.pipeline.set(None)
         publisher.feed.set(None)
-        if self._hog is not None:
-            self._hog.exit()
+        if self.interposer is not None:
+            self.interposer.exit()
         if self._quieted is not None:
             self._quieted.exit()
             self._quieted = None

@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from infra.moto_atomicity import make_dynamodb_writes_atomic
 from infra.template import (
     Resolver,
     evaluate_conditions,
@@ -23,7 +24,7 @@ from infra.template import (
     parameter_defaults,
     resources_of_type,
 )
-from pneumoscan.stack import DATA_PLANE_OUTPUTS, StackOutputs
+from pneumoscan.stack import DATA_PLANE_OUTPUTS, OPTIONAL_OUTPUTS, StackOutputs
 
 Conditions = Mapping[str, bool]
 """Condition name -> whether it holds for the stack's parameters."""
@@ -41,9 +42,12 @@ def create_data_plane(
     parameters: dict[str, Any] | None = None,
 ) -> StackOutputs:
     """Create queues, tables, buckets and event buses as the template declares them; return the stack's outputs."""
+    # The data plane is moto's (a local server, or mock_aws): its writes must be as atomic as DynamoDB's.
+    make_dynamodb_writes_atomic()
     template = template or load_template()
-    resolver = Resolver(parameters={**parameter_defaults(template), **(parameters or {})}, region=region)
-    conditions = evaluate_conditions(template, resolver.parameters)
+    values = {**parameter_defaults(template), **(parameters or {})}
+    conditions = evaluate_conditions(template, values)
+    resolver = Resolver(parameters=values, region=region, conditions=conditions)
     _create_queues(template, sqs, resolver, conditions)
     _create_tables(template, dynamodb, resolver, conditions)
     _create_buckets(template, s3, resolver, region, conditions)
@@ -52,7 +56,7 @@ def create_data_plane(
     outputs = {
         name: resolver.resolve(spec["Value"])
         for name, spec in template["Outputs"].items()
-        if name in DATA_PLANE_OUTPUTS and is_created(spec, conditions)
+        if name in DATA_PLANE_OUTPUTS | OPTIONAL_OUTPUTS and is_created(spec, conditions)
     }
     return StackOutputs.from_template_outputs(outputs, endpoint_url=endpoint_url, region=region)
 
@@ -123,6 +127,13 @@ def _create_buckets(template: dict[str, Any], s3: Any, resolver: Resolver, regio
                 for rule in properties["BucketEncryption"]["ServerSideEncryptionConfiguration"]
             ]
             s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={"Rules": rules})
+        if "LifecycleConfiguration" in properties:
+            s3.put_bucket_lifecycle_configuration(
+                Bucket=name,
+                LifecycleConfiguration={
+                    "Rules": [_lifecycle_rule(rule) for rule in properties["LifecycleConfiguration"]["Rules"]]
+                },
+            )
         if "PublicAccessBlockConfiguration" in properties:
             s3.put_public_access_block(
                 Bucket=name, PublicAccessBlockConfiguration=properties["PublicAccessBlockConfiguration"]
@@ -147,6 +158,30 @@ def _create_event_buses(template: dict[str, Any], events: Any, resolver: Resolve
         arn = events.create_event_bus(Name=name)["EventBusArn"]
         resolver.references[logical_id] = name
         resolver.attributes[(logical_id, "Arn")] = arn
+
+
+def _lifecycle_rule(rule: dict[str, Any]) -> dict[str, Any]:
+    """CloudFormation's lifecycle rule in the shape of S3's PutBucketLifecycleConfiguration (the properties the
+    template uses)."""
+    converted: dict[str, Any] = {
+        "ID": rule["Id"],
+        "Status": rule["Status"],
+        "Filter": {"Prefix": rule.get("Prefix", "")},
+    }
+    if "ExpirationInDays" in rule:
+        converted["Expiration"] = {"Days": int(rule["ExpirationInDays"])}
+    if "NoncurrentVersionExpiration" in rule:
+        days = rule["NoncurrentVersionExpiration"]["NoncurrentDays"]
+        converted["NoncurrentVersionExpiration"] = {"NoncurrentDays": int(days)}
+    if "Transitions" in rule:
+        converted["Transitions"] = [
+            {"Days": int(transition["TransitionInDays"]), "StorageClass": transition["StorageClass"]}
+            for transition in rule["Transitions"]
+        ]
+    if "AbortIncompleteMultipartUpload" in rule:
+        days = rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"]
+        converted["AbortIncompleteMultipartUpload"] = {"DaysAfterInitiation": int(days)}
+    return converted
 
 
 def _queue_notification(configuration: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,12 @@ the promoted model (with a heatmap when it is flagged: PNEUMONIA or INDETERMINAT
 result with its reason (decode-cost bombs, truncated films), no valid film that shared a batch with a bomb may lose
 its result, the dead-letter queue holds only the messages whose every delivery failed, and a downstream subscriber
 of the results bus at least one event for every result.
+
+The burst (``run_burst``) uploads thousands of films at once to a scoring function whose SQS event source is capped
+by ``ScalingConfig.MaximumConcurrency`` (the template's, or the one it is given) on an account with no more
+concurrency than that: the emulator's poller never invokes beyond the cap, so the backlog waits in the queue, and
+every film must be scored once with nothing in the dead-letter queue. Without a cap the same burst is throttled
+(``maximum_concurrency=None``), and its throttled batches count towards ``maxReceiveCount``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import itertools
 import json
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,9 @@ from PIL import Image
 from core.rejections import RejectionReason
 from core.results import Status
 from infra.corpus import CorpusFile, build_corpus, memory_hog
-from infra.local_stack import FaultPlan, LocalStack, drain, scan_results
+from infra.fault_injection import FaultInjection, FaultPlan
+from infra.local_stack import LocalStack, drain, scan_results, with_maximum_concurrency
+from infra.template import load_template
 
 SOAK_MAX_IMAGE_BYTES = 4 * 1024 * 1024
 """The soak's input limit, small so the oversized hostile file stays cheap to upload."""
@@ -106,11 +115,13 @@ def run_soak(
         seed=11,
     )
     keys, files = _plan_uploads(data_root, sample, uploads, hog=faults.decoder_memory_hog)
+    injection = FaultInjection(faults)
     started = time.perf_counter()
     with LocalStack(
         retry_delay_seconds=1,
-        parameters={"MaxImageBytes": SOAK_MAX_IMAGE_BYTES},
-        faults=faults,
+        # Every flagged film gets a heatmap (Heatmaps=Flagged), so the soak exercises heatmaps under faults too.
+        parameters={"MaxImageBytes": SOAK_MAX_IMAGE_BYTES, "Heatmaps": "Flagged"},
+        interposer=injection,
         quiet=True,
         lambda_process=True,
     ) as stack:
@@ -132,7 +143,7 @@ def run_soak(
         }
         dead_letters = [message["Body"] for message in drain(sqs, outputs.dlq_url)]
         stats = stack.emulator.stats
-        injected = {name: count for client in stack.fault_clients for name, count in client.injected.items()}
+        injected = {name: count for client in injection.clients for name, count in client.injected.items()}
         max_receive_count = int(stack.redrive_policy()["maxReceiveCount"])
         predicted_dlq = stack.emulator.exhausted(max_receive_count)
         exhausted_by_faults = {
@@ -284,10 +295,114 @@ def _keys_in(body: str) -> list[str]:
     return [unquote_plus(record["s3"]["object"]["key"]) for record in records]
 
 
-def print_report(report: SoakReport) -> None:
+def print_report(report: SoakReport | BurstReport) -> None:
     """The soak's figures as a markdown table."""
     print("| figure | value |\n|---|---|")
     for name, value in asdict(report).items():
         if name != "problems":
             print(f"| {name.replace('_', ' ')} | {value} |")
     print(f"\n{'PASSED' if report.passed else 'FAILED'}" + "".join(f"\n  {problem}" for problem in report.problems))
+
+
+@dataclass(frozen=True)
+class BurstReport:
+    """What a burst measured; every problem (a film lost, scored twice, dead-lettered) must be absent to pass."""
+
+    uploads: int
+    maximum_concurrency: int | None
+    """The event source's ``ScalingConfig.MaximumConcurrency``; None: no cap (the poller's five batches at once)."""
+    account_concurrency: int | None
+    max_receive_count: int
+    scored: int
+    in_dlq: int
+    lost: int
+    duplicated_results: int
+    invocations: int
+    throttled_invocations: int
+    redelivered_messages: int
+    """Deliveries that did not end in a deleted message (throttled or failed): each is one more receive."""
+    peak_concurrency: int
+    wall_seconds: float
+    images_per_second: float
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def run_burst(
+    samples: Path,
+    model_dir: Path,
+    *,
+    uploads: int = 2000,
+    maximum_concurrency: int | None = 2,
+    account_concurrency: int | None = 2,
+    retry_delay_seconds: int | None = None,
+    timeout_seconds: float = 1800.0,
+) -> BurstReport:
+    """Upload ``uploads`` films (the samples' X-rays, smallest first, cycled) at once to a stack whose scoring
+    event source is capped at ``maximum_concurrency`` on an account of ``account_concurrency``, and check that every
+    film has exactly one SCORED result and the dead-letter queue is empty. ``retry_delay_seconds`` shortens the
+    visibility timeout of a throttled or failed batch (the uncapped comparison)."""
+    films = sorted(samples.rglob("*.jpeg"), key=lambda path: path.stat().st_size)
+    bodies = {
+        f"incoming/burst/{index:05d}-{path.name}": path.read_bytes()
+        for index, path in zip(range(uploads), itertools.cycle(films), strict=False)
+    }
+    template, parameters = load_template(), dict[str, Any]()
+    if maximum_concurrency is not None:
+        template, parameters = with_maximum_concurrency(template, parameters, maximum_concurrency)
+    started = time.perf_counter()
+    with LocalStack(
+        retry_delay_seconds=retry_delay_seconds,
+        parameters=parameters,
+        template=template,
+        account_concurrency=account_concurrency,
+        quiet=True,
+    ) as stack:
+        assert stack.outputs is not None and stack.emulator is not None
+        outputs = stack.outputs
+        s3, sqs = stack.client("s3"), stack.client("sqs")
+        version = stack.serve(model_dir)
+        drain(sqs, outputs.queue_url)  # S3's s3:TestEvent, before the poller takes it as a batch of its own.
+        with ThreadPoolExecutor(max_workers=8) as uploaders:
+            # Several uploaders at once, so the queue fills far faster than two invocations drain it.
+            bucket = outputs.input_bucket
+            list(uploaders.map(lambda key: s3.put_object(Bucket=bucket, Key=key, Body=bodies[key]), bodies))
+        _wait_until_drained(sqs, outputs.queue_url, time.monotonic() + timeout_seconds)
+        wall = time.perf_counter() - started
+        items = scan_results(stack.client("dynamodb"), outputs.results_table)
+        dead_letters = [key for message in drain(sqs, outputs.dlq_url) for key in _keys_in(message["Body"])]
+        stats = stack.emulator.stats
+        max_receive_count = int(stack.redrive_policy()["maxReceiveCount"])
+    prefix = f"s3://{outputs.input_bucket}/"
+    results = Counter(item["image_key"].removeprefix(prefix) for item in items)
+    scored = {
+        item["image_key"].removeprefix(prefix)
+        for item in items
+        if item["status"] == Status.SCORED and item.get("model_version") == version
+    }
+    lost = [key for key in bodies if key not in results and key not in dead_letters]
+    duplicated = [key for key, count in results.items() if count > 1]
+    problems = [f"dead-lettered: {key}" for key in dead_letters[:5]]
+    problems += [f"lost: {key}" for key in lost[:5]]
+    problems += [f"{results[key]} results for {key}" for key in duplicated[:5]]
+    problems += [f"not scored by {version}: {key}" for key in sorted(set(results) - scored)[:5]]
+    return BurstReport(
+        uploads=len(bodies),
+        maximum_concurrency=maximum_concurrency,
+        account_concurrency=account_concurrency,
+        max_receive_count=max_receive_count,
+        scored=len(scored),
+        in_dlq=len(dead_letters),
+        lost=len(lost),
+        duplicated_results=len(duplicated),
+        invocations=stats.invocations,
+        throttled_invocations=stats.throttled_invocations,
+        redelivered_messages=stats.messages_failed,
+        peak_concurrency=stats.peak_concurrency,
+        wall_seconds=round(wall, 1),
+        images_per_second=round(len(bodies) / wall, 1),
+        problems=tuple(problems),
+    )

@@ -43,6 +43,10 @@ def load_template(path: Path = TEMPLATE_PATH) -> dict[str, Any]:
     return template
 
 
+NO_VALUE = object()
+"""What ``Ref: AWS::NoValue`` resolves to: the property (or list item) holding it is left out."""
+
+
 @dataclass
 class Resolver:
     """Evaluates Ref, Fn::Sub and Fn::GetAtt against parameters, pseudo-parameters and created resources."""
@@ -54,20 +58,30 @@ class Resolver:
     """Logical id -> what ``Ref`` returns (a bucket name, a queue URL, a table name)."""
     attributes: dict[tuple[str, str], Any] = field(default_factory=dict)
     """(logical id, attribute) -> what ``Fn::GetAtt`` returns."""
+    conditions: Mapping[str, bool] = field(default_factory=dict)
+    """Condition name -> whether it holds, for ``Fn::If``."""
 
     def resolve(self, value: Any) -> Any:
         if isinstance(value, list):
-            return [self.resolve(item) for item in value]
+            return [item for item in (self.resolve(item) for item in value) if item is not NO_VALUE]
         if not isinstance(value, dict):
             return value
-        if set(value) == {"Ref"}:
-            return self._ref(value["Ref"])
-        if set(value) == {"Fn::GetAtt"}:
-            logical_id, attribute = value["Fn::GetAtt"]
+        if len(value) == 1 and next(iter(value)) in {"Ref", "Fn::If", "Fn::GetAtt", "Fn::Sub"}:
+            return self._intrinsic(*next(iter(value.items())))
+        resolved = {key: self.resolve(item) for key, item in value.items()}
+        return {key: item for key, item in resolved.items() if item is not NO_VALUE}
+
+    def _intrinsic(self, function: str, argument: Any) -> Any:
+        """The value of one intrinsic function (NO_VALUE for ``Ref: AWS::NoValue``)."""
+        if function == "Fn::If":
+            name, when_true, when_false = argument
+            return self.resolve(when_true if self.conditions[name] else when_false)
+        if function == "Fn::GetAtt":
+            logical_id, attribute = argument
             return self.attributes[(logical_id, attribute)]
-        if set(value) == {"Fn::Sub"}:
-            return self._sub(value["Fn::Sub"])
-        return {key: self.resolve(item) for key, item in value.items()}
+        if function == "Fn::Sub":
+            return self._sub(argument)
+        return NO_VALUE if argument == "AWS::NoValue" else self._ref(argument)
 
     def _ref(self, name: str) -> Any:
         pseudo = {"AWS::AccountId": self.account_id, "AWS::Region": self.region, "AWS::Partition": "aws"}

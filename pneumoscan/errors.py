@@ -8,6 +8,8 @@ control and bidi characters are shown as escapes."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -89,7 +91,11 @@ PROJECT_FIXES = {
     "UnpromotableVersionError": "publish the artifact again under a new version, then promote that",
     "RegistryError": "check the model bucket's name and that it holds models published with pneumoscan publish",
     "ConfigurationError": "set the variable it names",
+    "OutputNotWritableError": "run the image as a user that can write /opt/ml/model and /opt/ml/output (README, "
+    "'The training container'), or give --output an s3:// prefix",
+    "FailureFileError": "run the image as a user that can write /opt/ml/output (README, 'The training container')",
     "RedriveError": "run pneumoscan redrive again; the messages not moved are still on the dead-letter queue",
+    "RequantizeError": "the artifact stays as it is served; see README: int8 serving",
     "SiteCalibrationError": "give --data the site's labelled films (NORMAL/ and PNEUMONIA/, at least --min-per-class "
     "of each class, from two or more patients each) and --output a new folder",
 }
@@ -101,6 +107,21 @@ class Failure:
 
     exit_code: ExitCode
     line: str
+
+
+def run_reported(run: Callable[[], int], command: str, *, debug: bool = False) -> int:
+    """Run a command and return its exit code; a failure the user can fix is printed as one line on stderr and ends
+    in its kind's exit code, anything else (a bug, or every failure with ``debug``) is raised with its traceback."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except (Exception, UsageError) as error:  # Reported in one line when the user can fix it, else re-raised.
+        failure = None if debug else describe(error, command)
+        if failure is None:
+            raise
+        print(failure.line, file=sys.stderr)
+        return failure.exit_code
 
 
 def describe(error: BaseException, command: str) -> Failure | None:

@@ -232,6 +232,13 @@ def print_status(status: StackStatus, output_format: str, console: Console | Non
         (alarm.name, f"since {alarm.since}: {alarm.reason}") for alarm in status.alarms
     ]
     console.print(_section("alarms in ALARM", alarm_rows or [("none", "")]))
+    delivery = status.alarm_delivery
+    reach = (
+        Text.assemble(("WARNING: ", "bold red"), inert(delivery.note))
+        if delivery.reaches_someone is False
+        else _plain(delivery.note)
+    )
+    console.print(_section("alarm delivery", [("topic", delivery.topic_arn or "-"), ("reaches", reach)]))
 
 
 def _model_rows(status: StackStatus) -> list[tuple[str, str | Text]]:

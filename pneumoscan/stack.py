@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import boto3
 
+from core.results import DEFAULT_BY_DAY_SHARDS
+
 DATA_PLANE_OUTPUTS = frozenset(
     {
         "InputBucketName",
@@ -25,6 +27,9 @@ DATA_PLANE_OUTPUTS = frozenset(
         "ResultsEventBusName",
     }
 )
+
+OPTIONAL_OUTPUTS = frozenset({"ResultsByDayShards"})
+"""Outputs a stack deployed before them lacks; their fields then keep their defaults."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,10 @@ class StackOutputs:
     dlq_url: str
     heatmap_bucket: str = ""
     event_bus: str = ""
+    alarm_topic_arn: str = ""
+    """The topic every alarm goes to (empty for a local stack, which has no alarms' topic)."""
+    by_day_shards: int = DEFAULT_BY_DAY_SHARDS
+    """Partition keys per day of the results table's by-day index (the template's ``ResultsByDayShards``)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -59,6 +68,8 @@ class StackOutputs:
             dlq_url=outputs["DeadLetterQueueUrl"],
             heatmap_bucket=outputs["HeatmapBucketName"],
             event_bus=outputs["ResultsEventBusName"],
+            alarm_topic_arn=outputs.get("AlarmTopicArn", ""),
+            by_day_shards=int(outputs.get("ResultsByDayShards", DEFAULT_BY_DAY_SHARDS)),
         )
 
 

@@ -2,9 +2,9 @@
 
 What is served (the promoted model and its card's headline figures), what waits (queue depth, age of the oldest
 message, the dead-letter queue and the command that redrives it), what was done (results in the last hour and day by
-status and reason, from the ``ResultsByDay`` index), whether the population drifted (the last day's share of films
-flagged (PNEUMONIA or INDETERMINATE) against the share the model card's test set expects) and which CloudWatch
-alarms are in ALARM."""
+status and reason, from every shard of the ``ResultsByDayShard`` index), whether the population drifted (the last
+day's share of films flagged (PNEUMONIA or INDETERMINATE) against the share the model card's test set expects),
+which CloudWatch alarms are in ALARM, and whether they reach anyone (a confirmed subscription on the alarm topic)."""
 
 from __future__ import annotations
 
@@ -15,18 +15,22 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from core.model_card import CARD_FILE
 from core.model_registry import ModelRegistry, NoCurrentModelError
-from core.results import ResultsTable
+from core.results import DEFAULT_BY_DAY_SHARDS, ResultsTable
 from pneumoscan.redrive import waiting_count
 
 PAGE_SIZE = 500
-"""Results per ResultsByDay query page while counting."""
+"""Results per by-day page while counting."""
 DRIFT_SIGMAS = 3.0
 """A day's PNEUMONIA share further than this many binomial standard errors from the card's expectation is flagged."""
 DRIFT_MINIMUM_FILMS = 20
 """Fewer scored films than this in a day say nothing about drift."""
 WINDOWS = (("last hour", timedelta(hours=1)), ("last day", timedelta(days=1)))
+NOBODY = "ALARMS REACH NOBODY"
+"""How the status starts its note when no one would hear an alarm."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,18 @@ class Alarm:
 
 
 @dataclass(frozen=True)
+class AlarmDelivery:
+    """Whom the stack's alarms reach: the subscriptions of its alarm topic, confirmed or awaiting confirmation."""
+
+    topic_arn: str | None
+    confirmed: int
+    pending_confirmation: int
+    reaches_someone: bool | None
+    """None where the stack names no alarm topic (a local stack), so nothing was checked."""
+    note: str
+
+
+@dataclass(frozen=True)
 class StackStatus:
     """Everything ``pneumoscan status`` shows."""
 
@@ -100,6 +116,7 @@ class StackStatus:
     windows: tuple[WindowCounts, ...]
     drift: DriftCheck
     alarms: tuple[Alarm, ...]
+    alarm_delivery: AlarmDelivery
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -156,7 +173,7 @@ def drift_check(day: WindowCounts, expected: float | None) -> DriftCheck:
 
 
 def results_since(table: ResultsTable, since: datetime, until: datetime) -> list[dict[str, Any]]:
-    """Every result scored in ``[since, until]``, page by page from the ResultsByDay index."""
+    """Every result scored in ``[since, until]``, page by page from the by-day index's shards."""
     items: list[dict[str, Any]] = []
     token: str | None = None
     while True:
@@ -236,6 +253,34 @@ def alarms_in_alarm(cloudwatch: Any, names: list[str] | None) -> tuple[Alarm, ..
     return tuple(alarms)
 
 
+def alarm_delivery(sns: Any, topic_arn: str | None) -> AlarmDelivery:
+    """Count the alarm topic's confirmed subscriptions; one awaiting confirmation (SNS's ``PendingConfirmation``)
+    reaches nobody yet, and neither does a topic without subscriptions or one that does not exist."""
+    if not topic_arn:
+        return AlarmDelivery(None, 0, 0, None, "not checked: the stack names no alarm topic")
+    confirmed = pending = 0
+    try:
+        for page in sns.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=topic_arn):
+            for subscription in page.get("Subscriptions", []):
+                arn = str(subscription.get("SubscriptionArn", ""))
+                confirmed += arn.startswith("arn:")
+                pending += arn == "PendingConfirmation"
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "NotFound":
+            raise
+        return AlarmDelivery(topic_arn, 0, 0, False, f"{NOBODY}: the alarm topic does not exist")
+    if confirmed:
+        return AlarmDelivery(topic_arn, confirmed, pending, True, f"{confirmed} confirmed subscription(s)")
+    if pending:
+        note = (
+            f"{NOBODY}: {pending} subscription(s) await confirmation; follow the link in the e-mail SNS sent "
+            "(or subscribe again)"
+        )
+    else:
+        note = f"{NOBODY}: the alarm topic has no subscription; deploy with AlarmEmail or subscribe to the topic"
+    return AlarmDelivery(topic_arn, 0, pending, False, note)
+
+
 def stack_alarm_names(cloudformation: Any, stack_name: str) -> list[str]:
     """The physical names of a deployed stack's CloudWatch alarms."""
     names: list[str] = []
@@ -245,7 +290,7 @@ def stack_alarm_names(cloudformation: Any, stack_name: str) -> list[str]:
             for resource in page.get("StackResourceSummaries", [])
             if resource.get("ResourceType") == "AWS::CloudWatch::Alarm"
         ]
-    return names[:100]  # describe_alarms takes at most 100 names; the template has four.
+    return names[:100]  # describe_alarms takes at most 100 names; the template has about twenty.
 
 
 def collect(
@@ -253,13 +298,15 @@ def collect(
     *,
     model_bucket: str,
     results_table: str,
+    by_day_shards: int = DEFAULT_BY_DAY_SHARDS,
     queue_url: str,
     dlq_url: str,
     alarm_names: list[str] | None,
     redrive_command: str,
+    alarm_topic_arn: str | None = None,
     now: datetime | None = None,
 ) -> StackStatus:
-    """Read the stack's state through ``clients`` (s3, sqs, dynamodb, cloudwatch)."""
+    """Read the stack's state through ``clients`` (s3, sqs, dynamodb, cloudwatch, and sns for the alarm topic)."""
     now = now or datetime.now(UTC)
     model: ModelSummary | None = None
     problem: str | None = None
@@ -273,7 +320,7 @@ def collect(
     queue = queue_summary(clients["sqs"], clients["cloudwatch"], queue_url, dlq_url, now)
     # The longest window is read once; the shorter ones are counted from the same results.
     longest = max(length for _, length in WINDOWS)
-    items = results_since(ResultsTable(clients["dynamodb"], results_table), now - longest, now)
+    items = results_since(ResultsTable(clients["dynamodb"], results_table, by_day_shards), now - longest, now)
     windows = tuple(count_window(items, name, now - length) for name, length in WINDOWS)
     return StackStatus(
         checked_at=now.isoformat(timespec="seconds"),
@@ -284,6 +331,7 @@ def collect(
         windows=windows,
         drift=drift_check(windows[-1], model.expected_pneumonia_rate if model else None),
         alarms=alarms_in_alarm(clients["cloudwatch"], alarm_names),
+        alarm_delivery=alarm_delivery(clients.get("sns"), alarm_topic_arn),
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 from moto import mock_aws
 
 from core.events import parse_message_body
-from infra.local_stack import FaultInjectingClient
+from infra.fault_injection import FaultInjectingClient
 from infra.local_stack import drain as drain_queue
 from pneumoscan.backfill import Backfill, BackfillError, BackfillPlan, BackfillState, RateLimiter
 

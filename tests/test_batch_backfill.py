@@ -17,7 +17,8 @@ from moto import mock_aws
 from batch_backfill import handler as batch_backfill
 from batch_backfill.handler import BackfillEnqueuer, BatchBackfillSettings
 from core.events import parse_message_body
-from infra.local_stack import FaultInjectingClient, LocalContext
+from infra.fault_injection import FaultInjectingClient
+from infra.local_stack import LocalContext
 from infra.resources import create_data_plane
 
 EVENT = json.loads((Path(__file__).parent / "events" / "s3_batch_operation.json").read_text())

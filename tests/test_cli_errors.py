@@ -9,6 +9,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from core.model_registry import NoCurrentModelError, RegistryError
+from pneumoscan import day_shards
 from pneumoscan.errors import ExitCode, UsageError, describe
 from tests.conftest import SAMPLES
 from tests.test_first_hour import pneumoscan
@@ -22,14 +23,15 @@ FILM = str(SAMPLES / "NORMAL" / "IM-0001-0001.jpeg")
         (["score", "--model", "/tmp", FILM], ExitCode.INVALID_INPUT, "give --model an artifact folder"),
         (["results", "--outputs", "missing.json", "KEY"], ExitCode.MISSING_FILE, "missing.json"),
         (["train", "--data", "/nonexistent"], ExitCode.MISSING_FILE, "give --data"),
+        (["requantize", "--keras", "k", "--data", "/none", "--output", "o"], ExitCode.MISSING_FILE, "give --data"),
         (["results", "--outputs", "x.json"], ExitCode.USAGE, "give either KEY"),
     ],
 )
 def test_a_mistake_is_one_line_on_stderr_with_its_exit_code(
     arguments: list[str], exit_code: ExitCode, words: str, tmp_path: Path
 ) -> None:
-    """A wrong model folder, a missing outputs file, a missing data set: one line, no traceback, the documented
-    code."""
+    """A wrong model folder, a missing outputs file, a missing data set (training's or requantize's): one line, no
+    traceback, the documented code."""
     (tmp_path / "x.json").write_text("{}")
     completed = pneumoscan([*arguments], tmp_path, timeout=120)
     assert completed.returncode == exit_code, completed.stderr
@@ -102,3 +104,11 @@ def test_a_bug_is_not_disguised() -> None:
         except ClientError:
             labels["label"]  # A bug while handling an AWS error.
     assert describe(raised.value, "score") is None
+
+
+def test_the_day_shard_migration_reports_a_mistake_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m pneumoscan.day_shards`` ends a mistake (an outputs file that is not there) in one line on stderr
+    with the README's exit code, as the pneumoscan command does."""
+    assert day_shards.main(["--outputs", "/nonexistent/outputs.json"]) == ExitCode.MISSING_FILE
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("pneumoscan day_shards: ") and "/nonexistent/outputs.json" in line

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pneumoscan.cli import main
+from scoring.litert import INFERENCE_BATCH
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +55,24 @@ def test_bad_files_get_error_lines_and_the_rest_are_scored(
     assert "cannot read file" in lines[str(missing)]["error"]
     assert lines[str(sample_paths[0])]["label"] in {"NORMAL", "INDETERMINATE", "PNEUMONIA"}
     assert lines[str(sample_paths[-1])]["label"] in {"NORMAL", "INDETERMINATE", "PNEUMONIA"}
+
+
+def test_many_files_are_printed_in_order_across_slices(
+    screened_release: Path, sample_paths: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """More files than one inference slice holds, unreadable and corrupt ones among them, still get one line each
+    in the order named, and each film's line is the one it gets when scored alone."""
+    corrupt = tmp_path / "corrupt.jpeg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    missing = tmp_path / "missing.jpeg"
+    paths = [*sample_paths, missing, *reversed(sample_paths), corrupt, sample_paths[0], missing]
+    assert len(paths) > 2 * INFERENCE_BATCH
+    assert main(["score", "--model", str(screened_release), *map(str, paths)]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == [str(path) for path in paths]
+    for path in sample_paths:
+        assert main(["score", "--model", str(screened_release), str(path)]) == 0
+        [alone] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert all(line == alone for line in lines if line["path"] == str(path))
+    assert "cannot read file" in lines[len(sample_paths)]["error"]
+    assert lines[-3]["reason"] == "CORRUPT_IMAGE"

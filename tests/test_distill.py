@@ -34,7 +34,7 @@ def test_teacher_is_served_within_the_budget_and_the_student_beyond_it() -> None
 
 
 def _candidate(difference: float, flips: int) -> ExportCandidate:
-    return ExportCandidate("float32", 1, difference, 1.0, flips, 1.0)
+    return ExportCandidate("float32", 1, difference, 1.0, flips, 1.0, validation_auc=0.99, keras_validation_auc=0.99)
 
 
 def test_export_gate_compares_probabilities_and_labels() -> None:

@@ -74,6 +74,6 @@ def test_shared_state_comes_back_from_the_child() -> None:
     rng = random.Random(3)
     expected = random.Random(3)
     expected.random()
-    state = SharedState(export=rng.getstate, restore=rng.setstate)
+    state = SharedState(export=rng.getstate, restore=lambda started, ended: rng.setstate(ended))
     LambdaProcess(lambda event, context: rng.random(), SMALL, state)({}, None)
     assert rng.random() == expected.random()

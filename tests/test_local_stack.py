@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,14 @@ from infra.corpus import dicom_bytes
 from infra.demo import run_demo
 from infra.dicom_films import with_patient_age
 from infra.lambda_process import InvocationKilledError
-from infra.local_stack import EventSourceMapping, SqsEventSourceEmulator, drain
+from infra.local_stack import (
+    EventSourceMapping,
+    SqsEventSourceEmulator,
+    drain,
+    reserved_concurrency,
+    resolved,
+    with_maximum_concurrency,
+)
 from infra.resources import create_data_plane
 from infra.template import load_template
 from pneumoscan.errors import ExitCode
@@ -29,6 +38,7 @@ from pneumoscan.stack import outputs_of_deployed_stack
 from tests.conftest import RELEASE_MODEL, SAMPLES, stop_server
 
 REGION = "us-east-1"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_event_source_mapping_comes_from_the_template() -> None:
@@ -39,6 +49,8 @@ def test_event_source_mapping_comes_from_the_template() -> None:
     assert mapping.batch_size == properties["BatchSize"]
     assert mapping.batching_window_seconds == properties["MaximumBatchingWindowInSeconds"]
     assert mapping.report_batch_item_failures
+    cap = properties.get("ScalingConfig", {}).get("MaximumConcurrency")
+    assert mapping.maximum_concurrency == (None if cap is None else int(resolved(template, cap)))
 
 
 @pytest.fixture
@@ -301,3 +313,113 @@ def test_template_age_bounds_reach_the_function(sample_paths: list[Path]) -> Non
     assert (outcomes["a.dcm"]["status"], outcomes["a.dcm"]["reason"]) == ("REJECTED", "OUTSIDE_VALIDATED_POPULATION")
     assert outcomes["a.dcm"]["reason_detail"] == outside_detail(AgeRange(0, 3))
     assert outcomes["b.dcm"]["status"] == "SCORED"
+
+
+def test_local_stack_carries_no_fault_injection() -> None:
+    """``pneumoscan local up`` imports the local stack without the soak's fault injection or its hostile corpus."""
+    probe = "import sys, infra.local_stack; print(sorted(m for m in sys.modules if m.startswith('infra.')))"
+    environment = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'functions'}"}
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=environment, cwd=ROOT
+    ).stdout
+    assert "infra.local_stack" in loaded
+    assert "infra.fault_injection" not in loaded
+    assert "infra.corpus" not in loaded
+
+
+def test_the_concurrency_cap_and_reservation_come_from_the_template() -> None:
+    """``ScalingConfig.MaximumConcurrency`` and ``ReservedConcurrentExecutions`` are read from the template through
+    its parameters and conditions (a reservation that is off is no limit); a template without a cap has none."""
+    template = load_template()
+    function = template["Resources"]["ScoringFunction"]["Properties"]
+    function["Events"]["Uploads"]["Properties"].pop("ScalingConfig", None)
+    assert EventSourceMapping.from_template(template).maximum_concurrency is None
+    template["Parameters"]["Cap"] = {"Type": "Number", "Default": 7}
+    template["Parameters"]["Reserved"] = {"Type": "Number", "Default": 0}
+    template.setdefault("Conditions", {})["IsReserved"] = {"Fn::Not": [{"Fn::Equals": [{"Ref": "Reserved"}, 0]}]}
+    function["Events"]["Uploads"]["Properties"]["ScalingConfig"] = {"MaximumConcurrency": {"Ref": "Cap"}}
+    function["ReservedConcurrentExecutions"] = {"Fn::If": ["IsReserved", {"Ref": "Reserved"}, {"Ref": "AWS::NoValue"}]}
+    assert EventSourceMapping.from_template(template).maximum_concurrency == 7
+    assert EventSourceMapping.from_template(template, parameters={"Cap": 3}).maximum_concurrency == 3
+    assert reserved_concurrency(template) is None
+    assert reserved_concurrency(template, parameters={"Reserved": 4}) == 4
+    capped, parameters = with_maximum_concurrency(template, {}, 2)
+    assert EventSourceMapping.from_template(capped, parameters=parameters).maximum_concurrency == 2
+
+
+def _run_until(emulator: SqsEventSourceEmulator, done: Callable[[], bool]) -> None:
+    """Run the emulator's poller on its own thread until ``done`` holds (at most a minute)."""
+    stop = threading.Event()
+    poller = threading.Thread(target=emulator.run, args=(stop,), kwargs={"idle_sleep": 0.02})
+    poller.start()
+    deadline = time.monotonic() + 60
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    poller.join(timeout=60)
+
+
+def test_the_poller_runs_up_to_the_cap_and_no_further(queues: tuple[Any, str, str]) -> None:
+    """With ``MaximumConcurrency`` 2, two invocations run at once (the first waits for a second), none beyond:
+    every message is delivered on its first receive, so a backlog waits in the queue rather than being throttled."""
+    sqs, queue_url, dlq_url = queues
+    drain(sqs, queue_url)  # S3's s3:TestEvent.
+    for index in range(40):
+        sqs.send_message(QueueUrl=queue_url, MessageBody=f"film-{index}")
+    inside = [0]
+    counting = threading.Lock()
+    two_at_once = threading.Event()
+    receive_counts: list[str] = []
+
+    def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
+        with counting:
+            inside[0] += 1
+            if inside[0] == 2:
+                two_at_once.set()
+        two_at_once.wait(timeout=30)  # Only the first invocation waits: for a second one to run beside it.
+        receive_counts.extend(record["attributes"]["ApproximateReceiveCount"] for record in event["Records"])
+        with counting:
+            inside[0] -= 1
+        return {"batchItemFailures": []}
+
+    mapping = EventSourceMapping(
+        batch_size=5, batching_window_seconds=0, report_batch_item_failures=True, maximum_concurrency=2
+    )
+    emulator = SqsEventSourceEmulator(sqs, queue_url, handler, mapping, pollers=8, concurrency_limit=2, region=REGION)
+    _run_until(emulator, lambda: emulator.stats.messages_deleted == 40)
+    assert emulator.slots == 2
+    assert (emulator.stats.messages_deleted, emulator.stats.handler_crashes) == (40, 0)
+    assert emulator.stats.peak_concurrency == 2
+    assert emulator.stats.throttled_invocations == 0
+    assert receive_counts == ["1"] * 40
+    assert _count(sqs, queue_url) == _count(sqs, dlq_url) == 0
+
+
+def test_without_a_cap_the_poller_is_throttled_at_the_functions_limit(queues: tuple[Any, str, str]) -> None:
+    """Without ``MaximumConcurrency`` the poller's batches beyond the function's concurrency limit are throttled:
+    not handled, back after the visibility timeout with one more receive each (the way a burst dead-letters)."""
+    sqs, queue_url, _ = queues
+    drain(sqs, queue_url)  # S3's s3:TestEvent.
+    for index in range(30):
+        sqs.send_message(QueueUrl=queue_url, MessageBody=f"film-{index}")
+    receive_counts: list[int] = []
+    emulator: SqsEventSourceEmulator
+
+    def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
+        # The only invocation the limit allows holds on until another batch has been throttled.
+        deadline = time.monotonic() + 30
+        while emulator.stats.throttled_invocations == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        receive_counts.extend(int(record["attributes"]["ApproximateReceiveCount"]) for record in event["Records"])
+        return {"batchItemFailures": []}
+
+    mapping = EventSourceMapping(batch_size=5, batching_window_seconds=0, report_batch_item_failures=True)
+    emulator = SqsEventSourceEmulator(
+        sqs, queue_url, handler, mapping, pollers=3, concurrency_limit=1, retry_delay_seconds=0, region=REGION
+    )
+    _run_until(emulator, lambda: emulator.stats.messages_deleted == 30)
+    assert emulator.slots == 3
+    assert emulator.stats.throttled_invocations > 0
+    assert emulator.stats.peak_concurrency == 1
+    assert emulator.stats.messages_deleted == 30
+    assert max(receive_counts) > 1  # A throttled batch's messages were received again.

@@ -43,7 +43,7 @@ def cli_json(capsys: pytest.CaptureFixture[str], *arguments: str) -> tuple[int, 
 @pytest.fixture
 def running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[LocalStack, Path]]:
     """The local stack with the release model published and promoted, and its outputs file."""
-    with LocalStack(retry_delay_seconds=1, quiet=True) as stack:
+    with LocalStack(retry_delay_seconds=1, quiet=True, parameters={"Heatmaps": "Flagged"}) as stack:
         assert stack.outputs is not None
         outputs = tmp_path / "stack.json"
         outputs.write_text(stack.outputs.to_json())

@@ -13,8 +13,16 @@ import jsonschema
 import pytest
 from moto import mock_aws
 
-from core.results import InvalidPageTokenError, ResultsTable, ScoringResult
+from core.results import (
+    DEFAULT_BY_DAY_SHARDS,
+    InvalidPageTokenError,
+    ResultsTable,
+    ScoringResult,
+    day_shard,
+    plain_item,
+)
 from infra.resources import create_data_plane
+from pneumoscan.day_shards import add_day_shards
 from publisher.handler import result_detail
 from scoring.heatmaps import MAX_KEY_BYTES, HeatmapStore
 from tests.conftest import REPOSITORY_ROOT
@@ -44,6 +52,11 @@ def result(key: str, sequence: str, moment: datetime, **fields: Any) -> ScoringR
     }
     scored_at = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return ScoringResult(image_key=f"s3://in/{key}", object_sequence=sequence, scored_at=scored_at, **values)
+
+
+def scan_items(table: ResultsTable) -> list[dict[str, Any]]:
+    """Every item of the table, as plain values."""
+    return [plain_item(item) for item in table._dynamodb.scan(TableName=table.table_name)["Items"]]
 
 
 def test_latest_is_the_newest_scoring_of_the_newest_version(table: ResultsTable) -> None:
@@ -85,6 +98,63 @@ def test_results_since_a_time_page_across_days(table: ResultsTable) -> None:
     rejected = table.scored_since(START + timedelta(hours=1), until=until, status="REJECTED", limit=100)
     assert [item["image_key"] for item in rejected.items] == ["s3://in/k3", "s3://in/k6", "s3://in/k9"]
     assert rejected.next_token is None
+
+
+def test_a_day_is_spread_over_its_shards_and_read_back_in_time_order(table: ResultsTable) -> None:
+    """A day's results land on several of its ``<day>#<shard>`` keys, each key's always on the same one; a read
+    merges the shards oldest first, results of the same millisecond in key order, across pages."""
+    moments = [START + timedelta(minutes=index // 3) for index in range(30)]  # Three results per millisecond.
+    for index, moment in enumerate(moments):
+        table.put_once(result(f"k{index:02d}", "01", moment))
+    table.put_once(result("k00", "02", START + timedelta(hours=1)))
+    items = scan_items(table)
+    shards = {item["day_shard"] for item in items}
+    assert len(shards) > 1
+    assert shards <= {f"2026-11-26#{shard}" for shard in range(DEFAULT_BY_DAY_SHARDS)}
+    assert len({item["day_shard"] for item in items if item["image_key"] == "s3://in/k00"}) == 1
+    expected = sorted(items, key=lambda item: (item["scored_at"], item["image_key"], item["object_sequence"]))
+    read: list[tuple[str, str]] = []
+    token = None
+    while True:
+        page = table.scored_since(START, until=START + timedelta(hours=2), limit=4, page_token=token)
+        read += [(item["image_key"], item["object_sequence"]) for item in page.items]
+        token = page.next_token
+        if token is None:
+            break
+    assert read == [(item["image_key"], item["object_sequence"]) for item in expected]
+
+
+def test_the_shard_count_is_the_tables(table: ResultsTable) -> None:
+    """A table of three shards per day writes only ``#0`` to ``#2`` and reads every one of them."""
+    three = ResultsTable(table._dynamodb, table.table_name, by_day_shards=3)
+    for index in range(12):
+        three.put_once(result(f"k{index}", "01", START + timedelta(seconds=index)))
+    assert {item["day_shard"] for item in scan_items(three)} == {f"2026-11-26#{shard}" for shard in range(3)}
+    page = three.scored_since(START, until=START + timedelta(hours=1), limit=100)
+    assert [item["image_key"] for item in page.items] == [f"s3://in/k{index}" for index in range(12)]
+    assert day_shard("s3://in/k0", "2026-11-26", 3) == next(
+        item["day_shard"] for item in scan_items(three) if item["image_key"] == "s3://in/k0"
+    )
+
+
+def test_results_written_before_sharding_are_migrated_into_the_index(table: ResultsTable) -> None:
+    """Results without ``day_shard`` (written before the index was sharded) are invisible to a read by time until
+    the migration writes it; a second run changes nothing, and a new shard count re-shards every result."""
+    for index in range(5):
+        table.put_once(result(f"k{index}", "01", START + timedelta(seconds=index)))
+    dynamodb = table._dynamodb
+    for item in scan_items(table)[:3]:
+        key = {"image_key": {"S": item["image_key"]}, "object_sequence": {"S": item["object_sequence"]}}
+        dynamodb.update_item(TableName=table.table_name, Key=key, UpdateExpression="REMOVE day_shard")
+    window = {"until": START + timedelta(hours=1), "limit": 100}
+    assert len(table.scored_since(START, **window).items) == 2
+    assert add_day_shards(dynamodb, table.table_name, DEFAULT_BY_DAY_SHARDS, segments=2) == 3
+    assert len(table.scored_since(START, **window).items) == 5
+    assert add_day_shards(dynamodb, table.table_name, DEFAULT_BY_DAY_SHARDS) == 0
+    add_day_shards(dynamodb, table.table_name, 2, reshard=True)
+    assert {item["day_shard"] for item in scan_items(table)} <= {"2026-11-26#0", "2026-11-26#1"}
+    two = ResultsTable(dynamodb, table.table_name, by_day_shards=2)
+    assert len(two.scored_since(START, **window).items) == 5
 
 
 def test_a_foreign_page_token_is_refused(table: ResultsTable) -> None:

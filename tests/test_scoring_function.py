@@ -7,13 +7,16 @@ moto model bucket exactly as in production.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import hashlib
 import io
 import json
 import logging
 import random
 import shutil
 import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from moto import mock_aws
 from PIL import Image, ImageOps
 
 from core import screening
+from core.config import ConfigurationError
 from core.events import BackfillRequest
 from core.model_card import read_card
 from core.model_registry import ModelRegistry
@@ -41,8 +45,9 @@ from infra.corpus import (
 )
 from infra.dicom_bombs import codestream_larger_than_header
 from infra.dicom_films import with_patient_age
+from infra.fault_injection import FaultInjectingClient
 from infra.lambda_process import LambdaLimits, LambdaProcess
-from infra.local_stack import FaultInjectingClient, LocalContext, drain, scan_results
+from infra.local_stack import LocalContext, drain, scan_results
 from infra.non_radiographs import non_radiographs
 from infra.resources import create_data_plane
 from infra.template import load_template
@@ -534,6 +539,134 @@ def test_s3_faults_fail_only_their_records(stack: Stack, sample_paths: list[Path
     assert len(stack.results()) == 1
 
 
+class MeetingClient:
+    """A client whose ``operation`` calls each wait until ``parties`` of them are in flight at once: calls made one
+    after another never meet, and the first one fails once the barrier's timeout passes."""
+
+    def __init__(self, client: Any, operation: str, parties: int) -> None:
+        self._client = client
+        self._operation = operation
+        self._barrier = threading.Barrier(parties, timeout=60)
+        self.met = 0
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._client, name)
+        if name != self._operation:
+            return call
+
+        def meet(**arguments: Any) -> Any:
+            self._barrier.wait()
+            self.met += 1
+            return call(**arguments)
+
+        return meet
+
+
+def test_a_batchs_reads_and_writes_are_in_flight_together(stack: Stack, sample_paths: list[Path]) -> None:
+    """The HEADs of a batch's three films, and then their three result writes, are all in flight at once; the
+    films are scored and written once each."""
+    for index in range(3):
+        stack.upload(f"incoming/together/{index}.jpeg", sample_paths[index].read_bytes())
+    records = stack.receive()
+    heads = MeetingClient(stack.s3, "head_object", parties=3)
+    writes = MeetingClient(stack.dynamodb, "put_item", parties=3)
+    rewire(stack, s3=heads, dynamodb=writes)
+    assert invoke(records) == {"batchItemFailures": []}
+    assert (heads.met, writes.met) == (3, 3)
+    assert len(stack.results()) == 3
+
+
+def test_io_concurrency_one_reads_one_after_another(stack: Stack, sample_paths: list[Path]) -> None:
+    """With IO_CONCURRENCY=1 every call waits for the one before: a client that counts calls in flight never sees
+    two, and the batch is scored as with the default."""
+    for index in range(3):
+        stack.upload(f"incoming/in-turn/{index}.jpeg", sample_paths[index].read_bytes())
+    records = stack.receive()
+    counter = InFlightCounter(stack.s3)
+    rewire(stack, s3=counter, IO_CONCURRENCY="1")
+    assert invoke(records) == {"batchItemFailures": []}
+    # The model's files, then HEAD and GET of each film and the flagged films' heatmaps: never two at once.
+    assert counter.most == 1
+    assert counter.calls >= 6
+    assert len(stack.results()) == 3
+
+
+def test_a_batch_larger_than_the_read_budget_is_read_a_wave_at_a_time(
+    stack: Stack, sample_paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a batch's films add up to more than READ_WAVE_BYTES their downloads run in waves within it, each wave
+    decoded before the next is read: with a budget smaller than one film, each film is downloaded only after the
+    one before it was decoded (their HEADs still run at once), and every film is scored."""
+    for index in range(3):
+        stack.upload(f"incoming/waves/{index}.jpeg", sample_paths[index].read_bytes())
+    records = stack.receive()
+    steps: list[str] = []
+    downloads = StepRecorder(stack.s3, steps)
+    decode = pipeline_module.decode
+
+    def recorded_decode(data: bytes, size: int) -> Any:
+        steps.append("decode")
+        return decode(data, size)
+
+    monkeypatch.setattr(pipeline_module, "decode", recorded_decode)
+    monkeypatch.setattr(pipeline_module, "READ_WAVE_BYTES", 1)
+    heads = MeetingClient(downloads, "head_object", parties=3)
+    rewire(stack, s3=heads)
+    assert invoke(records) == {"batchItemFailures": []}
+    assert steps == ["download", "decode"] * 3
+    assert heads.met == 3
+    assert len(stack.results()) == 3
+
+
+class StepRecorder:
+    """A client that appends "download" to ``steps`` for every GET of an uploaded film (not the model's files)."""
+
+    def __init__(self, client: Any, steps: list[str]) -> None:
+        self._client = client
+        self._steps = steps
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._client, name)
+        if name != "get_object":
+            return call
+
+        def recorded(**arguments: Any) -> Any:
+            if arguments["Key"].startswith("incoming/"):
+                self._steps.append("download")
+            return call(**arguments)
+
+        return recorded
+
+
+class InFlightCounter:
+    """A client that counts its HEAD, GET and PUT calls and the most of them in flight at once."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._now = 0
+        self.calls = 0
+        self.most = 0
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._client, name)
+        if name not in {"head_object", "get_object", "put_object"}:
+            return call
+
+        def counted(**arguments: Any) -> Any:
+            with self._lock:
+                self._now += 1
+                self.calls += 1
+                self.most = max(self.most, self._now)
+            try:
+                return call(**arguments)
+            finally:
+                with self._lock:
+                    self._now -= 1
+
+        return counted
+
+
 def test_throttled_write_is_retried_and_lands_once(stack: Stack, sample_paths: list[Path]) -> None:
     """A throttled DynamoDB write fails the record; the retry writes exactly one item."""
     stack.upload("incoming/throttle.jpeg", sample_paths[0].read_bytes())
@@ -657,6 +790,76 @@ def test_metrics_are_emitted_by_model_version(
     assert any(d.get("reason") == "EMPTY_FILE" for d in documents)
 
 
+def failure_reports(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The failure log lines as the function's JSON formatter writes them, and RecordsFailed per fault class from
+    the EMF documents on standard output."""
+    formatter = handler.logger.registered_formatter
+    lines = [json.loads(formatter.format(record)) for record in caplog.records if record.name == "pneumoscan-scoring"]
+    failed = [line for line in lines if str(line.get("message", "")).startswith("record failed")]
+    counts: dict[str, float] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith('{"_aws"') and "RecordsFailed" in (document := json.loads(line)):
+            value = document["RecordsFailed"]
+            counts[document["fault_class"]] = counts.get(document["fault_class"], 0.0) + (
+                float(sum(value)) if isinstance(value, list) else float(value)
+            )
+    return failed, counts
+
+
+def test_every_failed_record_is_logged_and_counted(
+    stack: Stack, sample_paths: list[Path], caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each of N records reported in batchItemFailures gives one structured log line (message id, fault class, key
+    digest, no key and no fault text) and RecordsFailed counts N in the EMF output, by fault class."""
+    keys = [f"incoming/fails/{index}.jpeg" for index in range(5)]
+    for key in keys:
+        stack.upload(key, sample_paths[0].read_bytes())
+    records = stack.receive()
+    # HEAD fails: the model still loads (its files are read with GET).
+    rewire(stack, s3=faulty(stack.s3, "head_object", "SlowDown"))
+    caplog.set_level(logging.INFO, logger="pneumoscan-scoring")
+    capsys.readouterr()
+    failures = invoke(records)["batchItemFailures"]
+    assert len(failures) == len(keys) == 5
+    lines, counts = failure_reports(caplog, capsys)
+    assert counts == {"transient_aws": 5.0}
+    assert sorted(line["message_id"] for line in lines) == sorted(r["messageId"] for r in records)
+    assert {line["level"] for line in lines} == {"WARNING"}
+    assert {line["fault_class"] for line in lines} == {"transient_aws"}
+    digests = {hashlib.sha256(f"s3://{stack.outputs.input_bucket}/{key}".encode()).hexdigest()[:16] for key in keys}
+    assert {digest for line in lines for digest in line["key_sha256"]} == digests
+    text = json.dumps(lines)
+    assert "incoming/fails" not in text
+    assert "SlowDown" not in text
+
+
+def test_failures_are_classed_by_fault(
+    stack: Stack, sample_paths: list[Path], caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A malformed body, a missing model and a throttled write each count under their own fault class; records that
+    succeed give no failure line."""
+    caplog.set_level(logging.INFO, logger="pneumoscan-scoring")
+    capsys.readouterr()
+    assert invoke([sqs_record("garbage", "{not json")]) == {"batchItemFailures": [{"itemIdentifier": "garbage"}]}
+    stack.upload("incoming/throttled.jpeg", sample_paths[0].read_bytes())
+    records = stack.receive()
+    rewire(stack, dynamodb=faulty(stack.dynamodb, "put_item", "ProvisionedThroughputExceededException"))
+    assert len(invoke(records)["batchItemFailures"]) == 1
+    stack.s3.delete_object(Bucket=stack.outputs.model_bucket, Key="models/current.json")
+    rewire(stack)
+    assert len(invoke(records)["batchItemFailures"]) == 1
+    lines, counts = failure_reports(caplog, capsys)
+    assert counts == {"malformed_message": 1.0, "transient_aws": 1.0, "model_unavailable": 1.0}
+    assert [(line["fault_class"], line["level"]) for line in lines] == [
+        ("malformed_message", "ERROR"),
+        ("transient_aws", "WARNING"),
+        ("model_unavailable", "ERROR"),
+    ]
+    assert lines[0]["key_sha256"] == []
+
+
 RELEASE_VERSION = read_card(RELEASE_MODEL)["version"]
 
 
@@ -750,6 +953,79 @@ def test_heatmap_on_request_for_any_verdict(stack: Stack, sample_paths: list[Pat
     invoke(stack.receive())
     [item] = stack.results()
     assert heatmap_png(stack, item["heatmap_key"]).format == "PNG"
+
+
+def test_heatmaps_on_request_only(stack: Stack, sample_paths: list[Path]) -> None:
+    """With HEATMAPS=OnRequest (the template's default) a flagged film gets no heatmap unless its upload asks for one;
+    its verdict is unchanged."""
+    rewire(stack, HEATMAPS="OnRequest")
+    for index, path in enumerate(sample_paths):
+        stack.upload(f"incoming/film-{index}.jpeg", path.read_bytes())
+    stack.s3.put_object(
+        Bucket=stack.outputs.input_bucket,
+        Key="incoming/explain-me.jpeg",
+        Body=sample_paths[0].read_bytes(),
+        Metadata={"pneumoscan-explain": "true"},
+    )
+    assert invoke(stack.receive()) == {"batchItemFailures": []}
+    items = {item["image_key"].rsplit("/", 1)[-1]: item for item in stack.results()}
+    asked = items.pop("explain-me.jpeg")
+    assert heatmap_png(stack, asked["heatmap_key"]).format == "PNG"
+    assert "PNEUMONIA" in {item["label"] for item in items.values()}
+    assert not [item for item in items.values() if "heatmap_key" in item]
+
+
+def test_an_unknown_heatmap_policy_is_refused() -> None:
+    """HEATMAPS other than Flagged or OnRequest is a configuration error; unset it is Flagged."""
+    environment = {"RESULTS_TABLE": "t", "INPUT_BUCKET": "b", "MODEL_BUCKET": "m"}
+    assert Settings.from_environment(environment).heatmaps_for_flagged
+    assert not Settings.from_environment({**environment, "HEATMAPS": "OnRequest"}).heatmaps_for_flagged
+    with pytest.raises(ConfigurationError, match="HEATMAPS"):
+        Settings.from_environment({**environment, "HEATMAPS": "always"})
+
+
+INFO_LOG_BYTES_PER_IMAGE = 500
+"""The most INFO log a scored film may cost (CloudWatch ingests and bills every byte)."""
+CONTEXT_KEYS_LOGGED = {"function_request_id", "correlation_id"}
+"""Of Lambda's context, only the request id and the message id reach the log."""
+
+
+def _logged(records: list[dict[str, Any]]) -> list[str]:
+    """Invoke the handler on ``records`` and return every line it writes to its log."""
+    stream = io.StringIO()
+    log_handler: Any = handler.logger.registered_handler
+    previous = log_handler.setStream(stream)
+    try:
+        with contextlib.redirect_stdout(stream):
+            assert invoke(records) == {"batchItemFailures": []}
+    finally:
+        log_handler.setStream(previous)
+    return [line for line in stream.getvalue().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("batch", [1, 10])
+def test_a_scored_film_logs_at_most_500_bytes_at_info(stack: Stack, sample_paths: list[Path], batch: int) -> None:
+    """A scored film costs at most 500 bytes of INFO log, one invocation alone or ten together: no code location,
+    trace id or function name, ARN and memory (the log group and Lambda's REPORT line say those); the invocation's
+    metrics record has no dimension per image."""
+    films = [sample_paths[index % len(sample_paths)] for index in range(batch)]
+    for index, path in enumerate(films):
+        stack.upload(f"incoming/log/{index}.jpeg", path.read_bytes())
+    raw = _logged(stack.receive())
+    lines = [json.loads(line) for line in raw]
+    info = [line for line in lines if line.get("level") == "INFO"]
+    scored = [line for line in info if line["message"] == "image scored"]
+    assert len(scored) == batch
+    info_bytes = sum(
+        len(text.encode()) + 1 for text, line in zip(raw, lines, strict=True) if line.get("level") == "INFO"
+    )
+    assert info_bytes / batch <= INFO_LOG_BYTES_PER_IMAGE, info
+    for line in info:
+        assert not {"location", "xray_trace_id", "function_arn", "function_name", "cold_start"} & set(line), line
+        assert set(line) >= CONTEXT_KEYS_LOGGED
+    [metrics_record] = [line for line in lines if "_aws" in line]
+    [declaration] = metrics_record["_aws"]["CloudWatchMetrics"]
+    assert declaration["Dimensions"] == [["model_version", "service"]]
 
 
 def test_heatmap_storage_fault_retries_the_record(stack: Stack, sample_paths: list[Path]) -> None:

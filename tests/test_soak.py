@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.local_stack import FaultPlan
-from infra.soak import print_report, run_soak
+from infra.fault_injection import FaultPlan
+from infra.soak import print_report, run_burst, run_soak
 from tests.conftest import RELEASE_MODEL, SAMPLES
 
 pytestmark = [pytest.mark.slow, pytest.mark.soak]
@@ -46,3 +46,16 @@ def test_short_soak_loses_nothing(data_root: Path) -> None:
     assert report.results_without_event == 0
     assert report.heatmaps > 0
     assert report.scored + report.rejected + report.in_dlq >= report.uploads
+
+
+def test_a_burst_under_a_concurrency_cap_dead_letters_nothing() -> None:
+    """200 films uploaded at once to a scoring function capped at 2 concurrent invocations, on an account with 2:
+    the poller never invokes beyond the cap (no throttle, no redelivery), the backlog waits in the queue, and every
+    film is scored exactly once with nothing in the dead-letter queue (make soak runs 2,000)."""
+    report = run_burst(SAMPLES, RELEASE_MODEL, uploads=200, maximum_concurrency=2, account_concurrency=2)
+    print_report(report)
+    assert report.problems == ()
+    assert (report.scored, report.in_dlq, report.lost, report.duplicated_results) == (200, 0, 0, 0)
+    assert report.throttled_invocations == 0
+    assert report.redelivered_messages == 0
+    assert report.peak_concurrency <= 2

@@ -10,16 +10,24 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.stub import Stubber
 from moto import mock_aws
+from rich.console import Console
 
 from core.model_card import read_card
 from core.results import ResultsTable
 from infra.local_stack import LocalStack
 from pneumoscan.cli import main
+from pneumoscan.output import print_status
 from pneumoscan.redrive import waiting_count
+from pneumoscan.stack import StackOutputs
 from pneumoscan.status import (
     DRIFT_MINIMUM_FILMS,
+    NOBODY,
+    QueueSummary,
+    StackStatus,
     WindowCounts,
+    alarm_delivery,
     alarms_in_alarm,
     drift_check,
     expected_pneumonia_rate,
@@ -135,6 +143,8 @@ def test_status_on_the_local_stack(tmp_path: Path, capsys: pytest.CaptureFixture
         assert report["drift"]["films"] == 2 and not report["drift"]["drifted"]
         assert report["drift"]["observed_rate"] == pytest.approx(day["pneumonia"] / 2)
         assert [alarm["name"] for alarm in report["alarms"]] == [ALARM]
+        # The local stack has no alarm topic: delivery is not checked, and no warning is raised about it.
+        assert report["alarm_delivery"]["reaches_someone"] is None
 
         assert main(["status", "--outputs", str(outputs)]) == 0
         screen = capsys.readouterr().out
@@ -174,3 +184,85 @@ def test_a_deployed_stacks_alarms_are_those_of_its_cloudformation_stack() -> Non
         assert [found.name for found in alarms_in_alarm(cloudwatch, names)] == names
         assert len(alarms_in_alarm(cloudwatch, None)) == 2
         assert alarms_in_alarm(cloudwatch, []) == ()
+
+
+TOPIC = "pneumoscan-alarms"
+
+
+def test_alarms_reach_nobody_without_a_subscription_and_someone_with_one() -> None:
+    """An alarm topic with no subscription reaches nobody; a confirmed subscription (moto confirms at once) reaches
+    someone; a topic that does not exist reaches nobody."""
+    with mock_aws():
+        sns = boto3.client("sns", region_name="us-east-1")
+        topic = sns.create_topic(Name=TOPIC)["TopicArn"]
+        empty = alarm_delivery(sns, topic)
+        assert empty.reaches_someone is False and empty.confirmed == 0
+        assert empty.note.startswith(NOBODY)
+        sns.subscribe(TopicArn=topic, Protocol="email", Endpoint="oncall@example.org")
+        subscribed = alarm_delivery(sns, topic)
+        assert subscribed.reaches_someone is True and subscribed.confirmed == 1
+        missing = alarm_delivery(sns, topic.replace(TOPIC, "deleted-topic"))
+        assert missing.reaches_someone is False and "does not exist" in missing.note
+        assert alarm_delivery(sns, None).reaches_someone is None
+
+
+def test_a_subscription_awaiting_confirmation_reaches_nobody() -> None:
+    """An e-mail subscription whose link was never followed (SubscriptionArn PendingConfirmation) reaches nobody.
+    Moto confirms every subscription at once, so SNS's answer for an unconfirmed one is given by botocore's
+    Stubber, in the shape the API documents."""
+    sns = boto3.client("sns", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    topic = f"arn:aws:sns:us-east-1:123456789012:{TOPIC}"
+    pending = {"SubscriptionArn": "PendingConfirmation", "Protocol": "email", "TopicArn": topic, "Owner": "1"}
+    with Stubber(sns) as stub:
+        stub.add_response("list_subscriptions_by_topic", {"Subscriptions": [pending]}, {"TopicArn": topic})
+        delivery = alarm_delivery(sns, topic)
+    assert (delivery.reaches_someone, delivery.confirmed, delivery.pending_confirmation) == (False, 0, 1)
+    assert delivery.note.startswith(NOBODY) and "confirmation" in delivery.note
+
+
+def test_the_screen_warns_when_alarms_reach_nobody() -> None:
+    """The status screen shows the alarm topic and a WARNING line when no one is subscribed, none when someone is."""
+    with mock_aws():
+        sns = boto3.client("sns", region_name="us-east-1")
+        topic = sns.create_topic(Name=TOPIC)["TopicArn"]
+        screens = []
+        for subscribe in (False, True):
+            if subscribe:
+                sns.subscribe(TopicArn=topic, Protocol="email", Endpoint="oncall@example.org")
+            status = StackStatus(
+                checked_at="2026-12-05T00:00:00+00:00",
+                model=None,
+                model_problem="none promoted",
+                queue=QueueSummary(0, 0, None, 0),
+                redrive_command=None,
+                windows=(),
+                drift=drift_check(_day(0, 0), None),
+                alarms=(),
+                alarm_delivery=alarm_delivery(sns, topic),
+            )
+            console = Console(record=True, width=80)
+            print_status(status, "table", console)
+            screens.append(console.export_text())
+    unsubscribed, subscribed = screens
+    assert "WARNING" in unsubscribed and NOBODY in unsubscribed and TOPIC in unsubscribed
+    assert "WARNING" not in subscribed and "1 confirmed subscription" in subscribed
+
+
+def test_a_deployed_stacks_alarm_topic_comes_from_its_outputs() -> None:
+    """The AlarmTopicArn output reaches the stack's outputs, which status checks; an outputs file without it (a
+    local stack's) still loads."""
+    outputs = {
+        "InputBucketName": "input",
+        "InputPrefix": "incoming/",
+        "ModelBucketName": "models",
+        "ResultsTableName": "results",
+        "ScoringQueueUrl": "https://sqs/queue",
+        "DeadLetterQueueUrl": "https://sqs/dlq",
+        "HeatmapBucketName": "heatmaps",
+        "ResultsEventBusName": "bus",
+    }
+    topic = f"arn:aws:sns:us-east-1:123456789012:{TOPIC}"
+    stack = StackOutputs.from_template_outputs({**outputs, "AlarmTopicArn": topic}, endpoint_url=None, region="r")
+    assert stack.alarm_topic_arn == topic
+    local = StackOutputs.from_template_outputs(outputs, endpoint_url=None, region="r")
+    assert local.alarm_topic_arn == ""

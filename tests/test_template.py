@@ -11,9 +11,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+from moto import mock_aws
 
-from infra.template import evaluate_conditions, is_created, load_template, references
+from infra.resources import create_data_plane
+from infra.template import evaluate_conditions, is_created, load_template, references, resources_of_type
 from tests.conftest import REPOSITORY_ROOT
 
 INFRA_BIN = Path(os.environ.get("PNEUMOSCAN_INFRA_BIN", REPOSITORY_ROOT / ".venv-infra" / "bin"))
@@ -256,11 +259,15 @@ def test_published_model_versions_are_immutable(template: dict[str, Any]) -> Non
 
 
 def test_queue_table_and_function_settings(template: dict[str, Any]) -> None:
-    """Queues are encrypted with a DLQ of 14 days; the visibility timeout is at least 6x the function timeout."""
+    """Queues are encrypted and keep messages 14 days, the scoring queue and its DLQ alike; the visibility timeout is
+    at least 6x the function timeout plus the event source's batching window, as AWS recommends."""
     resources = template["Resources"]
     function = resources["ScoringFunction"]["Properties"]
     queue = resources["ScoringQueue"]["Properties"]
-    assert queue["VisibilityTimeout"] >= 6 * function["Timeout"]
+    window = function["Events"]["Uploads"]["Properties"]["MaximumBatchingWindowInSeconds"]
+    assert queue["VisibilityTimeout"] >= 6 * function["Timeout"] + window
+    assert queue["MessageRetentionPeriod"] == 14 * 24 * 3600
+    assert 1 < queue["RedrivePolicy"]["maxReceiveCount"] <= 10
     assert queue["SqsManagedSseEnabled"]
     assert resources["ScoringDeadLetterQueue"]["Properties"]["SqsManagedSseEnabled"]
     assert resources["ScoringDeadLetterQueue"]["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
@@ -297,31 +304,44 @@ def test_heatmaps_go_where_they_cannot_trigger_scoring(template: dict[str, Any])
     assert environment["HEATMAP_BUCKET"] == {"Ref": "HeatmapBucket"}
 
 
+FAILED_RECORDS_METRIC = "RecordsFailed"
+"""The scoring function's metric of records reported in batchItemFailures (dimension: fault class), which issue
+20's failure log line adds to the handler (branch i20-throughput): the alarm and the dashboard read it already."""
+
+
+def _emitted_metrics() -> set[str]:
+    """The metric names the scoring function and the publisher emit (the names their handlers pass to Powertools)."""
+    sources = (REPOSITORY_ROOT / "functions" / name / "handler.py" for name in ("scoring", "publisher"))
+    return set(re.findall(r'name="(\w+)"', " ".join(path.read_text() for path in sources))) | {FAILED_RECORDS_METRIC}
+
+
+def _dashboard(template: dict[str, Any]) -> dict[str, Any]:
+    """The dashboard's body, parameters at their defaults and every other substitution a placeholder string."""
+    defaults = {name: spec.get("Default") for name, spec in template["Parameters"].items()}
+    text = template["Resources"]["OperationsDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    text = re.sub(r"\$\{(\w+)\}", lambda match: str(defaults.get(match.group(1), "${placeholder}")), text)
+    body: dict[str, Any] = json.loads(re.sub(r"\$\{[^}]+\}", "placeholder", text))
+    return body
+
+
 def test_dashboard_shows_the_metrics_the_functions_emit(template: dict[str, Any]) -> None:
     """Every pneumoscan metric on the dashboard is one a function emits, and drift is shown per model version."""
-    body = json.loads(
-        re.sub(
-            r"\$\{[^}]+\}",
-            "placeholder",
-            template["Resources"]["OperationsDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"],
-        )
-    )
+    body = _dashboard(template)
     expressions = [
         metric[0]["expression"]
         for widget in body["widgets"]
         for metric in widget["properties"]["metrics"]
         if isinstance(metric[0], dict)
     ]
-    searched = {re.search(r'MetricName="(\w+)"', expression).group(1) for expression in expressions}  # type: ignore[union-attr]
-    sources = (REPOSITORY_ROOT / "functions" / name / "handler.py" for name in ("scoring", "publisher"))
-    emitted = set(re.findall(r'name="(\w+)"', " ".join(path.read_text() for path in sources)))
-    assert searched <= emitted, searched - emitted
+    searched = {name for expression in expressions for name in re.findall(r'MetricName="(\w+)"', expression)}
+    assert searched
+    assert searched <= _emitted_metrics(), searched - _emitted_metrics()
     drift = [
         expression
         for expression in expressions
         if "PneumoniaDetected" in expression or "PneumoniaProbability" in expression
     ]
-    assert len(drift) == 2
+    assert len([expression for expression in drift if not expression.startswith("SUM(")]) == 2
     assert all("model_version" in expression for expression in drift)
     queue_metrics = {
         tuple(metric[:2])
@@ -662,7 +682,7 @@ def test_unsuccessful_and_refused_training_runs_raise_an_alarm(template: dict[st
     alarm = template["Resources"]["TrainingPipelineUnsuccessfulAlarm"]
     assert alarm["Condition"] == "HasTrainingData"
     properties = alarm["Properties"]
-    assert properties["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+    assert properties["AlarmActions"] == [TOPIC_IN_USE]
     assert (properties["ComparisonOperator"], properties["Threshold"]) == ("GreaterThanThreshold", 0)
     watched = {}
     for query in properties["Metrics"]:
@@ -687,13 +707,19 @@ def test_unsuccessful_and_refused_training_runs_raise_an_alarm(template: dict[st
     assert not [state for state in states.values() if "Promoted" in (state.get("Next"), state.get("Default"))]
 
 
+TOPIC_IN_USE = {"Fn::If": ["CreatesAlarmTopic", {"Ref": "AlarmTopic"}, {"Ref": "AlarmTopicArn"}]}
+"""The stack's own alarm topic, or the existing one AlarmTopicArn names."""
+
+
 def test_alarms_can_be_delivered_to_the_encrypted_topic(template: dict[str, Any]) -> None:
-    """Every alarm notifies the alarm topic, whose key lets CloudWatch publish (the AWS managed key for SNS does not:
-    alarms sent to a topic encrypted with it are dropped)."""
+    """Every alarm notifies the topic in use when it fires and when it clears; the stack's own topic has a key that
+    lets CloudWatch publish (the AWS managed key for SNS does not: alarms sent to a topic encrypted with it are
+    dropped)."""
     resources = template["Resources"]
     alarms = [resource["Properties"] for resource in resources.values() if resource["Type"] == "AWS::CloudWatch::Alarm"]
     assert alarms
-    assert all(alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}] for alarm in alarms)
+    assert all(alarm["AlarmActions"] == [TOPIC_IN_USE] for alarm in alarms)
+    assert all(alarm["OKActions"] == [TOPIC_IN_USE] for alarm in alarms)
     key = resources["AlarmTopic"]["Properties"]["KmsMasterKeyId"]
     assert set(key) == {"Ref"}, key
     policy = resources[key["Ref"]]["Properties"]["KeyPolicy"]["Statement"]
@@ -706,7 +732,7 @@ def test_alarms_can_be_delivered_to_the_encrypted_topic(template: dict[str, Any]
 
 def test_alarm_topic_accepts_tls_only_and_cloudwatch_alarms_may_publish(template: dict[str, Any]) -> None:
     """The alarm topic's one policy denies publishing, subscribing and managing the topic without TLS to everyone, and
-    (replacing SNS's default policy) lets this account's CloudWatch alarms publish."""
+    (replacing SNS's default policy) lets this account's CloudWatch alarms publish (and the promotion rule, below)."""
     resources = template["Resources"]
     policies = [
         resource["Properties"] for resource in resources.values() if resource["Type"] == "AWS::SNS::TopicPolicy"
@@ -718,8 +744,12 @@ def test_alarm_topic_accepts_tls_only_and_cloudwatch_alarms_may_publish(template
     assert {"sns:Publish", "sns:Subscribe", "sns:SetTopicAttributes", "sns:DeleteTopic"} <= set(deny["Action"])
     assert _as_list(deny["Resource"]) == [{"Ref": "AlarmTopic"}]
     assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
-    [allow] = [statement for statement in statements if statement["Effect"] == "Allow"]
-    assert (allow["Principal"], allow["Action"]) == ({"Service": "cloudwatch.amazonaws.com"}, "sns:Publish")
+    [allow] = [
+        statement
+        for statement in statements
+        if statement["Effect"] == "Allow" and statement["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    ]
+    assert allow["Action"] == "sns:Publish"
     assert allow["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
     assert ":alarm:*" in _text(allow["Condition"]["ArnLike"]["aws:SourceArn"])
 
@@ -735,3 +765,307 @@ def test_validated_population_bounds_reach_the_scoring_function(template: dict[s
     ):
         assert parameters[parameter]["Default"] == ""
         assert variables[variable] == {"Ref": parameter}
+
+
+# Issue 20: deployable on a fresh account, every failure visible, alarms that reach someone, retention by policy.
+
+
+def _functions(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return resources_of_type(template, "AWS::Serverless::Function")
+
+
+def test_no_function_reserves_concurrency_unless_asked(template: dict[str, Any], translated: dict[str, Any]) -> None:
+    """No function reserves concurrency by default (a reservation can fail the deploy on a low-quota account): the
+    scoring function's only reservation is ReservedConcurrency behind a condition that is false at its default."""
+    for logical_id, properties in _functions(template).items():
+        if logical_id != "ScoringFunction":
+            assert "ReservedConcurrentExecutions" not in properties, logical_id
+    reservation = _functions(template)["ScoringFunction"]["ReservedConcurrentExecutions"]
+    assert reservation == {
+        "Fn::If": ["HasReservedConcurrency", {"Ref": "ReservedConcurrency"}, {"Ref": "AWS::NoValue"}]
+    }
+    assert template["Parameters"]["ReservedConcurrency"]["Default"] == 0
+    assert not evaluate_conditions(template)["HasReservedConcurrency"]
+    assert evaluate_conditions(template, {"ReservedConcurrency": 20})["HasReservedConcurrency"]
+    for logical_id, resource in translated["Resources"].items():
+        if resource["Type"] == "AWS::Lambda::Function":
+            reserved = resource["Properties"].get("ReservedConcurrentExecutions")
+            assert reserved is None or set(reserved) == {"Fn::If"}, logical_id
+
+
+def test_the_scoring_event_source_caps_concurrency(template: dict[str, Any], translated: dict[str, Any]) -> None:
+    """The scoring function's SQS event source runs at most MaximumConcurrency functions (default 10, at least 2 as
+    AWS requires), in the template CloudFormation receives too."""
+    event = _functions(template)["ScoringFunction"]["Events"]["Uploads"]
+    assert event["Type"] == "SQS"
+    assert event["Properties"]["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "MaximumConcurrency"}}
+    parameter = template["Parameters"]["MaximumConcurrency"]
+    assert (parameter["Default"], parameter["MinValue"]) == (10, 2)
+    [mapping] = [
+        resource["Properties"]
+        for resource in translated["Resources"].values()
+        if resource["Type"] == "AWS::Lambda::EventSourceMapping"
+        and resource["Properties"]["FunctionName"] == {"Ref": "ScoringFunction"}
+    ]
+    assert mapping["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "MaximumConcurrency"}}
+
+
+def test_tracing_is_a_parameter_and_off_by_default(template: dict[str, Any], translated: dict[str, Any]) -> None:
+    """X-Ray tracing follows the Tracing parameter (PassThrough by default, Active on request) for every function
+    and the training pipeline; nothing turns it on unconditionally."""
+    assert template["Globals"]["Function"]["Tracing"] == {"Ref": "Tracing"}
+    parameter = template["Parameters"]["Tracing"]
+    assert parameter["Default"] == "PassThrough"
+    assert set(parameter["AllowedValues"]) == {"PassThrough", "Active"}
+    assert all("Tracing" not in properties for properties in _functions(template).values())
+    pipeline = template["Resources"]["TrainingPipeline"]["Properties"]["Tracing"]
+    assert pipeline == {"Enabled": {"Fn::If": ["TracingIsActive", True, False]}}
+    assert not evaluate_conditions(template)["TracingIsActive"]
+    for logical_id, resource in translated["Resources"].items():
+        if resource["Type"] == "AWS::Lambda::Function":
+            assert resource["Properties"]["TracingConfig"] == {"Mode": {"Ref": "Tracing"}}, logical_id
+
+
+@pytest.mark.parametrize(
+    ("email", "topic", "accepted"),
+    [
+        ("", "", False),
+        ("oncall@example.org", "", True),
+        ("", "arn:aws:sns:us-east-1:123456789012:oncall", True),
+        ("oncall@example.org", "arn:aws:sns:us-east-1:123456789012:oncall", True),
+    ],
+)
+def test_a_deploy_must_name_whom_alarms_reach(template: dict[str, Any], email: str, topic: str, accepted: bool) -> None:
+    """The template's rule refuses a deploy with neither AlarmEmail nor AlarmTopicArn, and accepts either."""
+    [rule] = template["Rules"].values()
+    [assertion] = rule["Assertions"]
+    check = {"Parameters": template["Parameters"], "Conditions": {"assertion": assertion["Assert"]}}
+    assert evaluate_conditions(check, {"AlarmEmail": email, "AlarmTopicArn": topic})["assertion"] is accepted
+
+
+@pytest.mark.parametrize("topic", ["", "arn:aws:sns:us-east-1:123456789012:oncall"])
+def test_alarms_go_to_the_topic_in_use(template: dict[str, Any], topic: str) -> None:
+    """With AlarmTopicArn the stack creates no topic (nor its key and policy) and everything refers to that topic;
+    without it, the stack's own; the e-mail subscription and the promotion notice go to the same topic."""
+    conditions = evaluate_conditions(template, {"AlarmTopicArn": topic, "AlarmEmail": "oncall@example.org"})
+    resources = template["Resources"]
+    for logical_id in ("AlarmTopic", "AlarmTopicKey", "AlarmTopicPolicy"):
+        assert is_created(resources[logical_id], conditions) is (topic == ""), logical_id
+    assert is_created(resources["AlarmEmailSubscription"], conditions)
+    assert resources["AlarmEmailSubscription"]["Properties"]["TopicArn"] == TOPIC_IN_USE
+    [target] = resources["ModelPromotedRule"]["Properties"]["Targets"]
+    assert target["Arn"] == TOPIC_IN_USE
+    assert template["Outputs"]["AlarmTopicArn"]["Value"] == TOPIC_IN_USE
+    created = {logical_id for logical_id, resource in resources.items() if is_created(resource, conditions)}
+    for logical_id in created:
+        named = references({k: v for k, v in resources[logical_id].items() if k != "Condition"}, conditions)
+        assert named <= created | set(template["Parameters"]), (logical_id, named - created)
+
+
+def _watched(alarm: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], str]]:
+    """(namespace, metric, dimensions, statistic) of every metric an alarm reads; a Metrics Insights query as
+    ("insights", its text, {}, "")."""
+    properties = alarm["Properties"]
+    if "MetricName" in properties:
+        dimensions = {item["Name"]: item["Value"] for item in properties.get("Dimensions", [])}
+        statistic = properties.get("Statistic") or properties["ExtendedStatistic"]
+        return [(properties["Namespace"], properties["MetricName"], dimensions, statistic)]
+    watched = []
+    for query in properties["Metrics"]:
+        if "MetricStat" in query:
+            metric = query["MetricStat"]["Metric"]
+            dimensions = {item["Name"]: item["Value"] for item in metric.get("Dimensions", [])}
+            watched.append((metric["Namespace"], metric["MetricName"], dimensions, query["MetricStat"]["Stat"]))
+        elif query["Expression"].startswith("SELECT"):
+            watched.append(("insights", query["Expression"], {}, ""))
+    return watched
+
+
+def _alarms(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        logical_id: resource
+        for logical_id, resource in template["Resources"].items()
+        if resource["Type"] == "AWS::CloudWatch::Alarm"
+    }
+
+
+def _alarm_on(template: dict[str, Any], namespace: str, metric: str, **dimensions: Any) -> list[str]:
+    """The alarms that read ``metric`` with at least these dimensions."""
+    return [
+        logical_id
+        for logical_id, alarm in _alarms(template).items()
+        for watched in _watched(alarm)
+        if watched[:2] == (namespace, metric) and dimensions.items() <= watched[2].items()
+    ]
+
+
+def test_every_function_alarms_on_errors_and_throttles(template: dict[str, Any]) -> None:
+    """Each function, and no fewer, has an alarm on its Errors and one on its Throttles, created with it."""
+    for logical_id, function in template["Resources"].items():
+        if function["Type"] != "AWS::Serverless::Function":
+            continue
+        for metric in ("Errors", "Throttles"):
+            [alarm] = _alarm_on(template, "AWS/Lambda", metric, FunctionName={"Ref": logical_id})
+            assert template["Resources"][alarm].get("Condition") == function.get("Condition"), alarm
+            assert _alarms(template)[alarm]["Properties"]["Threshold"] == 0
+
+
+def test_failed_dropped_rejected_and_heatmap_faults_alarm(template: dict[str, Any]) -> None:
+    """Records failed (every fault class summed), records dropped and heatmap failures alarm on the first one;
+    rejections alarm per reason above RejectionAlarmThreshold; every metric they read is one the functions emit in
+    the namespace the template gives them."""
+    namespace = _functions(template)["ScoringFunction"]["Environment"]["Variables"]["POWERTOOLS_METRICS_NAMESPACE"]
+    queries = {
+        watched[1]: alarm
+        for alarm in _alarms(template).values()
+        for watched in _watched(alarm)
+        if watched[0] == "insights"
+    }
+    for metric in (FAILED_RECORDS_METRIC, "RecordsDropped", "HeatmapsFailed"):
+        alarm = queries.pop(f"SELECT SUM({metric}) FROM {namespace}")
+        assert (alarm["Properties"]["ComparisonOperator"], alarm["Properties"]["Threshold"]) == (
+            "GreaterThanThreshold",
+            0,
+        )
+    rejections = queries.pop(f"SELECT SUM(ImagesRejectedByReason) FROM {namespace} GROUP BY reason")
+    assert rejections["Properties"]["Threshold"] == {"Ref": "RejectionAlarmThreshold"}
+    assert not queries
+    handler = (REPOSITORY_ROOT / "functions" / "scoring" / "handler.py").read_text()
+    assert f'NAMESPACE = "{namespace}"' in handler
+    assert 'add_dimension(name="reason"' in handler
+    assert {"RecordsDropped", "HeatmapsFailed", "ImagesRejectedByReason"} <= _emitted_metrics()
+
+
+def test_duration_near_the_timeout_alarms(template: dict[str, Any]) -> None:
+    """The scoring function's p99 duration alarms above 80% of its timeout."""
+    [logical_id] = _alarm_on(template, "AWS/Lambda", "Duration", FunctionName={"Ref": "ScoringFunction"})
+    alarm = _alarms(template)[logical_id]["Properties"]
+    assert alarm["ExtendedStatistic"] == "p99"
+    assert alarm["Threshold"] == 0.8 * _functions(template)["ScoringFunction"]["Timeout"] * 1000
+
+
+def test_stream_lag_dynamodb_throttles_and_dead_letters_alarm(template: dict[str, Any]) -> None:
+    """The publisher's IteratorAge, throttled requests to the results table (its writes and queries) and throttle
+    events of its by-day index, and both dead-letter queues' depth each have an alarm."""
+    assert _alarm_on(template, "AWS/Lambda", "IteratorAge", FunctionName={"Ref": "ResultPublisherFunction"})
+    table = {"Ref": "ResultsTable"}
+    for operation in ("PutItem", "Query"):
+        assert _alarm_on(template, "AWS/DynamoDB", "ThrottledRequests", TableName=table, Operation=operation)
+    indexes = template["Resources"]["ResultsTable"]["Properties"]["GlobalSecondaryIndexes"]
+    for index in indexes:
+        for metric in ("WriteThrottleEvents", "ReadThrottleEvents"):
+            name = index["IndexName"]
+            assert _alarm_on(template, "AWS/DynamoDB", metric, TableName=table, GlobalSecondaryIndexName=name)
+    for queue in ("ScoringDeadLetterQueue", "PublisherDeadLetterQueue"):
+        dimension = {"Fn::GetAtt": [queue, "QueueName"]}
+        assert _alarm_on(template, "AWS/SQS", "ApproximateNumberOfMessagesVisible", QueueName=dimension), queue
+
+
+def test_a_promoted_model_is_announced(template: dict[str, Any]) -> None:
+    """A write of models/current.json in the model bucket reaches the alarm topic through EventBridge, which the
+    topic's policy and key let publish for that rule only."""
+    resources = template["Resources"]
+    bucket = resources["ModelBucket"]["Properties"]
+    assert bucket["NotificationConfiguration"]["EventBridgeConfiguration"] == {"EventBridgeEnabled": True}
+    pattern = resources["ModelPromotedRule"]["Properties"]["EventPattern"]
+    assert pattern["detail"] == {
+        "bucket": {"name": [{"Ref": "ModelBucket"}]},
+        "object": {"key": ["models/current.json"]},
+    }
+    assert pattern["detail-type"] == ["Object Created"]
+    statements = resources["AlarmTopicPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    [events] = [s for s in statements if s["Principal"] == {"Service": "events.amazonaws.com"}]
+    assert events["Condition"] == {"ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["ModelPromotedRule", "Arn"]}}}
+    key = resources["AlarmTopicKey"]["Properties"]["KeyPolicy"]["Statement"]
+    assert [s for s in key if s["Principal"] == {"Service": "events.amazonaws.com"}]
+
+
+def test_input_films_are_kept_by_policy(template: dict[str, Any]) -> None:
+    """The input bucket expires earlier versions after InputNoncurrentVersionDays, never expires current films, and
+    moves them to InputTransitionStorageClass after InputTransitionDays only when that is set (0, the default, is
+    off)."""
+    rules = {
+        rule["Id"]: rule
+        for rule in template["Resources"]["InputBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    }
+    expiry = rules["ExpireEarlierVersionsOfFilms"]
+    assert expiry["NoncurrentVersionExpiration"] == {"NoncurrentDays": {"Ref": "InputNoncurrentVersionDays"}}
+    assert all("ExpirationInDays" not in rule and "ExpirationDate" not in rule for rule in rules.values())
+    transition = rules["TransitionCurrentFilms"]
+    assert transition["Status"] == {"Fn::If": ["TransitionsFilms", "Enabled", "Disabled"]}
+    [move] = transition["Transitions"]
+    assert move["StorageClass"] == {"Ref": "InputTransitionStorageClass"}
+    assert move["TransitionInDays"]["Fn::If"][:2] == ["TransitionsFilms", {"Ref": "InputTransitionDays"}]
+    parameters = template["Parameters"]
+    assert parameters["InputTransitionDays"]["Default"] == 0
+    assert set(parameters["InputTransitionStorageClass"]["AllowedValues"]) == {"STANDARD_IA", "GLACIER_IR"}
+    assert not evaluate_conditions(template)["TransitionsFilms"]
+    assert evaluate_conditions(template, {"InputTransitionDays": 90})["TransitionsFilms"]
+
+
+def test_the_dashboard_shows_throughput_latency_outcomes_card_and_cost(template: dict[str, Any]) -> None:
+    """The dashboard shows throughput, upload-to-result time with the queue's wait, outcomes by reason, the flagged
+    share against the card's rate and the cost drivers."""
+    widgets = {widget["properties"]["title"]: widget["properties"] for widget in _dashboard(template)["widgets"]}
+
+    def shown(title_start: str) -> str:
+        [properties] = [properties for title, properties in widgets.items() if title.startswith(title_start)]
+        return json.dumps(properties)
+
+    assert "ImagesScored" in shown("Throughput")
+    latency = shown("Upload to result")
+    assert "ApproximateAgeOfOldestMessage" in latency and "ScoringLatency" in latency
+    assert "ImagesRejectedByReason" in shown("Outcomes by reason") and FAILED_RECORDS_METRIC in shown("Outcomes")
+    card = widgets["Flagged share (PNEUMONIA or INDETERMINATE) against the model card"]
+    [line] = card["annotations"]["horizontal"]
+    assert line["value"] == float(template["Parameters"]["ExpectedFlaggedRate"]["Default"])
+    cost = shown("Cost drivers")
+    for metric in ("Invocations", "Duration", "ConsumedWriteCapacityUnits", "HeatmapsStored"):
+        assert metric in cost, metric
+
+
+def test_heatmap_policy_reaches_the_scoring_function(template: dict[str, Any]) -> None:
+    """Heatmaps (default OnRequest: only films whose upload or backfill asks) reaches the function as HEATMAPS, with
+    exactly the values its settings accept."""
+    from scoring.settings import HEATMAP_POLICIES  # noqa: PLC0415  # The function's package, only for this check.
+
+    parameter = template["Parameters"]["Heatmaps"]
+    assert parameter["Default"] == "OnRequest"
+    assert set(parameter["AllowedValues"]) == set(HEATMAP_POLICIES)
+    variables = _functions(template)["ScoringFunction"]["Environment"]["Variables"]
+    assert variables["HEATMAPS"] == {"Ref": "Heatmaps"}
+
+
+@pytest.mark.parametrize(("parameters", "transition"), [({}, None), ({"InputTransitionDays": 90}, 90)])
+def test_the_local_data_plane_keeps_films_by_the_templates_policy(
+    template: dict[str, Any], parameters: dict[str, Any], transition: int | None
+) -> None:
+    """The data plane built from the template (the local stack's) gives the input bucket the template's lifecycle
+    for the stack's parameters: earlier versions expire, current films move only when a transition is set and never
+    expire; the scoring queue keeps messages 14 days."""
+    with mock_aws():
+        clients = {name: boto3.client(name, region_name="us-east-1") for name in ("s3", "sqs", "dynamodb", "events")}
+        outputs = create_data_plane(
+            clients["s3"], clients["sqs"], clients["dynamodb"], clients["events"], parameters=parameters
+        )
+        rules = {
+            rule["ID"]: rule
+            for rule in clients["s3"].get_bucket_lifecycle_configuration(Bucket=outputs.input_bucket)["Rules"]
+        }
+        retention = clients["sqs"].get_queue_attributes(
+            QueueUrl=outputs.queue_url, AttributeNames=["MessageRetentionPeriod"]
+        )["Attributes"]["MessageRetentionPeriod"]
+    default_days = template["Parameters"]["InputNoncurrentVersionDays"]["Default"]
+    assert rules["ExpireEarlierVersionsOfFilms"]["NoncurrentVersionExpiration"]["NoncurrentDays"] == default_days
+    assert rules["ExpireEarlierVersionsOfFilms"]["Status"] == "Enabled"
+    assert not [rule for rule in rules.values() if "Expiration" in rule]
+    moving = rules["TransitionCurrentFilms"]
+    assert moving["Status"] == ("Disabled" if transition is None else "Enabled")
+    if transition is not None:
+        assert moving["Transitions"] == [{"Days": transition, "StorageClass": "GLACIER_IR"}]
+    assert int(retention) == 14 * 24 * 3600
+
+
+def test_cloudformation_receives_the_alarm_rule(template: dict[str, Any], translated: dict[str, Any]) -> None:
+    """SAM's transform passes the rule on: the template CloudFormation checks parameters against still has it."""
+    assert translated["Rules"] == template["Rules"]

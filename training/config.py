@@ -57,6 +57,9 @@ class TrainingConfig:
     """Which model is exported as ``model.tflite``: ``auto`` serves the teacher when it meets the serving budget
     (see ``training.distill``) and the student otherwise; ``teacher`` or ``student`` force the choice."""
     quantization: str = "auto"
+    quantization_aware_epochs: int = 3
+    """Epochs of quantization-aware fine-tuning for an int8 candidate when post-training int8 fails the parity gate
+    (``training.quantization_aware``); 0 converts post-training int8 only."""
     limit_per_class: int | None = None
     """Use at most this many images per class and split: for smoke runs, never for a release."""
     bootstrap_resamples: int = 1000
@@ -79,8 +82,10 @@ class TrainingConfig:
             raise ValueError(f"weights must be 'imagenet' or none, got {self.weights!r}")
         if min(self.image_size, self.student_image_size) < 32:
             raise ValueError("image_size and student_image_size must be >= 32")
-        if min(self.epochs, self.batch_size, self.ensemble_size, self.student_epochs) < 1 or self.head_epochs < 0:
-            raise ValueError("epochs, batch_size, ensemble_size and student_epochs must be >= 1, head_epochs >= 0")
+        if min(self.epochs, self.batch_size, self.ensemble_size, self.student_epochs) < 1:
+            raise ValueError("epochs, batch_size, ensemble_size and student_epochs must be >= 1")
+        if min(self.head_epochs, self.quantization_aware_epochs) < 0:
+            raise ValueError("head_epochs and quantization_aware_epochs must be >= 0")
         if not 0.0 <= self.augmentation_strength <= 1.0 or not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError("augmentation_strength must be in [0, 1] and label_smoothing in [0, 0.5)")
         if not 0.0 <= self.distillation_weight <= 1.0 or self.distillation_temperature <= 0:

@@ -4,6 +4,12 @@ Inside SageMaker the data channels arrive under ``/opt/ml/input/data/{train,test
 hyper-parameters in ``/opt/ml/input/config/hyperparameters.json`` and the artifact goes to ``SM_MODEL_DIR``; a
 failure's reason is written to ``/opt/ml/output/failure``. Run by hand, ``--data`` and ``--output`` take local
 folders or ``s3://`` prefixes instead.
+
+The image runs as uid 10001, and SageMaker creates ``/opt/ml/model`` and ``/opt/ml/output`` itself (root-owned when
+it does not hand them to the image's user; README, "The training container"). So before training the job checks
+that it can write both its artifact's folder and the failure file's, and stops at once, loudly, when it cannot:
+hours of training must never end in an artifact that cannot be written. A failure file that cannot be written is
+reported on stderr and raised, never swallowed.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import traceback
 from dataclasses import dataclass
@@ -25,6 +32,15 @@ from training.search import SearchSettings, run_search
 from training.train import DataSplits, train_and_export
 
 logger = logging.getLogger(__name__)
+
+
+class OutputNotWritableError(PermissionError):
+    """A folder the job must write (its artifact's, or SageMaker's failure file's) cannot be written by its user."""
+
+
+class FailureFileError(OSError):
+    """The job failed, and the reason could not be written to SageMaker's failure file either."""
+
 
 SAGEMAKER_ROOT = Path("/opt/ml")
 
@@ -64,6 +80,8 @@ def run_job(
     With ``search``, the recipe search runs first and its winner's values are trained; with ``search_results``,
     the winner of an earlier search (its ``search.json``) is. Either way the trials are recorded in the card."""
     environment = JobEnvironment.from_environment()
+    output_target = output or str(environment.model_dir)
+    check_writable(environment, None if output_target.startswith("s3://") else Path(output_target))
     try:
         overrides = {**read_hyperparameters(environment.hyperparameters_file), **flag_overrides}
         config = TrainingConfig().with_overrides(overrides)
@@ -76,7 +94,6 @@ def run_job(
                 report = json.loads(search_results.read_text())
             if report is not None:
                 config = config.with_overrides(report["best"])
-            output_target = output or str(environment.model_dir)
             if output_target.startswith("s3://"):
                 local_output = Path(scratch) / "artifact"
                 card = train_and_export(splits, local_output, config, search=report)
@@ -130,12 +147,70 @@ def upload_folder(folder: Path, location: S3Location, s3_client: Any = None) -> 
     return len(files)
 
 
+def check_writable(environment: JobEnvironment, artifact_dir: Path | None) -> None:
+    """Stop before training when the artifact's folder (a local one) or, inside a SageMaker container, the failure
+    file's folder cannot be written: ``OutputNotWritableError`` names the folder, its owner and the job's user
+    (``pneumoscan train`` prints it on stderr and exits with code 5)."""
+    folders = [] if artifact_dir is None else [artifact_dir]
+    if _in_sagemaker_layout(environment.failure_file):
+        folders.append(environment.failure_file.parent)
+    for folder in folders:
+        problem = _unwritable(folder)
+        if problem is None:
+            continue
+        error = OutputNotWritableError(f"cannot write {folder} as uid {os.getuid()}: {problem}")
+        if folder != environment.failure_file.parent:
+            write_failure(environment.failure_file, error)
+        raise error
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why this process cannot create files in ``folder``, or None when it can. Folders it creates to find out are
+    removed again: a job that then fails leaves no empty output folder behind."""
+    created = [candidate for candidate in (folder, *folder.parents) if not candidate.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pneumoscan-probe-"):
+            pass
+        for candidate in created:  # Innermost first.
+            candidate.rmdir()
+    except OSError as error:
+        owner = _owner(folder)
+        return f"{error.strerror or error}" + (f" (the folder is owned by uid {owner})" if owner is not None else "")
+    return None
+
+
+def _owner(path: Path) -> int | None:
+    """The uid owning ``path`` or its nearest existing parent."""
+    for candidate in (path, *path.parents):
+        try:
+            return candidate.stat().st_uid
+        except OSError:
+            continue
+    return None
+
+
+def _in_sagemaker_layout(failure_file: Path) -> bool:
+    """Whether the job runs under SageMaker's folders: outside a SageMaker container (no /opt/ml) there is no
+    failure file to write."""
+    return failure_file.parent.parent.is_dir()
+
+
 def write_failure(failure_file: Path, error: BaseException) -> None:
-    """Leave the reason where SageMaker shows it; outside a SageMaker container (no /opt/ml) there is none."""
-    if not failure_file.parent.parent.is_dir():
+    """Leave the reason where SageMaker shows it; outside a SageMaker container (no /opt/ml) there is none. When it
+    cannot be written, stderr says so beside the reason, and ``FailureFileError`` is raised (from the write's
+    error; the job's own error stays its context)."""
+    if not _in_sagemaker_layout(failure_file):
         return
+    reason = f"{type(error).__name__}: {error}"
     try:
         failure_file.parent.mkdir(parents=True, exist_ok=True)
-        failure_file.write_text(f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
-    except OSError:
-        logger.warning("could not write the failure reason to %s", failure_file)
+        failure_file.write_text(f"{reason}\n\n{''.join(traceback.format_exception(error))}")
+    except OSError as write_error:
+        print(
+            f"pneumoscan train: the job failed ({reason}), and its reason could not be written to {failure_file}: "
+            f"{write_error}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise FailureFileError(f"could not write the failure reason to {failure_file}: {write_error}") from write_error

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,12 @@ from training.distill import ServingChoice, choose_served, soft_targets
 from training.efficientnet_lite import imagenet_weights_provenance
 from training.evaluate import ArtifactScores, score_image_set
 from training.explain import export_explainer
-from training.export import ExportResult, export
+from training.export import ExportResult, export, trust_regressions
 from training.gate import FittedGate, fit_input_gate, kept_share
 from training.ledger import LedgerEntry, git_commit, record_scoring
 from training.metrics import evaluate, family_breakdown, headline
 from training.models import build_classifier, build_ensemble, is_backbone_layer
+from training.quantization_aware import FineTuneSettings
 from training.report import write_report
 from training.screening import fit_screening
 from training.screening import kept_share as stage_kept_share
@@ -267,12 +269,14 @@ def calibrate_and_export(
     logger.info("%s: temperature %.4f, operating points %s", role, temperature, points)
     exported = export(
         classifier,
-        validation_images=splits.validation.images,
+        fit_files=splits.fit.files,
+        validation=splits.validation,
         keras_probabilities=keras_probabilities,
         temperature=temperature,
         operating_points=points,
         quantization=config.quantization,
         seed=config.seed,
+        quantization_aware=FineTuneSettings(epochs=config.quantization_aware_epochs),
     )
     return TrainedModel(role, architecture, classifier, splits, histories, temperature, points, exported)
 
@@ -429,11 +433,9 @@ class ArtifactEvaluation:
 def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> ArtifactEvaluation:
     """Write one model's artifact folder and measure the artifact, exactly as served, on validation and test."""
     folder.mkdir(parents=True, exist_ok=True)
+    model = trust_checked(model, context.config.seed)
     (folder / MODEL_FILE).write_bytes(model.exported.model_bytes)
-    # The explainer is checked against the LiteRT model just written, on validation images only.
-    explainer = export_explainer(
-        model.classifier, folder, served_model=folder / MODEL_FILE, images=model.splits.validation.images
-    )
+    explainer = write_explainer(model, folder)
     model.classifier.save(folder / KERAS_FILE)
     fitted = fit_artifact_gate(folder / MODEL_FILE, model.splits)
     gate = fitted.gate if fitted is not None else None
@@ -510,6 +512,54 @@ def write_artifact(model: TrainedModel, folder: Path, context: CardContext) -> A
         stress_suite=[row.to_dict() for row in stress_rows],
         screening=screening_section,
     )
+
+
+def write_explainer(model: TrainedModel, folder: Path) -> dict[str, Any] | None:
+    """The explainer, checked against the LiteRT model just written, on validation images only; the float explainer
+    of an int8 model against its float32 twin (the int8 logits differ by up to the parity tolerance)."""
+    if model.exported.chosen.quantization != "int8":
+        return export_explainer(
+            model.classifier, folder, served_model=folder / MODEL_FILE, images=model.splits.validation.images
+        )
+    with tempfile.TemporaryDirectory() as scratch:
+        reference = Path(scratch) / MODEL_FILE
+        reference.write_bytes(model.exported.float_bytes)
+        explainer = export_explainer(
+            model.classifier, folder, served_model=reference, images=model.splits.validation.images
+        )
+    if explainer is not None:
+        explainer["checked_against"] = "the float32 candidate of this export"
+    return explainer
+
+
+def trust_checked(model: TrainedModel, seed: int) -> TrainedModel:
+    """``model``, or for an int8 choice whose input gate and screening head, fitted on its own features, do worse
+    on validation than those fitted on the float32 candidate's, ``model`` served as float32 instead."""
+    if model.exported.chosen.quantization != "int8" or not model.exported.float_bytes:
+        return model
+    sections: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, model_bytes in (("float32", model.exported.float_bytes), ("int8", model.exported.model_bytes)):
+            folder = Path(scratch) / name
+            folder.mkdir()
+            (folder / MODEL_FILE).write_bytes(model_bytes)
+            fitted = fit_artifact_gate(folder / MODEL_FILE, model.splits)
+            if fitted is None:
+                return model
+            screening = fit_screening(
+                folder / MODEL_FILE, model.splits.fit.files, model.splits.validation.files, fitted.gate, seed
+            )
+            stage = build_stage(screening.input_size, fitted.gate, screening.head)
+            sections[name] = {
+                "input_gate": fitted.card_section(""),
+                "screening": screening.card_section("", stage),
+            }
+    regressions = trust_regressions(sections["float32"], sections["int8"])
+    if not regressions:
+        return model
+    logger.info("%s: int8 passes parity but its trust checks do worse: %s", model.role, regressions)
+    why = f"int8 passes parity, but fitted on its features {'; '.join(regressions)}"
+    return replace(model, exported=model.exported.fall_back(why))
 
 
 def fit_artifact_gate(model_path: Path, splits: DecodedSplits) -> FittedGate | None:

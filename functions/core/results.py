@@ -6,14 +6,18 @@ backfill appends ``|<model version>`` to the version's sequence, so it sorts rig
 before any newer version. Every result of an image stays in the table as its history; a duplicate notification
 for the same version (or a repeated backfill with the same model) fails the condition and changes nothing.
 
-The global secondary index ``ResultsByDay`` (partition ``scored_day``, sort ``scored_at``) answers "what was
-scored since T", one day partition at a time.
+The global secondary index ``ResultsByDayShard`` (partition ``day_shard``, sort ``scored_at``) answers "what was
+scored since T". A whole day on one partition key would cap the table's writes near a partition's 1,000 writes/s, so
+each day is spread over ``by_day_shards`` keys, ``<day>#0`` to ``<day>#<N-1>``, an image's shard chosen by a stable
+hash of its key; a reader queries every shard of a day and merges them in time order.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import heapq
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -51,7 +55,10 @@ neither S3 sequencers nor model versions."""
 NEVER_NOTIFIED = "0" * SEQUENCER_WIDTH + "~"
 """Version sequence of an object that no notification ever scored (it predates the stack): it sorts before
 every S3 sequencer, so a later upload of the key is its newer version."""
-BY_DAY_INDEX = "ResultsByDay"
+BY_DAY_INDEX = "ResultsByDayShard"
+DEFAULT_BY_DAY_SHARDS = 8
+"""Partition keys per day of the by-day index (the template's ``ResultsByDayShards``): 8 keys take about 8,000
+writes/s, and a reader makes 8 queries per day it reads."""
 RESULT_SCHEMA_VERSION = 2
 """Version 2 added INDETERMINATE and the operating points ``normal_below``/``pneumonia_from`` (replacing
 ``threshold``); ``confidence`` is the probability of the stated label. Items written before it have no
@@ -107,7 +114,7 @@ class ScoringResult:
         """The UTC day of ``scored_at``: the partition of the by-day index."""
         return self.scored_at[:10]
 
-    def to_item(self) -> dict[str, Any]:
+    def to_item(self, by_day_shards: int = DEFAULT_BY_DAY_SHARDS) -> dict[str, Any]:
         """The result as plain JSON values, with the schema version and the derived attributes the indexes read."""
         item = {name: value for name, value in asdict(self).items() if value is not None}
         return {
@@ -115,7 +122,15 @@ class ScoringResult:
             "schema_version": RESULT_SCHEMA_VERSION,
             "version_sequence": self.version_sequence,
             "scored_day": self.scored_day,
+            "day_shard": day_shard(self.image_key, self.scored_day, by_day_shards),
         }
+
+
+def day_shard(image_key: str, day: str, shards: int) -> str:
+    """The by-day index's partition key of a result: its day, then a shard in ``[0, shards)`` chosen by a hash of
+    the image's key (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256(image_key.encode()).digest()
+    return f"{day}#{int.from_bytes(digest[:8], 'big') % shards}"
 
 
 def version_sequence_of(object_sequence: str) -> str:
@@ -146,16 +161,23 @@ class ResultsPage:
 class ResultsTable:
     """Conditional writes, and the reads downstream systems and ops make, on the results table."""
 
-    def __init__(self, dynamodb_client: DynamoDBClient, table_name: str) -> None:
+    def __init__(
+        self, dynamodb_client: DynamoDBClient, table_name: str, by_day_shards: int = DEFAULT_BY_DAY_SHARDS
+    ) -> None:
+        """``by_day_shards`` must be the table's (the template's ``ResultsByDayShards``): writers spread each day over
+        that many keys of the by-day index and readers query every one of them."""
+        if by_day_shards < 1:
+            raise ValueError(f"by_day_shards must be at least 1, got {by_day_shards}")
         self._dynamodb = dynamodb_client
         self.table_name = table_name
+        self.by_day_shards = by_day_shards
         self._serializer = TypeSerializer()
 
     def put_once(self, result: ScoringResult) -> bool:
         """Write the result unless this sort key already has one; True when written."""
         item = {
             name: self._serializer.serialize(Decimal(str(value)) if isinstance(value, float) else value)
-            for name, value in result.to_item().items()
+            for name, value in result.to_item(self.by_day_shards).items()
         }
         try:
             self._dynamodb.put_item(
@@ -193,38 +215,70 @@ class ResultsTable:
         limit: int = 100,
         page_token: str | None = None,
     ) -> ResultsPage:
-        """Results scored in ``[since, until)``, oldest first, optionally of one status, a page at a time."""
+        """Results scored in ``[since, until]``, oldest first, optionally of one status, a page at a time: each day's
+        shards are queried and merged in time order (ties in key order)."""
         until = until or datetime.now(UTC)
-        day, start_key = _decode_token(page_token) if page_token else (since.astimezone(UTC).date(), None)
+        day, after = _decode_token(page_token) if page_token else (since.astimezone(UTC).date(), None)
         items: list[dict[str, Any]] = []
         last_day = until.astimezone(UTC).date()
         while day <= last_day:
-            arguments: dict[str, Any] = {
-                "TableName": self.table_name,
-                "IndexName": BY_DAY_INDEX,
-                "KeyConditionExpression": "scored_day = :day AND scored_at BETWEEN :since AND :until",
-                "ExpressionAttributeValues": {
-                    ":day": {"S": day.isoformat()},
-                    ":since": {"S": _timestamp(since)},
-                    ":until": {"S": _timestamp(until)},
-                },
-                "Limit": limit - len(items),
-            }
-            if status:
-                arguments["FilterExpression"] = "#status = :status"
-                arguments["ExpressionAttributeNames"] = {"#status": "status"}
-                arguments["ExpressionAttributeValues"][":status"] = {"S": status}
-            if start_key:
-                arguments["ExclusiveStartKey"] = start_key
-            response = self._call(lambda arguments=arguments: self._dynamodb.query(**arguments), "query by day")
-            items.extend(plain_item(item) for item in response.get("Items", []))
-            start_key = response.get("LastEvaluatedKey")
-            if start_key is None:
-                day += timedelta(days=1)
-            if len(items) >= limit:
-                more = start_key is not None or day <= last_day
-                return ResultsPage(items, _encode_token(day, start_key) if more else None)
+            shards = [
+                self._day_shard_items(
+                    f"{day.isoformat()}#{shard}",
+                    since=since,
+                    until=until,
+                    status=status,
+                    after=after,
+                    page_size=limit + 1,
+                )
+                for shard in range(self.by_day_shards)
+            ]
+            merged = heapq.merge(*shards, key=_position)
+            for item in merged:
+                items.append(item)
+                if len(items) >= limit:
+                    more = next(merged, None) is not None or day < last_day
+                    return ResultsPage(items, _encode_token(day, _position(item)) if more else None)
+            day += timedelta(days=1)
+            after = None
         return ResultsPage(items, None)
+
+    def _day_shard_items(
+        self,
+        key: str,
+        *,
+        since: datetime,
+        until: datetime,
+        status: str | None,
+        after: tuple[str, str, str] | None,
+        page_size: int,
+    ) -> Iterator[dict[str, Any]]:
+        """One shard's results in ``[since, until]`` that sort after ``after``, oldest first, read page by page as
+        they are consumed."""
+        arguments: dict[str, Any] = {
+            "TableName": self.table_name,
+            "IndexName": BY_DAY_INDEX,
+            "KeyConditionExpression": "day_shard = :shard AND scored_at BETWEEN :since AND :until",
+            "ExpressionAttributeValues": {
+                ":shard": {"S": key},
+                ":since": {"S": after[0] if after else _timestamp(since)},
+                ":until": {"S": _timestamp(until)},
+            },
+            "Limit": page_size,
+        }
+        if status:
+            arguments["FilterExpression"] = "#status = :status"
+            arguments["ExpressionAttributeNames"] = {"#status": "status"}
+            arguments["ExpressionAttributeValues"][":status"] = {"S": status}
+        while True:
+            response = self._call(lambda: self._dynamodb.query(**arguments), "query by day")
+            for raw in response.get("Items", []):
+                item = plain_item(raw)
+                if after is None or _position(item) > after:
+                    yield item
+            if "LastEvaluatedKey" not in response:
+                return
+            arguments["ExclusiveStartKey"] = response["LastEvaluatedKey"]
 
     def _query_image(self, image_key: str, *, newest_first: bool, page_size: int = 100) -> Iterator[dict[str, Any]]:
         arguments: dict[str, Any] = {
@@ -273,14 +327,23 @@ def _timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _encode_token(day: date, start_key: dict[str, Any] | None) -> str:
-    document = {"day": day.isoformat(), "key": start_key}
+def _position(item: dict[str, Any]) -> tuple[str, str, str]:
+    """Where a result sorts in a by-time read: its time, then its key and sort key (unique, so ties are ordered)."""
+    return str(item.get("scored_at", "")), str(item.get("image_key", "")), str(item.get("object_sequence", ""))
+
+
+def _encode_token(day: date, after: tuple[str, str, str]) -> str:
+    """A page token: the day being read and the position of the last result handed out."""
+    document = {"day": day.isoformat(), "after": list(after)}
     return base64.urlsafe_b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
 
 
-def _decode_token(token: str) -> tuple[date, dict[str, Any] | None]:
+def _decode_token(token: str) -> tuple[date, tuple[str, str, str] | None]:
     try:
         document = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return date.fromisoformat(document["day"]), document["key"]
+        scored_at, image_key, object_sequence = document["after"]
+        if not all(isinstance(part, str) for part in (scored_at, image_key, object_sequence)):
+            raise TypeError("a position is three strings")
+        return date.fromisoformat(document["day"]), (scored_at, image_key, object_sequence)
     except (binascii.Error, ValueError, KeyError, TypeError) as error:
         raise InvalidPageTokenError(f"not a page token of this command: {token!r}") from error

@@ -2,7 +2,8 @@
 
 Clients, Logger, Metrics, Tracer and the pipeline are built once per execution environment; the handler is a few
 lines around Powertools' batch processor, which turns each record's raised fault into a ``batchItemFailures``
-entry so SQS retries only that record (and moves it to the DLQ after ``maxReceiveCount``).
+entry so SQS retries only that record (and moves it to the DLQ after ``maxReceiveCount``), and reports each such
+record with one log line and one ``RecordsFailed`` metric by fault class (``scoring.failures``).
 """
 
 from __future__ import annotations
@@ -12,30 +13,34 @@ from typing import Any
 import boto3
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
-from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.batch import EventType, process_partial_response
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from core.batch import ReportingBatchProcessor
 from core.labels import Label
 from core.model_registry import ModelRegistry
 from core.provider import Provider
 from core.results import ResultsTable, ScoringResult
+from scoring.failures import FaultClass, fault_class, key_digests
 from scoring.heatmaps import HeatmapStage, HeatmapStore
 from scoring.image_store import ImageStore
 from scoring.isolated_decode import IsolationLimits
 from scoring.model_provider import ModelProvider, ModelRefusal
-from scoring.pipeline import ScoringPipeline
+from scoring.pipeline import ScoringPipeline, receive_count
 from scoring.settings import Settings
 
 NAMESPACE = "pneumoscan"
 PNEUMONIA = Label.PNEUMONIA
 
-logger = Logger(service="pneumoscan-scoring")
+# Every log line is ingested and billed per byte: no code location, no X-Ray trace id (tracing is off unless the
+# Tracing parameter turns it on), and of Lambda's context only the request id (see CONTEXT_KEYS_NOT_LOGGED).
+logger = Logger(service="pneumoscan-scoring", location=None, xray_trace_id=None)
+CONTEXT_KEYS_NOT_LOGGED = ("cold_start", "function_name", "function_memory_size", "function_arn")
+"""What the log group, its stream and Lambda's REPORT line already say about every invocation."""
 tracer = Tracer(service="pneumoscan-scoring")
 metrics = Metrics(namespace=NAMESPACE, service="pneumoscan-scoring")
-# A batch whose every record failed is still a partial response naming each one, not an exception.
-processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
 class PowertoolsObserver:
@@ -55,15 +60,23 @@ class PowertoolsObserver:
         )
         if result.heatmap_key:
             metrics.add_metric(name="HeatmapsStored", unit=MetricUnit.Count, value=1)
+        # The verdict at INFO (about 400 bytes a film); the model version and latency are in the invocation's
+        # metrics record and, with the heatmap's address, in the results table, so they are logged at DEBUG only.
         logger.info(
             "image scored",
             extra={
                 "image_key": result.image_key,
                 "label": result.label,
                 "pneumonia_probability": result.pneumonia_probability,
+                "trigger": result.trigger,
+            },
+        )
+        logger.debug(
+            "image scored: detail",
+            extra={
+                "image_key": result.image_key,
                 "model_version": result.model_version,
                 "latency_ms": result.latency_ms,
-                "trigger": result.trigger,
                 "heatmap_key": result.heatmap_key,
             },
         )
@@ -105,6 +118,29 @@ class PowertoolsObserver:
         )
 
 
+def report_failure(record: SQSRecord | None, fault: BaseException) -> None:
+    """One log line and one ``RecordsFailed`` metric (dimension: fault class) for a record reported in
+    ``batchItemFailures``: its message id, the digests of the keys it names and its fault's class and type, never the
+    fault's text."""
+    kind = fault_class(fault)
+    with single_metric(name="RecordsFailed", unit=MetricUnit.Count, value=1, namespace=NAMESPACE) as metric:
+        metric.add_dimension(name="fault_class", value=kind.value)
+    fields: dict[str, object] = {"fault_class": kind.value, "fault_type": type(fault).__name__}
+    if record is not None:
+        fields |= {
+            "message_id": record.message_id,
+            "receive_count": receive_count(record),
+            "key_sha256": key_digests(record.body),
+        }
+    # What SQS will retry on its own is a warning; a missing model or a defect needs someone.
+    level = logger.warning if kind in {FaultClass.TRANSIENT_AWS, FaultClass.DECODE_TIMEOUT} else logger.error
+    level("record failed; SQS delivers it again until the queue's maxReceiveCount", extra=fields)
+
+
+# A batch whose every record failed is still a partial response naming each one, not an exception.
+processor = ReportingBatchProcessor(EventType.SQS, report_failure, raise_on_entire_batch_failure=False)
+
+
 def build_pipeline(
     settings: Settings, s3_client: Any = None, dynamodb_client: Any = None, isolation: IsolationLimits | None = None
 ) -> ScoringPipeline:
@@ -122,15 +158,23 @@ def build_pipeline(
     )
     return ScoringPipeline(
         images=ImageStore(s3),
-        results=ResultsTable(dynamodb, settings.results_table),
+        results=ResultsTable(dynamodb, settings.results_table, settings.by_day_shards),
         models=models,
         observer=observer,
         max_image_bytes=settings.max_image_bytes,
         input_bucket=settings.input_bucket,
         input_prefix=settings.input_prefix,
-        heatmaps=HeatmapStage(HeatmapStore(s3, settings.heatmap_bucket), observer) if settings.heatmap_bucket else None,
+        heatmaps=HeatmapStage(
+            HeatmapStore(s3, settings.heatmap_bucket),
+            observer,
+            settings.io_concurrency,
+            flagged=settings.heatmaps_for_flagged,
+        )
+        if settings.heatmap_bucket
+        else None,
         isolation=isolation,
         accepted_ages=settings.accepted_ages,
+        io_concurrency=settings.io_concurrency,
     )
 
 
@@ -142,11 +186,15 @@ pipeline = Provider(lambda: build_pipeline(Settings.from_environment()))
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    logger.remove_keys(CONTEXT_KEYS_NOT_LOGGED)
     scoring = pipeline.get()
     plans = scoring.prepare(
         [SQSRecord(record) for record in event.get("Records", [])],
         remaining_seconds=lambda: context.get_remaining_time_in_millis() / 1000,
     )
+    # Every result is written before the batch processor walks the records: the writes run concurrently, and each
+    # record's commit reports its own writes or raises its fault.
+    scoring.write(plans.values())
     if any(plan.results for plan in plans.values()):
         # Every metric of the invocation is broken down by the model that served it. (Only when there will be
         # metrics: Powertools keeps the dimensions of an invocation that flushed none.)

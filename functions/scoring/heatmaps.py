@@ -9,8 +9,9 @@ result is written, so a result never points to a heatmap that does not exist.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -20,6 +21,7 @@ from core.events import ObjectRef
 from core.labels import Label
 from core.preprocessing import DecodedImage
 from scoring.classifier import Classifier, Prediction
+from scoring.concurrent_io import io_pool
 from scoring.explainer import render_overlay
 from scoring.image_store import TransientStorageError
 
@@ -92,18 +94,25 @@ class HeatmapOutcome:
 class HeatmapStage:
     """Computes, renders and stores the heatmaps of the scored images that need one."""
 
-    def __init__(self, store: HeatmapStore, observer: HeatmapObserver) -> None:
+    def __init__(
+        self, store: HeatmapStore, observer: HeatmapObserver, io_concurrency: int = 1, *, flagged: bool = True
+    ) -> None:
+        """Overlays are rendered one after another; up to ``io_concurrency`` of them are stored at once."""
         self._store = store
         self._observer = observer
+        self._io_concurrency = io_concurrency
+        # Whether every flagged film gets a heatmap, or only those asked for.
+        self._flagged = flagged
 
     def run(
         self, images: Sequence[HeatmapCandidate], predictions: Sequence[Prediction], classifier: Classifier
     ) -> HeatmapOutcome:
-        """The heatmaps of the flagged images (PNEUMONIA or INDETERMINATE) or asked to be explained, stored."""
+        """The heatmaps of the images asked to be explained and (unless only those are wanted) of the flagged ones
+        (PNEUMONIA or INDETERMINATE), stored."""
         wanted = [
             image
             for image, prediction in zip(images, predictions, strict=True)
-            if image.explain or prediction.label is not Label.NORMAL
+            if image.explain or (self._flagged and prediction.label is not Label.NORMAL)
         ]
         outcome = HeatmapOutcome()
         if not wanted:
@@ -118,15 +127,23 @@ class HeatmapStage:
             for image in wanted:
                 self._observer.heatmap_failed(image.ref.image_key, str(error))
             return outcome
-        for image, contribution_map in zip(wanted, maps, strict=True):
-            try:
-                png = render_overlay(image.decoded.grayscale, contribution_map)
-            except (ValueError, OSError) as error:
-                self._observer.heatmap_failed(image.ref.image_key, str(error))
-                continue
-            try:
-                outcome.addresses[id(image)] = self._store.put(image.ref.image_key, image.ref.sequencer, png)
-            except TransientStorageError as fault:
+        # Each overlay is stored while the next one is rendered.
+        stored: list[tuple[HeatmapCandidate, Callable[[], str | Exception]]] = []
+        with io_pool(self._io_concurrency, len(wanted)) as submit:
+            for image, contribution_map in zip(wanted, maps, strict=True):
+                try:
+                    png = render_overlay(image.decoded.grayscale, contribution_map)
+                except (ValueError, OSError) as error:
+                    self._observer.heatmap_failed(image.ref.image_key, str(error))
+                    continue
+                stored.append((image, submit(partial(self._store.put, image.ref.image_key, image.ref.sequencer, png))))
+        for image, wait in stored:
+            address = wait()
+            if isinstance(address, TransientStorageError):
                 # The record is retried and stores the heatmap again under the same key.
-                outcome.faults[id(image)] = fault
+                outcome.faults[id(image)] = address
+            elif isinstance(address, Exception):
+                raise address
+            else:
+                outcome.addresses[id(image)] = address
         return outcome

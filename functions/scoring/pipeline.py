@@ -3,18 +3,23 @@ each SQS record's results.
 
 It runs in two phases so that inference is batched across the whole invocation while the per-record outcome still
 goes through Powertools' batch processor: ``prepare`` does the reading and scoring and remembers, per message,
-the results to write or the transient fault to report; ``commit`` then writes one record's results, or raises its
-fault so that the record comes back in ``batchItemFailures`` and SQS retries it.
+the results to write or the transient fault to report; ``write`` writes every record's results at once, and
+``commit`` then reports one record's writes, or raises its fault (or its write's), so that the record comes back in
+``batchItemFailures`` and SQS retries it.
 
-Between the two, the heatmap stage (``scoring.heatmaps``) stores the overlays the scored images need.
+Between the two, the heatmap stage (``scoring.heatmaps``) stores the overlays the scored images need. The S3 reads,
+the heatmap stores and the result writes of a batch run up to ``io_concurrency`` at once on a thread pool
+(``scoring.concurrent_io``); everything else, the observer's reports included, stays on the calling thread.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,10 +30,25 @@ from core.preprocessing import DecodedImage, decode, resize_for_model
 from core.rejections import InvalidImageError, RejectionReason
 from core.results import AlreadyScoredError, ResultsTable, ScoringResult, Status, Trigger, rescoring_sequence
 from scoring.classifier import Classifier, Prediction
+from scoring.concurrent_io import run_all
 from scoring.heatmaps import HeatmapOutcome, HeatmapStage
-from scoring.image_store import BucketGoneError, ImageStore, ObjectArchivedError, ObjectGoneError, ObjectReplacedError
+from scoring.image_store import (
+    BucketGoneError,
+    ImageStore,
+    ObjectArchivedError,
+    ObjectGoneError,
+    ObjectHead,
+    ObjectReplacedError,
+)
 from scoring.isolated_decode import TIMEOUT_DETAIL, DecodeTimeoutError, IsolationLimits, decode_isolated
 from scoring.model_provider import ModelProvider
+
+DEFAULT_IO_CONCURRENCY = 10
+READ_WAVE_BYTES = 64 * 1024 * 1024
+"""The most bytes of a batch's objects read at once: ten films of a few MB are read together, while ten 50 MB
+DICOMs are read a wave at a time, each wave decoded before the next is read, so their bytes never pile up in the
+function's memory."""
+"""S3 reads and DynamoDB writes in flight at once in one invocation: a full SQS batch's worth."""
 
 OBJECT_GONE_DETAIL = "the notified object version no longer exists"
 BUCKET_GONE_DETAIL = "the bucket of the notified object no longer exists"
@@ -108,6 +128,21 @@ class RecordPlan:
 
     results: list[ScoringResult] = field(default_factory=list)
     fault: Exception | None = None
+    writes: list[bool | Exception] | None = None
+    """Per result, once ``write`` has run: True when written, False when a result already existed, or the fault
+    of its write."""
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """One object's HEAD and GET, done on an I/O thread: its bytes, or the fault that ended the reading."""
+
+    ref: ObjectRef
+    """The notified object, with a backfill's sort key once it has been worked out."""
+    started: float
+    head: ObjectHead | None = None
+    data: bytes = b""
+    fault: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -136,13 +171,18 @@ class ScoringPipeline:
         heatmaps: HeatmapStage | None = None,
         isolation: IsolationLimits | None = None,
         accepted_ages: AgeRangeOverride | None = None,
+        io_concurrency: int = DEFAULT_IO_CONCURRENCY,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """Only objects under ``input_prefix`` in ``input_bucket`` are read; without a ``heatmaps`` store no
         heatmap is made. A batch holding a record delivered before is decoded in child processes within
         ``isolation``'s limits (``scoring.isolated_decode``), so a file that kills its decoder costs only its own
         record. An upload whose object metadata or DICOM header states a patient age outside the served model's
-        validated population (its card's accepted range, with ``accepted_ages``' bounds over it) is rejected."""
+        validated population (its card's accepted range, with ``accepted_ages``' bounds over it) is rejected. Up to
+        ``io_concurrency`` S3 reads (HEAD and GET) and DynamoDB writes run at once on a thread pool of the batch;
+        decoding and inference stay on the calling thread, in the records' order (1: every call in turn)."""
+        if io_concurrency < 1:
+            raise ValueError(f"io_concurrency must be at least 1, got {io_concurrency}")
         self._images = images
         self._heatmaps = heatmaps
         self._results = results
@@ -153,6 +193,7 @@ class ScoringPipeline:
         self._input_prefix = input_prefix
         self._isolation = isolation or IsolationLimits()
         self._accepted_ages = accepted_ages or AgeRangeOverride()
+        self._io_concurrency = io_concurrency
         self._clock = clock
         self._remaining_seconds: Callable[[], float] | None = None
 
@@ -180,15 +221,30 @@ class ScoringPipeline:
         # deliveries too: a record whose invocation was killed once is never killed again by a file beside it (a
         # duplicate notification of the same bomb arrives as a first delivery).
         isolated = any(is_retry(message) for message in messages)
+        # First every message is parsed, then every object it names is looked at (HEADs, concurrently), then, in
+        # the records' order, the objects are read in waves of at most READ_WAVE_BYTES (GETs, concurrently) and
+        # each is decoded before the next wave is read (forked children start only once the I/O threads are
+        # gone); a record's first fault ends its reading, as before.
+        wanted: list[tuple[Message, list[ObjectRef]]] = []
         for message in messages:
-            plan = plans[message.message_id]
             try:
                 parsed = parse_message(message.body)
-                for why in parsed.malformed:
-                    self._observer.dropped(f"malformed record: {why}")
-                for ref in parsed.refs:
-                    image = self._read(
-                        message.message_id, ref, plan, classifier, isolated=isolated, delivery=receive_count(message)
+            except Exception as fault:  # noqa: BLE001  # Any fault of one record must fail that record only.
+                plans[message.message_id].fault = fault
+                continue
+            for why in parsed.malformed:
+                self._observer.dropped(f"malformed record: {why}")
+            wanted.append((message, [ref for ref in parsed.refs if self._readable(ref)]))
+        reads = self._fetch_in_waves([ref for _, refs in wanted for ref in refs], classifier)
+        for message, refs in wanted:
+            plan = plans[message.message_id]
+            fetched = [next(reads) for _ in refs]
+            try:
+                for read in fetched:
+                    if isinstance(read, Exception):
+                        raise read
+                    image = self._decode(
+                        message.message_id, read, plan, classifier, isolated=isolated, delivery=receive_count(message)
                     )
                     if image is not None:
                         pending.append(image)
@@ -197,43 +253,75 @@ class ScoringPipeline:
         self._score(pending, plans, classifier)
         return plans
 
+    def write(self, plans: Iterable[RecordPlan]) -> None:
+        """Write the results of every plan without a fault, up to ``io_concurrency`` at once; ``commit`` then
+        reports each record's writes (or raises its fault) in the batch processor's order."""
+        todo = [plan for plan in plans if plan.fault is None and plan.writes is None]
+        outcomes = iter(
+            run_all(
+                [partial(self._results.put_once, result) for plan in todo for result in plan.results],
+                self._io_concurrency,
+            )
+        )
+        for plan in todo:
+            plan.writes = [next(outcomes) for _ in plan.results]
+
     def commit(self, plan: RecordPlan) -> None:
-        """Write one record's results, or raise its fault so the record is retried."""
+        """Report one record's written results (writing them first unless ``write`` has), or raise its fault, or the
+        first fault of its writes, so the record is retried."""
         if plan.fault is not None:
             raise plan.fault
-        for result in plan.results:
-            if not self._results.put_once(result):
+        if plan.writes is None:
+            self.write([plan])
+        assert plan.writes is not None  # Set by write.
+        faults = [written for written in plan.writes if isinstance(written, Exception)]
+        # What was written is reported even when another write of the record failed: its retry finds it written.
+        for result, written in zip(plan.results, plan.writes, strict=True):
+            if written is False:
                 self._observer.skipped(result.image_key, result.object_sequence, "duplicate: a result already exists")
-                continue
-            if result.status is Status.SCORED:
+            elif written is True and result.status is Status.SCORED:
                 self._observer.scored(result)
-            else:
+            elif written is True:
                 self._observer.rejected(result)
+        if faults:
+            raise faults[0]
 
-    def _read(
-        self,
-        message_id: str,
-        ref: ObjectRef,
-        plan: RecordPlan,
-        classifier: Callable[[], Classifier],
-        *,
-        isolated: bool,
-        delivery: int,
-    ) -> _PendingImage | None:
+    def _readable(self, ref: ObjectRef) -> bool:
+        """Whether the object is in the input bucket under its prefix; what is not is dropped, never read."""
+        if ref.bucket == self._input_bucket and ref.key.startswith(self._input_prefix):
+            return True
+        # Never read, and no row: the function reads only what it is there to score (not even the model bucket).
+        self._observer.dropped(
+            f"the record names an object outside s3://{self._input_bucket}/{self._input_prefix}: {ref.image_key}"
+        )
+        return False
+
+    def _fetch_in_waves(
+        self, refs: Sequence[ObjectRef], classifier: Callable[[], Classifier]
+    ) -> Iterator[_Fetched | Exception]:
+        """Each object's HEAD and GET, in the refs' order. The HEADs run at once; the GETs in waves whose sizes add
+        up to at most ``READ_WAVE_BYTES`` (a larger object is a wave of its own), each wave read only when the caller
+        asks for its first object, so a batch of large files never holds all their bytes at once."""
+        heads = run_all([partial(self._head, ref, classifier) for ref in refs], self._io_concurrency)
+        position = 0
+        while position < len(heads):
+            wave_end, wave_bytes = position, 0
+            while wave_end < len(heads):
+                size = _bytes_to_read(heads[wave_end])
+                if wave_end > position and wave_bytes + size > READ_WAVE_BYTES:
+                    break
+                wave_bytes += size
+                wave_end += 1
+            yield from run_all([partial(self._read, head) for head in heads[position:wave_end]], self._io_concurrency)
+            position = wave_end
+
+    def _head(self, ref: ObjectRef, classifier: Callable[[], Classifier]) -> _Fetched:
+        """On an I/O thread: a backfill's sort key, the HEAD and its checks. Only S3 and DynamoDB calls and checks
+        of their answers run here; what becomes of the object is decided on the calling thread."""
         started = self._clock()
-        if ref.bucket != self._input_bucket or not ref.key.startswith(self._input_prefix):
-            # Never read, and no row: the function reads only what it is there to score (not even the model bucket).
-            self._observer.dropped(
-                f"the record names an object outside s3://{self._input_bucket}/{self._input_prefix}: {ref.image_key}"
-            )
-            return None
-        if ref.is_backfill:
-            try:
-                ref = self._backfill_ref(ref, classifier().spec.version)
-            except AlreadyScoredError as already:
-                self._observer.skipped(ref.image_key, ref.etag, str(already))
-                return None
         try:
+            if ref.is_backfill:
+                ref = self._backfill_ref(ref, classifier().spec.version)
             head = self._images.head(ref)
             if head.size == 0:
                 raise InvalidImageError(RejectionReason.EMPTY, "the object has zero bytes")
@@ -241,26 +329,58 @@ class ScoringPipeline:
                 raise InvalidImageError(
                     RejectionReason.TOO_LARGE, f"{head.size} bytes exceeds the limit of {self._max_image_bytes}"
                 )
-            accepted = self._accepted(classifier())
-            check_stated_age(head.stated_age_years, accepted)  # Before the download: the metadata is enough.
+            check_stated_age(head.stated_age_years, self._accepted(classifier()))  # The metadata is enough.
+        except Exception as fault:  # noqa: BLE001  # Handled on the calling thread, in the records' order.
+            return _Fetched(ref, started, fault=fault)
+        return _Fetched(ref, started, head)
+
+    def _read(self, headed: _Fetched | Exception) -> _Fetched | Exception:
+        """On an I/O thread: the GET of an object whose HEAD passed its checks (anything else is handed on)."""
+        if isinstance(headed, Exception) or headed.fault is not None:
+            return headed
+        try:
+            data = self._images.read(headed.ref)
+        except Exception as fault:  # noqa: BLE001  # Handled on the calling thread, in the records' order.
+            return replace(headed, fault=fault)
+        return replace(headed, data=data)
+
+    def _decode(
+        self,
+        message_id: str,
+        fetched: _Fetched,
+        plan: RecordPlan,
+        classifier: Callable[[], Classifier],
+        *,
+        isolated: bool,
+        delivery: int,
+    ) -> _PendingImage | None:
+        """On the calling thread: what became of one object's reading (a rejection, a skip, or its fault raised)
+        and, when it was read, its decoding."""
+        ref, started = fetched.ref, fetched.started
+        try:
+            if fetched.fault is not None:
+                raise fetched.fault
+            assert fetched.head is not None  # A reading without a fault has its HEAD.
             size = classifier().input_size
-            data = self._images.read(ref)
             if isolated:
                 limits = self._isolation_now()
                 # A decode whose time the invocation's deadline cut short says nothing about the file: retried.
                 verdict_delivery = delivery if limits == self._isolation else 0
-                decoded, pixels = _decode_in_child(data, size, limits, verdict_delivery)
+                decoded, pixels = _decode_in_child(fetched.data, size, limits, verdict_delivery)
             else:
-                decoded = decode(data, size)
+                decoded = decode(fetched.data, size)
                 pixels = resize_for_model(decoded, size).pixels
-            check_stated_age(decoded.stated_age_years, accepted)
+            check_stated_age(decoded.stated_age_years, self._accepted(classifier()))
+        except AlreadyScoredError as already:
+            self._observer.skipped(ref.image_key, ref.etag, str(already))
+            return None
         except (InvalidImageError, ObjectGoneError, ObjectArchivedError) as permanent:
             plan.results.append(self._rejection(ref, *_rejection_of(permanent), started))
             return None
         except ObjectReplacedError as replaced:
             self._observer.skipped(ref.image_key, ref.sequencer, str(replaced))
             return None
-        return _PendingImage(message_id, ref, decoded, pixels, started, ref.explain or head.explain_requested)
+        return _PendingImage(message_id, ref, decoded, pixels, started, ref.explain or fetched.head.explain_requested)
 
     def _accepted(self, classifier: Classifier) -> AgeRange:
         """The patient ages the served model accepts: its card's range, with the deployment's bounds over it."""
@@ -363,6 +483,13 @@ class ScoringPipeline:
         )
 
 
+def _bytes_to_read(headed: _Fetched | Exception) -> int:
+    """How many bytes an object's GET will bring: its size when its HEAD passed, else none."""
+    if isinstance(headed, Exception) or headed.fault is not None or headed.head is None:
+        return 0
+    return headed.head.size
+
+
 def _decode_in_child(data: bytes, size: int, limits: IsolationLimits, delivery: int) -> tuple[DecodedImage, np.ndarray]:
     """``decode_isolated``, with a decode past its time a transient fault (``DecodeTimeoutError``, the record is
     retried) before delivery ``DECODE_TIMEOUT_VERDICT_RECEIVE``, and ``DECODE_TIMEOUT`` from then on."""
@@ -387,15 +514,19 @@ def _rejection_of(fault: InvalidImageError | ObjectGoneError | ObjectArchivedErr
 
 def _first_outcome(load: Callable[[], Classifier]) -> Callable[[], Classifier]:
     """``load``, called once: its classifier, or its fault raised again, for every later call. A model that cannot
-    be loaded is then tried (downloaded, verified, reported) once per invocation, not once per record."""
+    be loaded is then tried (downloaded, verified, reported) once per invocation, not once per record. The first
+    I/O thread that needs the model loads it (and reports a refusal) while the calling thread waits for the reads;
+    the others wait for that one load."""
     outcome: list[Classifier | Exception] = []
+    lock = threading.Lock()
 
     def first() -> Classifier:
-        if not outcome:
-            try:
-                outcome.append(load())
-            except Exception as fault:  # noqa: BLE001  # Raised again below, for every record that needs the model.
-                outcome.append(fault)
+        with lock:
+            if not outcome:
+                try:
+                    outcome.append(load())
+                except Exception as fault:  # noqa: BLE001  # Raised again below, for every record that needs it.
+                    outcome.append(fault)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
         return outcome[0]

@@ -10,8 +10,13 @@ from pathlib import Path
 
 from core.config import ConfigurationError
 from core.population import AgeRangeOverride
+from core.results import DEFAULT_BY_DAY_SHARDS
+from scoring.pipeline import DEFAULT_IO_CONCURRENCY
 
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
+HEATMAP_POLICIES = {"Flagged": True, "OnRequest": False}
+"""``HEATMAPS`` (the template's ``Heatmaps``) -> whether every flagged film gets a heatmap; either way a film whose
+upload or backfill request asks for one gets it."""
 
 
 @dataclass(frozen=True)
@@ -29,11 +34,19 @@ class Settings:
     max_image_bytes: int
     heatmap_bucket: str | None = None
     """Where heatmap overlays go; without it no heatmap is made."""
+    heatmaps_for_flagged: bool = True
+    """Whether every flagged film gets a heatmap (``HEATMAPS=Flagged``, the default when unset) or only those asked
+    for (``OnRequest``)."""
     input_prefix: str = ""
     """Only keys under this prefix are read (the function's role can read nothing else)."""
     accepted_ages: AgeRangeOverride = field(default_factory=AgeRangeOverride)
     """Accepted patient ages set by the deployment (``MIN_PATIENT_AGE_YEARS``, ``MAX_PATIENT_AGE_YEARS``, the
     template's ``MinPatientAgeYears`` and ``MaxPatientAgeYears``); each bound left empty is the model card's."""
+    io_concurrency: int = DEFAULT_IO_CONCURRENCY
+    """S3 reads and DynamoDB writes of one batch in flight at once (``IO_CONCURRENCY``); 1 makes them sequential."""
+    by_day_shards: int = DEFAULT_BY_DAY_SHARDS
+    """Partition keys per day of the results table's by-day index (``RESULTS_BY_DAY_SHARDS``, the template's
+    ``ResultsByDayShards``)."""
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> Settings:
@@ -50,7 +63,10 @@ class Settings:
                 ),  # Lambda: only /tmp is writable.
                 max_image_bytes=int(environment.get("MAX_IMAGE_BYTES", str(DEFAULT_MAX_IMAGE_BYTES))),
                 heatmap_bucket=environment.get("HEATMAP_BUCKET") or None,
+                heatmaps_for_flagged=heatmap_policy(environment),
                 accepted_ages=accepted_ages(environment),
+                io_concurrency=int(environment.get("IO_CONCURRENCY", str(DEFAULT_IO_CONCURRENCY))),
+                by_day_shards=int(environment.get("RESULTS_BY_DAY_SHARDS", str(DEFAULT_BY_DAY_SHARDS))),
             )
         except KeyError as missing:
             raise ConfigurationError(f"environment variable {missing} is required") from missing
@@ -60,10 +76,23 @@ class Settings:
             raise ConfigurationError("INPUT_BUCKET must name the input bucket")
         if settings.model_bucket is None and settings.model_path is None:
             raise ConfigurationError("set MODEL_BUCKET (the model registry) or MODEL_PATH (a local artifact)")
+        if settings.io_concurrency < 1:
+            raise ConfigurationError("IO_CONCURRENCY must be at least 1")
+        if settings.by_day_shards < 1:
+            raise ConfigurationError("RESULTS_BY_DAY_SHARDS must be at least 1")
         lowest, highest = settings.accepted_ages.min_years, settings.accepted_ages.max_years_exclusive
         if lowest is not None and highest is not None and lowest >= highest:
             raise ConfigurationError("MIN_PATIENT_AGE_YEARS must be below MAX_PATIENT_AGE_YEARS")
         return settings
+
+
+def heatmap_policy(environment: Mapping[str, str]) -> bool:
+    """Whether ``HEATMAPS`` (unset or empty: ``Flagged``) asks for a heatmap of every flagged film; raises
+    ``ValueError`` for a value that is neither policy."""
+    text = environment.get("HEATMAPS", "").strip() or "Flagged"
+    if text not in HEATMAP_POLICIES:
+        raise ValueError(f"HEATMAPS must be one of {', '.join(HEATMAP_POLICIES)}")
+    return HEATMAP_POLICIES[text]
 
 
 def accepted_ages(environment: Mapping[str, str]) -> AgeRangeOverride:

@@ -1,0 +1,179 @@
+"""Quantization-aware fine-tuning: batch norms folded exactly, kernels on the int8 grid, activations quantized to
+calibrated ranges, and fine-tuning that brings the quantized copy closer to the float model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from core.labels import OperatingPoints
+from training.data import list_split, load_images
+from training.export import ParityCheck, quantization_aware_candidate, representative_films
+from training.quantization_aware import (
+    FineTuneSettings,
+    FoldedBatchNorm,
+    calibrate_output_ranges,
+    fine_tune,
+    fold,
+    on_grid_copy,
+    quantization_aware_copy,
+    quantized_outputs,
+)
+
+SIZE = 24
+
+
+def small_network(seed: int = 0) -> keras.Model:
+    """A tiny network of the served kind: uint8 film in, convolutions with batch norms, a residual, pooled features
+    named ``pool``, one logit; batch-norm statistics away from the identity, so folding them matters."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(SIZE, SIZE, 1), dtype="uint8")
+    x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0)(keras.ops.cast(inputs, "float32"))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(epsilon=1e-3, name="stem_bn")(x)
+    x = layers.ReLU(6.0, name="stem_relu")(x)
+    shortcut = x
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="depthwise_conv")(x)
+    x = layers.BatchNormalization(epsilon=1e-3, name="depthwise_bn")(x)
+    x = layers.ReLU(6.0, name="depthwise_relu")(x)
+    x = layers.Conv2D(8, 1, use_bias=False, name="project_conv")(x)
+    x = layers.BatchNormalization(epsilon=1e-3, name="project_bn")(x)
+    x = layers.Add(name="residual")([shortcut, x])
+    pooled = layers.GlobalAveragePooling2D(name="pool")(x)
+    logit = layers.Dense(1, name="pneumonia_logit")(layers.Dropout(0.3)(pooled))
+    model = keras.Model(inputs, logit)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            layer.set_weights([
+                rng.uniform(0.5, 2.0, channels),
+                rng.normal(0.0, 0.3, channels),
+                rng.normal(0.0, 0.5, channels),
+                rng.uniform(0.2, 3.0, channels),
+            ])  # fmt: skip
+    return model
+
+
+def films(count: int, seed: int) -> np.ndarray:
+    """Smooth random uint8 images (a blurred field plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(40, 215, (count, SIZE // 4, SIZE // 4, 1))
+    smooth = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)
+    return np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    return np.asarray(model(images, training=False)).reshape(-1)
+
+
+def test_folding_a_batch_norm_gives_the_same_outputs() -> None:
+    """A convolution with its batch norm folded in computes what the convolution and the batch norm computed."""
+    model = small_network()
+    images = films(4, seed=1)
+    before = keras.Model(model.input, model.get_layer("stem_bn").output)(images, training=False)
+    kernel, bias = fold(model.get_layer("stem_conv").get_weights()[0], model.get_layer("stem_bn"), channel_axis=-1)
+    normalized = keras.Model(model.input, model.get_layer("stem_conv").input)(images)
+    after = keras.ops.conv(normalized, kernel, strides=2, padding="same") + bias
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before), atol=1e-4)
+
+
+def test_on_grid_kernels_are_int8_levels_of_one_scale_per_channel() -> None:
+    """Every kernel of the exported copy is an integer multiple (at most 127) of its channel's scale, and the
+    largest of each channel is exactly 127 of them: the converter's weight quantization of it is lossless."""
+    plain = on_grid_copy(quantization_aware_copy(small_network()))
+    for name, axis in (("stem_conv", -1), ("depthwise_conv", 2), ("project_conv", -1), ("pneumonia_logit", -1)):
+        kernel = plain.get_layer(name).get_weights()[0]
+        moved = np.moveaxis(kernel, axis, -1).reshape(-1, kernel.shape[axis])
+        levels = moved / (np.abs(moved).max(axis=0) / 127.0)
+        np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+        np.testing.assert_allclose(np.abs(levels).max(axis=0), 127.0, atol=1e-3)
+
+
+def test_the_exported_copy_answers_as_the_quantized_copy_and_near_the_float_model() -> None:
+    """Without activation ranges, the plain copy with on-grid kernels gives the quantization-aware copy's logits,
+    which differ from the float model's by the weights' rounding only (a little, not nothing)."""
+    model = small_network()
+    quantized = quantization_aware_copy(model)
+    images = films(16, seed=2)
+    plain = logits(on_grid_copy(quantized), images)
+    np.testing.assert_allclose(plain, logits(quantized, images), atol=1e-4)
+    difference = np.abs(plain - logits(model, images))
+    assert 0 < difference.max() < 0.05 * np.abs(logits(model, images)).max() + 0.05
+
+
+def test_activation_ranges_are_those_the_converter_quantizes() -> None:
+    """Ranges go to each convolution's output after its fused ReLU (not before it), the project convolution's
+    folded batch norm, the residual sum, the pooled features and the logit; each holds 0 and the outputs seen."""
+    quantized = quantization_aware_copy(small_network())
+    calibrate_output_ranges(quantized, films(8, seed=3))
+    names = {layer.name for layer in quantized_outputs(quantized)}
+    assert names == {"stem_relu", "depthwise_relu", "project_bn", "residual", "pool", "pneumonia_logit"}
+    assert isinstance(quantized.get_layer("project_bn"), FoldedBatchNorm)
+    for layer in quantized_outputs(quantized):
+        low, high = layer.output_range.numpy()
+        assert low <= 0.0 <= high and high > low
+
+
+def test_quantized_activations_move_the_logits_more_than_the_weights_alone() -> None:
+    """With calibrated ranges the copy's logits carry the activations' rounding too."""
+    model = small_network()
+    quantized = quantization_aware_copy(model)
+    images = films(16, seed=4)
+    weights_only = np.abs(logits(quantized, images) - logits(model, images)).mean()
+    calibrate_output_ranges(quantized, images)
+    both = np.abs(logits(quantized, images) - logits(model, images)).mean()
+    assert both > weights_only
+
+
+@pytest.mark.parametrize("activations", [False, True])
+def test_fine_tuning_brings_the_quantized_copy_closer_to_the_float_model(activations: bool) -> None:
+    """A few epochs of fine-tuning on training films cut the quantized copy's logit error on other films."""
+    model = small_network(seed=5)
+    quantized = quantization_aware_copy(model)
+    training, held_out = films(256, seed=6), films(64, seed=7)
+    representative: Any = training[:64] if activations else None
+    if representative is not None:
+        calibrate_output_ranges(quantized, representative)
+    before = np.abs(logits(quantized, held_out) - logits(model, held_out)).mean()
+    losses = fine_tune(
+        model,
+        quantized,
+        training,
+        temperature=1.0,
+        settings=FineTuneSettings(epochs=6, batch_size=16, learning_rate=1e-3),
+        representative=representative,
+    )
+    after = np.abs(logits(quantized, held_out) - logits(model, held_out)).mean()
+    assert losses[-1] < losses[0]
+    assert after < 0.7 * before
+
+
+def test_the_exporter_gates_a_quantization_aware_candidate_against_the_float_model(data_root: Path) -> None:
+    """The exporter's quantization-aware candidate is a real int8 LiteRT model, measured against the float Keras
+    model's probabilities on validation films and named by how it was made."""
+    files = list_split(data_root / "train")
+    fit_files = files[:: max(1, len(files) // 48)][:48]
+    validation = load_images(files[1 :: max(1, len(files) // 24)][:24], size=SIZE)
+    model = small_network(seed=8)
+    probabilities = 1 / (1 + np.exp(-logits(model, validation.images)))
+    check = ParityCheck(validation, probabilities, 1.0, OperatingPoints(normal_below=0.5, pneumonia_from=0.5))
+    candidate, model_bytes = quantization_aware_candidate(
+        model,
+        FineTuneSettings(epochs=1, batch_size=16),
+        fit_files=fit_files,
+        representative=representative_films(fit_files, SIZE, count=16),
+        check=check,
+        seed=0,
+    )
+    assert candidate.quantization == "int8"
+    assert candidate.method == "quantization-aware fine-tuning, 1 epochs"
+    assert candidate.name == "int8 (quantization-aware fine-tuning, 1 epochs)"
+    assert model_bytes[4:8] == b"TFL3"
+    assert np.isfinite(candidate.max_probability_difference)
+    assert candidate.size_bytes == len(model_bytes)
