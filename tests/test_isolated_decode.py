@@ -4,10 +4,11 @@ transient fault."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from infra.dicom_films import with_patient_age
 from scoring import isolated_decode
 from scoring.isolated_decode import (
     DECODE_SECONDS,
+    MALLOC_TRIM,
     OVER_BUDGET_DETAIL,
     SLOWEST_FILM_SECONDS,
     DecodeTimeoutError,
@@ -66,6 +68,42 @@ def test_child_over_its_memory_is_a_bomb() -> None:
         decode_isolated(decode_cost_bombs()["sixteen-bit-5000.png"], 192, IsolationLimits(memory_bytes=24 * 2**20))
     assert raised.value.reason is RejectionReason.DECOMPRESSION_BOMB
     assert raised.value.detail == OVER_BUDGET_DETAIL
+
+
+@pytest.fixture
+def heap_with_freed_memory() -> Iterator[None]:
+    """The C heap holding about 190 MB it has freed but kept, resident, as a long-running process's heap may: a
+    30 MB block freed first raises glibc's threshold for mapping large blocks on their own, so twelve 16 MB blocks
+    come from the heap, and a block allocated after them keeps the heap from shrinking when they are freed."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+    def touched(size: int) -> int:
+        block = libc.malloc(size)
+        assert block
+        libc.memset(block, 1, size)
+        return int(block)
+
+    libc.free(touched(30 * 2**20))
+    blocks = [touched(16 * 2**20) for _ in range(12)]
+    guard = touched(256 * 2**10)
+    for block in blocks:
+        libc.free(block)
+    yield
+    libc.free(guard)
+
+
+@pytest.mark.skipif(MALLOC_TRIM is None, reason="the C library has no malloc_trim (not glibc)")
+@pytest.mark.usefixtures("heap_with_freed_memory")
+def test_child_reusing_heap_its_parent_freed_is_still_a_bomb() -> None:
+    """A parent whose heap keeps memory it freed still sees a child that decodes into it: the 25-megapixel 16-bit
+    PNG under a smaller memory limit is rejected as a decompression bomb."""
+    with pytest.raises(InvalidImageError) as raised:
+        decode_isolated(decode_cost_bombs()["sixteen-bit-5000.png"], 192, IsolationLimits(memory_bytes=24 * 2**20))
+    assert raised.value.reason is RejectionReason.DECOMPRESSION_BOMB
 
 
 def test_child_over_its_time_is_a_transient_timeout(

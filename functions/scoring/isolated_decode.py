@@ -4,8 +4,10 @@ A file that makes the decoder exceed Lambda's memory or time kills the whole inv
 record of the batch. The pipeline decodes a record whose batch already failed once (SQS's
 ``ApproximateReceiveCount`` above 1) here: the child sets an address-space limit (``RLIMIT_AS``) on top of what it
 inherited, decodes, and sends the result back through a pipe; the parent kills it when the anonymous memory it has
-added since the fork passes the limit (the address-space limit cannot see the child reuse heap the parent had
-freed) or the time limit passes. A
+added since the fork passes the limit or the time limit passes. Neither figure would see the child reuse heap
+the parent had freed but kept (the pages are already mapped and resident), so the parent first gives such pages
+back to the kernel (glibc's ``malloc_trim``): a child that reuses them faults in new pages, which its resident
+memory counts. A
 child that runs out of memory or dies costs only its own record: it is rejected as ``DECOMPRESSION_BOMB``. A child
 that runs out of time raises ``DecodeTimeoutError``, a transient fault: a slow decode on a busy machine is not a
 verdict on the file, so the pipeline retries it a bounded number of times before ``DECODE_TIMEOUT``.
@@ -22,6 +24,7 @@ grayscale image and of the model's pixels, whose lengths the header must account
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import math
@@ -31,6 +34,7 @@ import select
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +81,7 @@ def decode_isolated(data: bytes, size: int, limits: IsolationLimits | None = Non
     of memory or died); ``DecodeTimeoutError`` when it ran out of time."""
     limits = limits or IsolationLimits()
     read_end, write_end = os.pipe()
+    release_freed_heap()
     inherited = anonymous_bytes(os.getpid())
     # A garbage collection in the child would write to every object it inherited and so copy every page of the
     # parent's heap into the child's own memory; frozen objects are left alone.
@@ -190,6 +195,27 @@ def _read_until(read_end: int, pid: int, most_anonymous_bytes: int, seconds: flo
     if deadline - time.monotonic() <= 0:
         raise DecodeTimeoutError(TIMEOUT_DETAIL)
     return None
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None under a C library without it."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_heap() -> None:
+    """Give every whole free page of the C heap back to the kernel (a no-op without ``malloc_trim``). Freed memory
+    the heap keeps stays resident and mapped, and a forked child could reuse it unseen by both limits."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
 
 
 def anonymous_bytes(pid: int) -> int:
