@@ -107,6 +107,21 @@ def test_the_exported_copy_answers_as_the_quantized_copy_and_near_the_float_mode
     assert 0 < difference.max() < 0.05 * np.abs(logits(model, images)).max() + 0.05
 
 
+def test_a_convolution_without_bias_or_batch_norm_gets_a_zero_bias() -> None:
+    """A convolution with neither a bias nor a batch norm after it is copied with a zero bias, so its quantized copy
+    answers as it does up to the kernel's rounding."""
+    keras.utils.set_random_seed(9)
+    inputs = keras.Input(shape=(SIZE, SIZE, 1), dtype="uint8")
+    x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0)(keras.ops.cast(inputs, "float32"))
+    x = layers.Conv2D(4, 3, padding="same", use_bias=False, name="bare_conv")(x)
+    pooled = layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inputs, layers.Dense(1, name="pneumonia_logit")(pooled))
+    quantized = quantization_aware_copy(model)
+    np.testing.assert_array_equal(quantized.get_layer("bare_conv").bias.numpy(), np.zeros(4, dtype=np.float32))
+    images = films(8, seed=10)
+    np.testing.assert_allclose(logits(quantized, images), logits(model, images), atol=0.05)
+
+
 def test_activation_ranges_are_those_the_converter_quantizes() -> None:
     """Ranges go to each convolution's output after its fused ReLU (not before it), the project convolution's
     folded batch norm, the residual sum, the pooled features and the logit; each holds 0 and the outputs seen."""

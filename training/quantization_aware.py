@@ -205,10 +205,9 @@ def quantization_aware_copy(model: keras.Model) -> keras.Model:
         quantized = QUANTIZED_CLASSES.get(type(layer))
         if quantized is None:
             return layer.__class__.from_config(layer.get_config())
-        config = layer.get_config()
-        if layer.name in batch_norms:
-            config["use_bias"] = True
-        return quantized.from_config(config)
+        # Every quantized layer gets a bias: a folded batch normalisation's, the layer's own, or zeros. LiteRT
+        # stores a bias for every convolution anyway, and fine-tuning may move it.
+        return quantized.from_config({**layer.get_config(), "use_bias": True})
 
     copy = keras.models.clone_model(model, clone_function=rebuild)
     for layer in model.layers:
@@ -221,7 +220,7 @@ def quantization_aware_copy(model: keras.Model) -> keras.Model:
             weights = list(fold(weights[0], batch_norms[layer.name], _channel_axis(layer)))
         target = copy.get_layer(layer.name)
         target.kernel.assign(weights[0])
-        target.bias.assign(weights[1])
+        target.bias.assign(weights[1] if len(weights) > 1 else np.zeros(target.bias.shape, dtype=np.float32))
     return copy
 
 
@@ -331,9 +330,10 @@ def fine_tune(
 
     losses: list[float] = []
     rng = np.random.default_rng(0)
+    # The ranges are calibrated before the first epoch and after each one (which is also before the next).
+    if representative is not None:
+        calibrate_output_ranges(quantized, representative)
     for epoch in range(settings.epochs):
-        if representative is not None:
-            calibrate_output_ranges(quantized, representative)
         total, batches = 0.0, 0
         for batch in _batches(rng.permutation(len(images)), settings.batch_size):
             loss = step(
