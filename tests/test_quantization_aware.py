@@ -161,12 +161,39 @@ def test_fine_tuning_brings_the_quantized_copy_closer_to_the_float_model(activat
         quantized,
         training,
         temperature=1.0,
-        settings=FineTuneSettings(epochs=6, batch_size=16, learning_rate=1e-3),
+        settings=FineTuneSettings(epochs=6, batch_size=16, learning_rate=1e-3, weights_only_epochs=0),
         representative=representative,
     )
     after = np.abs(logits(quantized, held_out) - logits(model, held_out)).mean()
     assert losses[-1] < losses[0]
     assert after < 0.7 * before
+
+
+def test_weights_only_epochs_come_first_with_the_activations_unquantized() -> None:
+    """Weights-only epochs train with every activation range empty (only the kernels quantized) and cut the error;
+    the epochs after them quantize the activations to calibrated ranges; one loss is returned per epoch."""
+    model = small_network(seed=11)
+    quantized = quantization_aware_copy(model)
+    training, held_out = films(256, seed=12), films(64, seed=13)
+    calibrate_output_ranges(quantized, training[:64])
+    before = np.abs(logits(quantized, held_out) - logits(model, held_out)).mean()
+    settings = FineTuneSettings(
+        epochs=0, batch_size=16, weights_only_epochs=4, weights_only_films=128, weights_only_learning_rate=1e-3
+    )
+    losses = fine_tune(model, quantized, training, temperature=1.0, settings=settings, representative=training[:64])
+    assert len(losses) == 4
+    assert all(not layer.output_range.numpy().any() for layer in quantized_outputs(quantized))
+    assert np.abs(logits(quantized, held_out) - logits(model, held_out)).mean() < 0.7 * before
+    both = fine_tune(
+        model,
+        quantized,
+        training,
+        temperature=1.0,
+        settings=FineTuneSettings(epochs=1, batch_size=16, weights_only_epochs=1, weights_only_films=32),
+        representative=training[:64],
+    )
+    assert len(both) == 2
+    assert all(np.ptp(layer.output_range.numpy()) > 0 for layer in quantized_outputs(quantized))
 
 
 def test_the_exporter_gates_a_quantization_aware_candidate_against_the_float_model(data_root: Path) -> None:
@@ -180,15 +207,16 @@ def test_the_exporter_gates_a_quantization_aware_candidate_against_the_float_mod
     check = ParityCheck(validation, probabilities, 1.0, OperatingPoints(normal_below=0.5, pneumonia_from=0.5))
     candidate, model_bytes = quantization_aware_candidate(
         model,
-        FineTuneSettings(epochs=1, batch_size=16),
+        FineTuneSettings(epochs=1, batch_size=16, weights_only_epochs=1, weights_only_films=16),
         fit_files=fit_files,
         representative=representative_films(fit_files, SIZE, count=16),
         check=check,
         seed=0,
     )
     assert candidate.quantization == "int8"
-    assert candidate.method == "quantization-aware fine-tuning, 1 epochs"
-    assert candidate.name == "int8 (quantization-aware fine-tuning, 1 epochs)"
+    method = "quantization-aware fine-tuning, 1 weights-only epoch, then 1 epoch with activations"
+    assert candidate.method == method
+    assert candidate.name == f"int8 ({method})"
     assert model_bytes[4:8] == b"TFL3"
     assert np.isfinite(candidate.max_probability_difference)
     assert candidate.size_bytes == len(model_bytes)

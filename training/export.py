@@ -381,7 +381,7 @@ def quantization_aware_candidate(
     tuned = serving_model(quantization_aware_model(classifier, films, representative, check.temperature, settings))
     float_layers = badly_quantized(layer_errors(tuned, representative))
     candidate, model_bytes = check.convert_and_measure(tuned, "int8", representative, float_layers)
-    candidate = replace(candidate, method=f"quantization-aware fine-tuning, {settings.epochs} epochs")
+    candidate = replace(candidate, method=f"quantization-aware fine-tuning, {settings.description}")
     logger.info("LiteRT int8 candidate: %s", candidate)
     return candidate, model_bytes
 

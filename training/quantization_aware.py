@@ -283,17 +283,42 @@ class FineTuneSettings:
     """How long and how gently the quantized copy is fine-tuned."""
 
     epochs: int = 2
+    """Epochs over every film with the activations quantized too."""
     batch_size: int = 32
     learning_rate: float = 1e-5
+    weights_only_epochs: int = 3
+    """Epochs before those with only the kernels quantized: the weights settle on the grid before the activations'
+    rounding is added (measured on the release: 0.097 largest probability difference against 0.165 without)."""
+    weights_only_films: int = 4_000
+    """Films drawn afresh for each weights-only epoch."""
+    weights_only_learning_rate: float = 5e-6
     feature_weight: float = 0.1
     """Weight of the pooled features' mean squared difference beside the logits'."""
     biases_only: bool = False
     """Train only the biases (the kernels stay the float model's, rounded)."""
 
+    @property
+    def description(self) -> str:
+        """How the copy was fine-tuned, for the export candidate's method."""
+        activations = _epochs(self.epochs)
+        if self.weights_only_epochs == 0:
+            return activations
+        return f"{_epochs(self.weights_only_epochs, 'weights-only ')}, then {activations} with activations"
+
+
+def _epochs(count: int, kind: str = "") -> str:
+    return f"{count} {kind}epoch{'' if count == 1 else 's'}"
+
 
 def with_features(model: keras.Model) -> keras.Model:
     """``model`` with its pooled features as a second output."""
     return keras.Model(model.input, [model.output, model.get_layer(POOLED_FEATURES_LAYER).output])
+
+
+def clear_output_ranges(model: keras.Model) -> None:
+    """Stop quantizing ``model``'s outputs (every range back to empty), leaving only its kernels quantized."""
+    for layer in quantized_outputs(model):
+        layer.output_range.assign(np.zeros(2, dtype=np.float32))
 
 
 def fine_tune(
@@ -308,44 +333,69 @@ def fine_tune(
 ) -> list[float]:
     """Fine-tune ``quantized`` to answer as ``float_model`` on ``images`` (uint8, training films): the squared
     difference of the logits (over the temperature) plus ``feature_weight`` times that of the pooled features
-    (scaled by the float features' spread). With ``representative`` films, activations are quantized too, their
-    ranges calibrated on those films before each epoch and after the last. Returns the mean loss of each epoch."""
+    (scaled by the float features' spread). First ``weights_only_epochs`` with only the kernels quantized, each
+    on ``weights_only_films`` films drawn afresh; then ``epochs`` over every film, with activations quantized too
+    when ``representative`` films are given (their ranges calibrated on those films before the first of these
+    epochs and after each). Returns the mean loss of each epoch, in order."""
     teacher = with_features(float_model)
     student = with_features(quantized)
     target_logits, target_features = teacher.predict(images, batch_size=64, verbose=0)
     feature_scale = float(np.std(target_features)) or 1.0
-    steps = settings.epochs * -(-len(images) // settings.batch_size)
-    optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(settings.learning_rate, steps))
     variables = [v for v in student.trainable_variables if not settings.biases_only or v.path.endswith("bias")]
+    rng = np.random.default_rng(0)
+    weights_only_films = min(settings.weights_only_films, len(images))
 
-    @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]  # TensorFlow ships no types.
-    def step(batch: tf.Tensor, logits: tf.Tensor, features: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            predicted_logits, predicted_features = student(batch, training=False)
-            logit_loss = tf.reduce_mean(tf.square((predicted_logits - logits) / temperature))
-            feature_loss = tf.reduce_mean(tf.square((predicted_features - features) / feature_scale))
-            loss = logit_loss + settings.feature_weight * feature_loss
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
-        return loss
+    def phase(epochs: int, films_per_epoch: int, learning_rate: float) -> Callable[[], float]:
+        """One training phase: a fresh optimizer with cosine decay over its steps; returns a one-epoch trainer."""
+        steps = max(1, epochs * -(-films_per_epoch // settings.batch_size))
+        optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps))
+
+        @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]  # TensorFlow ships no types.
+        def step(batch: tf.Tensor, logits: tf.Tensor, features: tf.Tensor) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                predicted_logits, predicted_features = student(batch, training=False)
+                logit_loss = tf.reduce_mean(tf.square((predicted_logits - logits) / temperature))
+                feature_loss = tf.reduce_mean(tf.square((predicted_features - features) / feature_scale))
+                loss = logit_loss + settings.feature_weight * feature_loss
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+            return loss
+
+        def epoch() -> float:
+            order = rng.permutation(len(images))[:films_per_epoch]
+            total, batches = 0.0, 0
+            for batch in _batches(order, settings.batch_size):
+                loss = step(
+                    tf.constant(images[batch]), tf.constant(target_logits[batch]), tf.constant(target_features[batch])
+                )
+                total, batches = total + float(loss), batches + 1
+            return total / max(batches, 1)
+
+        return epoch
 
     losses: list[float] = []
-    rng = np.random.default_rng(0)
-    # The ranges are calibrated before the first epoch and after each one (which is also before the next).
+
+    def record(loss: float) -> None:
+        losses.append(loss)
+        logger.info("quantization-aware epoch %d: loss %.3g", len(losses), loss)
+        if progress is not None:
+            progress(len(losses), loss)
+
+    if settings.weights_only_epochs:
+        clear_output_ranges(quantized)
+        weights_only = phase(settings.weights_only_epochs, weights_only_films, settings.weights_only_learning_rate)
+        for _ in range(settings.weights_only_epochs):
+            record(weights_only())
+    if not settings.epochs:
+        return losses
+    # The ranges are calibrated before the first epoch with activations and after each (also before the next).
     if representative is not None:
         calibrate_output_ranges(quantized, representative)
-    for epoch in range(settings.epochs):
-        total, batches = 0.0, 0
-        for batch in _batches(rng.permutation(len(images)), settings.batch_size):
-            loss = step(
-                tf.constant(images[batch]), tf.constant(target_logits[batch]), tf.constant(target_features[batch])
-            )
-            total, batches = total + float(loss), batches + 1
-        losses.append(total / max(batches, 1))
-        logger.info("quantization-aware epoch %d: loss %.3g", epoch + 1, losses[-1])
+    with_activations = phase(settings.epochs, len(images), settings.learning_rate)
+    for _ in range(settings.epochs):
+        loss = with_activations()
         if representative is not None:
             calibrate_output_ranges(quantized, representative)
-        if progress is not None:
-            progress(epoch + 1, losses[-1])
+        record(loss)
     return losses
 
 
