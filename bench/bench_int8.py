@@ -25,8 +25,7 @@ import numpy as np
 
 import training.efficientnet_lite  # Registers the custom layers of saved EfficientNet-Lite models.
 import training.models  # noqa: F401  # Registers the custom layer of the saved models.
-from core.labels import OperatingPoints
-from core.model_card import read_card
+from core.model_card import ServingSpec, read_card
 from scoring.litert import ClassifierModel
 from training.calibration import sigmoid
 from training.data import load_images, split_as_trained
@@ -70,11 +69,10 @@ def main() -> dict[str, Any]:
     data = Path(os.environ.get("PNEUMOSCAN_DATA", ROOT.parent / "shared" / "data" / "chest_xray"))
     card = read_card(RELEASE_MODEL)
     fit_files, validation_files, _ = split_as_trained(card, data, RuntimeError)
-    size = int(card["input"]["size"])
+    spec = ServingSpec.from_card(card)
+    size = spec.input_size
     validation = load_images(validation_files, size=size)
-    calibration = card["calibration"]
-    temperature = float(calibration["temperature"])
-    points = OperatingPoints(**calibration["operating_points"])
+    temperature, points = spec.temperature, spec.points
     classifier = keras.saving.load_model(RELEASE_KERAS, compile=False)
     keras_probabilities = sigmoid(predict_logits(classifier, validation.images), temperature)
     served = serving_model(classifier)

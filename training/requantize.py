@@ -25,7 +25,6 @@ import numpy as np
 
 import training.efficientnet_lite  # Registers the custom layers of saved EfficientNet-Lite models.
 import training.models  # noqa: F401  # Registers the custom layer of the saved models.
-from core.labels import OperatingPoints
 from core.model_card import (
     CARD_FILE,
     EXPLAINER_FILE,
@@ -80,11 +79,9 @@ def requantize(
     if output_dir.exists() and any(output_dir.iterdir()):
         raise RequantizeError(f"{output_dir} is not empty; a new version goes to a new folder")
     fit_files, validation_files, _ = split_as_trained(card, data_dir, RequantizeError)
-    size = int(card["input"]["size"])
-    validation = load_images(validation_files, size=size)
-    calibration = card["calibration"]
-    temperature = float(calibration["temperature"])
-    points = OperatingPoints(**calibration["operating_points"])
+    spec = ServingSpec.from_card(card)
+    validation = load_images(validation_files, size=spec.input_size)
+    temperature, points = spec.temperature, spec.points
 
     classifier = keras.saving.load_model(keras_path, compile=False)
     keras_logits = predict_logits(classifier, validation.images)
