@@ -44,11 +44,11 @@ from scoring.isolated_decode import TIMEOUT_DETAIL, DecodeTimeoutError, Isolatio
 from scoring.model_provider import ModelProvider
 
 DEFAULT_IO_CONCURRENCY = 10
+"""S3 reads and DynamoDB writes in flight at once in one invocation: a full SQS batch's worth."""
 READ_WAVE_BYTES = 64 * 1024 * 1024
 """The most bytes of a batch's objects read at once: ten films of a few MB are read together, while ten 50 MB
 DICOMs are read a wave at a time, each wave decoded before the next is read, so their bytes never pile up in the
 function's memory."""
-"""S3 reads and DynamoDB writes in flight at once in one invocation: a full SQS batch's worth."""
 
 OBJECT_GONE_DETAIL = "the notified object version no longer exists"
 BUCKET_GONE_DETAIL = "the bucket of the notified object no longer exists"
