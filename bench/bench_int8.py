@@ -72,9 +72,9 @@ def main() -> dict[str, Any]:
     spec = ServingSpec.from_card(card)
     size = spec.input_size
     validation = load_images(validation_files, size=size)
-    temperature, points = spec.temperature, spec.points
+    temperature, intercept, points = spec.temperature, spec.intercept, spec.points
     classifier = keras.saving.load_model(RELEASE_KERAS, compile=False)
-    keras_probabilities = sigmoid(predict_logits(classifier, validation.images), temperature)
+    keras_probabilities = sigmoid(predict_logits(classifier, validation.images), temperature, intercept)
     served = serving_model(classifier)
     representative = representative_films(fit_files, size, seed=int(card["hyperparameters"]["seed"]))
     # The converter prints its saved-model summary on stdout; the figures are what this bench prints there.
@@ -82,7 +82,7 @@ def main() -> dict[str, Any]:
         errors = layer_errors(served, representative)
     float_layers = badly_quantized(errors)
     candidates: dict[str, ExportCandidate] = {}
-    check = ParityCheck(validation, keras_probabilities, temperature, points)
+    check = ParityCheck(validation, keras_probabilities, temperature, points, intercept)
     with tempfile.TemporaryDirectory() as scratch:
         paths: dict[str, Path] = {}
         for name, kept_float in (("float32", ()), ("int8", float_layers)):

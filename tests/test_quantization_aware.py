@@ -3,6 +3,7 @@ calibrated ranges, and fine-tuning that brings the quantized copy closer to the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,14 @@ from keras import layers
 from core.labels import OperatingPoints
 from training.data import list_split, load_images
 from training.export import ParityCheck, quantization_aware_candidate, representative_films
+from training.gate import serving_model
 from training.quantization_aware import (
     FineTuneSettings,
     FoldedBatchNorm,
     calibrate_output_ranges,
     fine_tune,
     fold,
+    logit_weights,
     on_grid_copy,
     quantization_aware_copy,
     quantized_outputs,
@@ -220,3 +223,67 @@ def test_the_exporter_gates_a_quantization_aware_candidate_against_the_float_mod
     assert model_bytes[4:8] == b"TFL3"
     assert np.isfinite(candidate.max_probability_difference)
     assert candidate.size_bytes == len(model_bytes)
+
+
+def test_logit_weights_follow_how_far_a_logit_error_moves_the_probability() -> None:
+    """Weighted by probability sensitivity, a film at P = 0.5 weighs 1, a confident film weighs the floor, and the
+    calibration's temperature and intercept decide where P = 0.5 lies; without a floor every film weighs 1."""
+    logits = np.array([[3.0], [0.0], [40.0], [-40.0]], dtype=np.float32)
+    weights = logit_weights(logits, temperature=2.0, intercept=-1.5, floor=0.05)
+    assert weights.shape == logits.shape
+    assert weights[0, 0] == pytest.approx(1.0)
+    assert weights[1, 0] == pytest.approx(4 * 0.1824255 * 0.8175745, rel=1e-5)
+    assert weights[2, 0] == weights[3, 0] == pytest.approx(0.05)
+    assert np.all(logit_weights(logits, 2.0, -1.5, None) == 1.0)
+
+
+def test_fine_tuning_loss_weights_each_film_by_its_probability_sensitivity() -> None:
+    """With a sensitivity floor, the logit term of the fine-tuning loss is each film's squared logit difference
+    weighted by ``logit_weights`` of the float model's calibrated probability, not a plain mean."""
+    model = small_network(seed=5)
+    training = films(64, seed=6)
+    float_logits = logits(model, training)
+    temperature = 0.01
+    # The intercept puts P = 0.5 at the middle of the films' logits, so their weights span the floor to 1.
+    intercept = -float(np.median(float_logits)) / temperature
+    quantized_logits = logits(quantization_aware_copy(model), training)
+    squared = np.square((quantized_logits - float_logits) / temperature)
+    weights = logit_weights(float_logits, temperature, intercept, 0.01)
+    assert weights.min() < 0.1
+    assert weights.max() > 0.9
+    for floor, expected in ((None, squared.mean()), (0.01, (weights * squared).mean())):
+        # One batch of every film at a learning rate of 0: the loss of the unchanged copy, logits only.
+        settings = FineTuneSettings(
+            epochs=1,
+            batch_size=64,
+            learning_rate=0.0,
+            weights_only_epochs=0,
+            feature_weight=0.0,
+            sensitivity_floor=floor,
+        )
+        losses = fine_tune(
+            model,
+            quantization_aware_copy(model),
+            training,
+            temperature=temperature,
+            intercept=intercept,
+            settings=settings,
+        )
+        assert losses[0] == pytest.approx(float(expected), rel=1e-3)
+
+
+def test_parity_is_measured_with_the_calibration_intercept(data_root: Path) -> None:
+    """A site-calibrated model's exported probabilities include its intercept: the float32 conversion agrees with
+    Keras probabilities computed with it, and the gate sees the difference when they are computed without it."""
+    files = list_split(data_root / "train")
+    validation = load_images(files[:: max(1, len(files) // 16)][:16], size=SIZE)
+    model = small_network(seed=8)
+    validation_logits = logits(model, validation.images)
+    points = OperatingPoints(normal_below=0.5, pneumonia_from=0.5)
+    with_intercept = 1 / (1 + np.exp(-(validation_logits / 2.0 + 1.5)))
+    check = ParityCheck(validation, with_intercept, 2.0, points, intercept=1.5)
+    candidate, _ = check.convert_and_measure(serving_model(model), "float32", validation.images[:0], ())
+    assert candidate.max_probability_difference < 1e-4
+    without = replace(check, intercept=0.0)
+    candidate, _ = without.convert_and_measure(serving_model(model), "float32", validation.images[:0], ())
+    assert candidate.max_probability_difference > 0.05

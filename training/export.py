@@ -267,8 +267,10 @@ def measure(
     temperature: float,
     thresholds: tuple[float, ...],
     float_layers: tuple[str, ...] = (),
+    intercept: float = 0.0,
 ) -> ExportCandidate:
-    """Score ``images`` with the LiteRT runtime that serves, and compare with the Keras probabilities."""
+    """Score ``images`` with the LiteRT runtime that serves, calibrated as the card says
+    (``sigmoid(logit / temperature + intercept)``), and compare with the Keras probabilities."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.tflite"
         path.write_bytes(model_bytes)
@@ -281,7 +283,7 @@ def measure(
         for _ in range(repeats):
             model.run(single)
         milliseconds = (time.perf_counter() - started) * 1000 / repeats
-    probabilities = sigmoid(logits, temperature)
+    probabilities = sigmoid(logits, temperature, intercept)
     flipped = np.zeros(len(probabilities), dtype=bool)
     far_flips = np.zeros(len(probabilities), dtype=bool)
     for threshold in thresholds:
@@ -319,15 +321,18 @@ def export(
     quantization: str = "auto",
     seed: int = 0,
     quantization_aware: FineTuneSettings | None = None,
+    intercept: float = 0.0,
 ) -> ExportResult:
     """Convert, measure every requested quantization on the validation films, gate on parity of probabilities,
     labels at both operating points and AUC, pick one. The served model also outputs the pooled features the input
     gate reads. int8 is calibrated on ``representative_films`` of the fit films; when that post-training int8 fails
     the gate and ``quantization_aware`` asks for epochs, a copy fine-tuned with int8 weights and activations on
-    every fit film (and a mild variant of each) to answer as the Keras model does is converted and gated too."""
+    every fit film (and a mild variant of each) to answer as the Keras model does is converted and gated too.
+    Probabilities are ``sigmoid(logit / temperature + intercept)``: the intercept is 0 unless a site calibration
+    set one."""
     requested = ("float32", "int8") if quantization == "auto" else (quantization,)
     served = serving_model(classifier)
-    check = ParityCheck(validation, keras_probabilities, temperature, operating_points)
+    check = ParityCheck(validation, keras_probabilities, temperature, operating_points, intercept)
     candidates: list[tuple[ExportCandidate, bytes]] = []
     for name in requested:
         representative = (
@@ -378,7 +383,11 @@ def quantization_aware_candidate(
     variant of each), gated against ``classifier`` itself."""
     size = check.validation.images.shape[1]
     films = representative_films(fit_files, size, count=len(fit_files), seed=seed + 1)
-    tuned = serving_model(quantization_aware_model(classifier, films, representative, check.temperature, settings))
+    tuned = serving_model(
+        quantization_aware_model(
+            classifier, films, representative, check.temperature, settings, intercept=check.intercept
+        )
+    )
     float_layers = badly_quantized(layer_errors(tuned, representative))
     candidate, model_bytes = check.convert_and_measure(tuned, "int8", representative, float_layers)
     candidate = replace(candidate, method=f"quantization-aware fine-tuning, {settings.description}")
@@ -394,6 +403,8 @@ class ParityCheck:
     keras_probabilities: np.ndarray
     temperature: float
     operating_points: OperatingPoints
+    intercept: float = 0.0
+    """The calibration's intercept: ``P = sigmoid(logit / temperature + intercept)``."""
 
     def convert_and_measure(
         self, served: keras.Model, quantization: str, representative: np.ndarray, float_layers: tuple[str, ...]
@@ -407,6 +418,7 @@ class ParityCheck:
             labels=self.validation.labels,
             keras_probabilities=self.keras_probabilities,
             temperature=self.temperature,
+            intercept=self.intercept,
             thresholds=(self.operating_points.normal_below, self.operating_points.pneumonia_from),
             float_layers=float_layers,
         )

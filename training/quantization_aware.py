@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from training.calibration import sigmoid
 from training.gate import POOLED_FEATURES_LAYER
 
 logger = logging.getLogger(__name__)
@@ -295,6 +296,11 @@ class FineTuneSettings:
     weights_only_learning_rate: float = 5e-6
     feature_weight: float = 0.1
     """Weight of the pooled features' mean squared difference beside the logits'."""
+    sensitivity_floor: float | None = None
+    """When set, each film's squared logit difference is weighted by how much a logit error moves its calibrated
+    probability, ``4 p (1 - p)`` of the float model's probability (1 at p = 0.5), but never less than this floor:
+    the parity gate measures probabilities, and a film far from 0.5 can take a large logit error unseen. ``None``
+    weights every film alike."""
     biases_only: bool = False
     """Train only the biases (the kernels stay the float model's, rounded)."""
 
@@ -331,17 +337,20 @@ def fine_tune(
     settings: FineTuneSettings,
     progress: Callable[[int, float], None] | None = None,
     representative: np.ndarray | None = None,
+    intercept: float = 0.0,
 ) -> list[float]:
     """Fine-tune ``quantized`` to answer as ``float_model`` on ``images`` (uint8, training films): the squared
     difference of the logits (over the temperature) plus ``feature_weight`` times that of the pooled features
     (scaled by the float features' spread). First ``weights_only_epochs`` with only the kernels quantized, each
     on ``weights_only_films`` films drawn afresh; then ``epochs`` over every film, with activations quantized too
     when ``representative`` films are given (their ranges calibrated on those films before the first of these
-    epochs and after each). Returns the mean loss of each epoch, in order."""
+    epochs and after each). The float model's probability is ``sigmoid(logit / temperature + intercept)``, the
+    card's calibration, for ``settings.sensitivity_floor``. Returns the mean loss of each epoch, in order."""
     teacher = with_features(float_model)
     student = with_features(quantized)
     target_logits, target_features = teacher.predict(images, batch_size=64, verbose=0)
     feature_scale = float(np.std(target_features)) or 1.0
+    film_weights = logit_weights(target_logits, temperature, intercept, settings.sensitivity_floor)
     variables = [v for v in student.trainable_variables if not settings.biases_only or v.path.endswith("bias")]
     rng = np.random.default_rng(0)
     weights_only_films = min(settings.weights_only_films, len(images))
@@ -352,10 +361,10 @@ def fine_tune(
         optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps))
 
         @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]  # TensorFlow ships no types.
-        def step(batch: tf.Tensor, logits: tf.Tensor, features: tf.Tensor) -> tf.Tensor:
+        def step(batch: tf.Tensor, logits: tf.Tensor, features: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
             with tf.GradientTape() as tape:
                 predicted_logits, predicted_features = student(batch, training=False)
-                logit_loss = tf.reduce_mean(tf.square((predicted_logits - logits) / temperature))
+                logit_loss = tf.reduce_mean(weights * tf.square((predicted_logits - logits) / temperature))
                 feature_loss = tf.reduce_mean(tf.square((predicted_features - features) / feature_scale))
                 loss = logit_loss + settings.feature_weight * feature_loss
             optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
@@ -366,7 +375,10 @@ def fine_tune(
             total, batches = 0.0, 0
             for batch in _batches(order, settings.batch_size):
                 loss = step(
-                    tf.constant(images[batch]), tf.constant(target_logits[batch]), tf.constant(target_features[batch])
+                    tf.constant(images[batch]),
+                    tf.constant(target_logits[batch]),
+                    tf.constant(target_features[batch]),
+                    tf.constant(film_weights[batch]),
                 )
                 total, batches = total + float(loss), batches + 1
             return total / max(batches, 1)
@@ -400,6 +412,15 @@ def fine_tune(
     return losses
 
 
+def logit_weights(logits: np.ndarray, temperature: float, intercept: float, floor: float | None) -> np.ndarray:
+    """Each film's weight on its squared logit difference (shaped like ``logits``): 1 for every film when ``floor``
+    is ``None``, otherwise ``4 p (1 - p)`` of its calibrated probability ``p``, at least ``floor``."""
+    if floor is None:
+        return np.ones_like(logits, dtype=np.float32)
+    probabilities = sigmoid(logits, temperature, intercept)
+    return np.maximum(4.0 * probabilities * (1.0 - probabilities), floor).astype(np.float32)
+
+
 def _batches(order: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(order), size):
         yield order[start : start + size]
@@ -411,10 +432,20 @@ def quantization_aware_model(
     representative: np.ndarray,
     temperature: float,
     settings: FineTuneSettings,
+    *,
+    intercept: float = 0.0,
 ) -> keras.Model:
     """``float_model`` folded, fine-tuned on ``films`` with int8 weights and activations (ranges calibrated on
     ``representative``, the films the converter calibrates on) to answer as it does, and returned as a plain
     Keras model whose kernels lie on the int8 grid."""
     quantized = quantization_aware_copy(float_model)
-    fine_tune(float_model, quantized, films, temperature=temperature, settings=settings, representative=representative)
+    fine_tune(
+        float_model,
+        quantized,
+        films,
+        temperature=temperature,
+        intercept=intercept,
+        settings=settings,
+        representative=representative,
+    )
     return on_grid_copy(quantized)

@@ -81,7 +81,7 @@ def requantize(
     fit_files, validation_files, _ = split_as_trained(card, data_dir, RequantizeError)
     spec = ServingSpec.from_card(card)
     validation = load_images(validation_files, size=spec.input_size)
-    temperature, points = spec.temperature, spec.points
+    temperature, intercept, points = spec.temperature, spec.intercept, spec.points
 
     classifier = keras.saving.load_model(keras_path, compile=False)
     keras_logits = predict_logits(classifier, validation.images)
@@ -97,8 +97,9 @@ def requantize(
             classifier,
             fit_files=fit_files,
             validation=validation,
-            keras_probabilities=sigmoid(keras_logits, temperature),
+            keras_probabilities=sigmoid(keras_logits, temperature, intercept),
             temperature=temperature,
+            intercept=intercept,
             operating_points=points,
             quantization="auto",
             seed=int(card["hyperparameters"]["seed"]),
