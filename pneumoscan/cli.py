@@ -63,7 +63,7 @@ def _add_train(commands: Any) -> None:
         ("bootstrap-resamples", int), ("ensemble-size", int), ("head-epochs", int), ("head-learning-rate", float),
         ("student-architecture", str), ("student-image-size", int), ("student-epochs", int),
         ("student-learning-rate", float), ("distillation-weight", float), ("distillation-temperature", float),
-        ("serve", str), ("evaluate-test", str),
+        ("serve", str), ("evaluate-test", str), ("weight-interpolation", float), ("fine-tuned-model", str),
     ):  # fmt: skip
         train.add_argument(f"--{name}", type=kind, dest=f"hp_{name.replace('-', '_')}", help="hyper-parameter")
     train.add_argument("--arch", type=str, dest="hp_architecture", help="alias of --architecture")

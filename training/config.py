@@ -60,6 +60,15 @@ class TrainingConfig:
     quantization_aware_epochs: int = 3
     """Epochs of quantization-aware fine-tuning for an int8 candidate when post-training int8 fails the parity gate
     (``training.quantization_aware``); 0 converts post-training int8 only."""
+    weight_interpolation: float = 1.0
+    """The share of the fine-tuned weights in the teacher's served weights, the rest being its weights before
+    fine-tuning (the pretrained backbone with its warmed-up head): WiSE-FT, weight-space ensembling of a fine-tuned
+    network with where it started (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"), which keeps
+    more of the pretrained features' robustness under distribution shift. 1 serves the fine-tuned weights."""
+    fine_tuned_model: str | None = None
+    """A Keras file of a teacher fine-tuned by this recipe (same architecture and input size) whose weights are
+    taken as the fine-tuned ones instead of fine-tuning again: the head is still warmed up from the pretrained
+    backbone, so ``weight_interpolation`` can start from that network. One teacher only (``ensemble_size`` 1)."""
     limit_per_class: int | None = None
     """Use at most this many images per class and split: for smoke runs, never for a release."""
     bootstrap_resamples: int = 1000
@@ -88,8 +97,15 @@ class TrainingConfig:
             raise ValueError("head_epochs and quantization_aware_epochs must be >= 0")
         if not 0.0 <= self.augmentation_strength <= 1.0 or not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError("augmentation_strength must be in [0, 1] and label_smoothing in [0, 0.5)")
+        self._check_weight_interpolation()
         if not 0.0 <= self.distillation_weight <= 1.0 or self.distillation_temperature <= 0:
             raise ValueError("distillation_weight must be in [0, 1] and distillation_temperature > 0")
+
+    def _check_weight_interpolation(self) -> None:
+        if not 0.0 <= self.weight_interpolation <= 1.0:
+            raise ValueError(f"weight_interpolation must be in [0, 1], got {self.weight_interpolation}")
+        if self.fine_tuned_model is not None and (self.ensemble_size != 1 or not self.pretrained):
+            raise ValueError("fine_tuned_model needs one pretrained teacher (ensemble_size 1, weights imagenet)")
 
     @property
     def pretrained(self) -> bool:

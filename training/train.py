@@ -66,6 +66,7 @@ from training.screening import fit_screening
 from training.screening import kept_share as stage_kept_share
 from training.search import trials_table
 from training.stress import build_stress_set, served_stress_figures, stress_table
+from training.weight_interpolation import fine_tuned_weights, interpolate_weights
 
 logger = logging.getLogger(__name__)
 
@@ -206,18 +207,28 @@ def train_teacher(splits: DecodedSplits, config: TrainingConfig) -> TrainedModel
         if config.pretrained and config.head_epochs > 0:
             histories.append(warm_up_head(classifier, splits, config))
             freeze_batch_norm(classifier)
-        histories.append(
-            fit(
-                classifier,
-                splits.fit.images,
-                targets,
-                splits,
-                config,
-                learning_rate=config.learning_rate,
-                epochs=config.epochs,
-                seed_offset=member,
+        before_fine_tuning = classifier.get_weights()
+        if config.fine_tuned_model is not None:
+            logger.info("taking the fine-tuned weights from %s", config.fine_tuned_model)
+            classifier.set_weights(fine_tuned_weights(classifier, Path(config.fine_tuned_model)))
+        else:
+            histories.append(
+                fit(
+                    classifier,
+                    splits.fit.images,
+                    targets,
+                    splits,
+                    config,
+                    learning_rate=config.learning_rate,
+                    epochs=config.epochs,
+                    seed_offset=member,
+                )
             )
-        )
+        if config.weight_interpolation < 1.0:
+            logger.info("serving %.2f of the fine-tuned weights (WiSE-FT)", config.weight_interpolation)
+            classifier.set_weights(
+                interpolate_weights(before_fine_tuning, classifier.get_weights(), config.weight_interpolation)
+            )
         members.append(classifier)
     teacher = build_ensemble(members)
     return calibrate_and_export("teacher", config.architecture, teacher, splits, histories=histories, config=config)
