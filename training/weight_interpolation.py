@@ -23,7 +23,7 @@ def interpolate_weights(
     """Each weight ``(1 - fine_tuned_share) * before + fine_tuned_share * fine_tuned``; the lists must match."""
     if not 0.0 <= fine_tuned_share <= 1.0:
         raise ValueError(f"the fine-tuned share must be in [0, 1], got {fine_tuned_share}")
-    if len(before) != len(fine_tuned) or any(a.shape != b.shape for a, b in zip(before, fine_tuned, strict=True)):
+    if not same_network(before, fine_tuned):
         raise ValueError("the two networks' weights differ in number or shape: they are not the same network")
     return [
         ((1.0 - fine_tuned_share) * a + fine_tuned_share * b).astype(a.dtype)
@@ -31,11 +31,15 @@ def interpolate_weights(
     ]
 
 
+def same_network(first: list[np.ndarray], second: list[np.ndarray]) -> bool:
+    """Whether two weight lists could be the same network's: as many weights, each of the same shape."""
+    return len(first) == len(second) and all(a.shape == b.shape for a, b in zip(first, second, strict=True))
+
+
 def fine_tuned_weights(classifier: keras.Model, path: Path) -> list[np.ndarray]:
     """The weights of the Keras model saved at ``path``, checked to be ``classifier``'s kind of network."""
     saved = keras.saving.load_model(path, compile=False)
     weights: list[np.ndarray] = saved.get_weights()
-    current = classifier.get_weights()
-    if len(weights) != len(current) or any(a.shape != b.shape for a, b in zip(weights, current, strict=True)):
+    if not same_network(weights, classifier.get_weights()):
         raise ValueError(f"{path} is not a network of this recipe's architecture and input size")
     return weights
