@@ -370,15 +370,18 @@ def _train(arguments: argparse.Namespace) -> int:
         raise MissingPathError(
             f"no data set at {data}; give --data (or PNEUMOSCAN_DATA) the chest_xray folder with train/ and test/"
         )
-    from training.job import run_job
-    from training.metrics import headline
-    from training.search import SearchSettings
+    from training.config import TrainingConfig
 
     overrides = {
         key.removeprefix("hp_"): value
         for key, value in vars(arguments).items()
         if key.startswith("hp_") and value is not None
     }
+    TrainingConfig().with_overrides(overrides)  # A value out of range fails here, before TensorFlow loads.
+    from training.job import run_job
+    from training.metrics import headline
+    from training.search import SearchSettings
+
     # Keras's progress lines and the LiteRT converter's native output go to stderr, so stdout holds only the JSON.
     with _stdout_to_stderr():
         card = run_job(

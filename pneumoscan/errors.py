@@ -85,6 +85,7 @@ PROJECT_FIRST = frozenset({"NoCurrentModelError"})
 PROJECT_FIXES = {
     "ModelArtifactError": "give --model an artifact folder with model.tflite and model_card.json, e.g. models/release",
     "DataLayoutError": "give --data the chest_xray folder: train/ and test/, each with NORMAL/ and PNEUMONIA/",
+    "HyperparameterError": "see pneumoscan train --help and the README's release recipe for the accepted values",
     "NoCurrentModelError": "publish and promote a model: pneumoscan publish ..., then pneumoscan promote --version V",
     "PointerMismatchError": "a file of the promoted version changed after promotion: restore it, or promote another",
     "UnpinnedPointerError": "promote the version again with this release: pneumoscan promote --version V",

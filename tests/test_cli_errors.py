@@ -23,6 +23,8 @@ FILM = str(SAMPLES / "NORMAL" / "IM-0001-0001.jpeg")
         (["score", "--model", "/tmp", FILM], ExitCode.INVALID_INPUT, "give --model an artifact folder"),
         (["results", "--outputs", "missing.json", "KEY"], ExitCode.MISSING_FILE, "missing.json"),
         (["train", "--data", "/nonexistent"], ExitCode.MISSING_FILE, "give --data"),
+        (["train", "--data", ".", "--quantization", "int4"], ExitCode.INVALID_INPUT, "quantization must be one of"),
+        (["train", "--data", ".", "--fine-tuned-model", "gone.keras"], ExitCode.MISSING_FILE, "gone.keras"),
         (["requantize", "--keras", "k", "--data", "/none", "--output", "o"], ExitCode.MISSING_FILE, "give --data"),
         (["results", "--outputs", "x.json"], ExitCode.USAGE, "give either KEY"),
     ],
@@ -30,8 +32,8 @@ FILM = str(SAMPLES / "NORMAL" / "IM-0001-0001.jpeg")
 def test_a_mistake_is_one_line_on_stderr_with_its_exit_code(
     arguments: list[str], exit_code: ExitCode, words: str, tmp_path: Path
 ) -> None:
-    """A wrong model folder, a missing outputs file, a missing data set (training's or requantize's): one line, no
-    traceback, the documented code."""
+    """A wrong model folder, a missing outputs file, a missing data set (training's or requantize's), a hyper-parameter
+    out of range or a missing fine-tuned teacher: one line, no traceback, the documented code."""
     (tmp_path / "x.json").write_text("{}")
     completed = pneumoscan([*arguments], tmp_path, timeout=120)
     assert completed.returncode == exit_code, completed.stderr

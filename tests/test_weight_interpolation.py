@@ -49,15 +49,19 @@ def test_fine_tuned_weights_must_be_a_network_of_the_same_recipe(tmp_path: Path)
         fine_tuned_weights(build_classifier("cnn", 32), path)
 
 
-def test_config_checks_the_interpolation_and_the_reused_teacher() -> None:
-    """The share must lie in [0, 1], a reused fine-tuned teacher needs one pretrained teacher, and both come from
-    SageMaker-style strings."""
+def test_config_checks_the_interpolation_and_the_reused_teacher(tmp_path: Path) -> None:
+    """The share must lie in [0, 1], a reused fine-tuned teacher needs one pretrained teacher and an existing file,
+    and both come from SageMaker-style strings."""
     with pytest.raises(ValueError, match="weight_interpolation"):
         TrainingConfig(weight_interpolation=1.2)
     with pytest.raises(ValueError, match="fine_tuned_model needs one pretrained teacher"):
         TrainingConfig(fine_tuned_model="teacher.keras", ensemble_size=2)
-    config = TrainingConfig().with_overrides({"weight_interpolation": "0.5", "fine_tuned_model": "teacher.keras"})
-    assert (config.weight_interpolation, config.fine_tuned_model) == (0.5, "teacher.keras")
+    with pytest.raises(FileNotFoundError, match="no fine-tuned model file"):
+        TrainingConfig(fine_tuned_model=str(tmp_path / "missing.keras"))
+    teacher = tmp_path / "teacher.keras"
+    teacher.write_bytes(b"")
+    config = TrainingConfig().with_overrides({"weight_interpolation": "0.5", "fine_tuned_model": str(teacher)})
+    assert (config.weight_interpolation, config.fine_tuned_model) == (0.5, str(teacher))
 
 
 def test_teacher_serves_the_mean_of_the_pretrained_and_the_reused_fine_tuned_weights(

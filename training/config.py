@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from training.models import ARCHITECTURES
-
+ARCHITECTURES = ("mlp", "cnn", "compact", "efficientnet")
+"""The networks ``training.models`` builds. Named here, so that a configuration is checked without loading Keras."""
 QUANTIZATIONS = ("auto", "float32", "int8")
 SERVE_CHOICES = ("auto", "teacher", "student")
+
+
+class HyperparameterError(ValueError):
+    """A hyper-parameter outside what the job accepts; the message names it and the accepted values."""
 
 
 @dataclass(frozen=True)
@@ -78,34 +83,41 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+            raise HyperparameterError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+            raise HyperparameterError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.student_architecture is not None and self.student_architecture not in ARCHITECTURES:
-            raise ValueError(f"student_architecture must be one of {ARCHITECTURES}, got {self.student_architecture!r}")
+            raise HyperparameterError(
+                f"student_architecture must be one of {ARCHITECTURES}, got {self.student_architecture!r}"
+            )
         if self.serve not in SERVE_CHOICES:
-            raise ValueError(f"serve must be one of {SERVE_CHOICES}, got {self.serve!r}")
+            raise HyperparameterError(f"serve must be one of {SERVE_CHOICES}, got {self.serve!r}")
         if self.serve == "student" and self.student_architecture is None:
-            raise ValueError("serve=student needs a student_architecture")
+            raise HyperparameterError("serve=student needs a student_architecture")
         if self.weights not in (None, "imagenet"):
-            raise ValueError(f"weights must be 'imagenet' or none, got {self.weights!r}")
+            raise HyperparameterError(f"weights must be 'imagenet' or none, got {self.weights!r}")
         if min(self.image_size, self.student_image_size) < 32:
-            raise ValueError("image_size and student_image_size must be >= 32")
+            raise HyperparameterError("image_size and student_image_size must be >= 32")
         if min(self.epochs, self.batch_size, self.ensemble_size, self.student_epochs) < 1:
-            raise ValueError("epochs, batch_size, ensemble_size and student_epochs must be >= 1")
+            raise HyperparameterError("epochs, batch_size, ensemble_size and student_epochs must be >= 1")
         if min(self.head_epochs, self.quantization_aware_epochs) < 0:
-            raise ValueError("head_epochs and quantization_aware_epochs must be >= 0")
+            raise HyperparameterError("head_epochs and quantization_aware_epochs must be >= 0")
         if not 0.0 <= self.augmentation_strength <= 1.0 or not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError("augmentation_strength must be in [0, 1] and label_smoothing in [0, 0.5)")
+            raise HyperparameterError("augmentation_strength must be in [0, 1] and label_smoothing in [0, 0.5)")
         self._check_weight_interpolation()
         if not 0.0 <= self.distillation_weight <= 1.0 or self.distillation_temperature <= 0:
-            raise ValueError("distillation_weight must be in [0, 1] and distillation_temperature > 0")
+            raise HyperparameterError("distillation_weight must be in [0, 1] and distillation_temperature > 0")
 
     def _check_weight_interpolation(self) -> None:
         if not 0.0 <= self.weight_interpolation <= 1.0:
-            raise ValueError(f"weight_interpolation must be in [0, 1], got {self.weight_interpolation}")
+            raise HyperparameterError(f"weight_interpolation must be in [0, 1], got {self.weight_interpolation}")
         if self.fine_tuned_model is not None and (self.ensemble_size != 1 or not self.pretrained):
-            raise ValueError("fine_tuned_model needs one pretrained teacher (ensemble_size 1, weights imagenet)")
+            raise HyperparameterError(
+                "fine_tuned_model needs one pretrained teacher (ensemble_size 1, weights imagenet)"
+            )
+        if self.fine_tuned_model is not None and not Path(self.fine_tuned_model).is_file():
+            # Checked when the job starts, not minutes later when the decoded films reach the teacher.
+            raise FileNotFoundError(errno.ENOENT, "no fine-tuned model file", self.fine_tuned_model)
 
     @property
     def pretrained(self) -> bool:
@@ -120,7 +132,7 @@ class TrainingConfig:
         known = {f.name: f for f in fields(self)}
         unknown = set(overrides) - set(known)
         if unknown:
-            raise ValueError(f"unknown hyper-parameter(s): {', '.join(sorted(unknown))}")
+            raise HyperparameterError(f"unknown hyper-parameter(s): {', '.join(sorted(unknown))}")
         converted: dict[str, Any] = {}
         for name, raw in overrides.items():
             default = getattr(self, name)

@@ -12,9 +12,9 @@ from collections.abc import Callable
 import keras
 from keras import layers
 
+from training.config import ARCHITECTURES
 from training.efficientnet_lite import lite0_features, load_imagenet_weights, normalize_pixels
 
-ARCHITECTURES = ("mlp", "cnn", "compact", "efficientnet")
 BACKBONE_PREFIX = "lite0"
 """Layer-name prefix of the EfficientNet-Lite0 backbone inside the classifier."""
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from training.config import HyperparameterError
+
 
 def interpolate_weights(
     before: list[np.ndarray], fine_tuned: list[np.ndarray], fine_tuned_share: float
@@ -41,5 +43,5 @@ def fine_tuned_weights(classifier: keras.Model, path: Path) -> list[np.ndarray]:
     saved = keras.saving.load_model(path, compile=False)
     weights: list[np.ndarray] = saved.get_weights()
     if not same_network(weights, classifier.get_weights()):
-        raise ValueError(f"{path} is not a network of this recipe's architecture and input size")
+        raise HyperparameterError(f"{path} is not a network of this recipe's architecture and input size")
     return weights
